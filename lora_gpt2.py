@@ -617,8 +617,9 @@ class GPT2LMModel(nn.Module):
         full or LoRA-only), and this module's own state dicts. The causal-mask buffers
         `attn.bias` / `attn.masked_bias` and the tied `lm_head` weight are ignored.
 
-        The base weights must be all present or all absent (a LoRA-only file); so must the LoRA
-        weights (a plain GPT-2 file). A shape that does not fit raises a ValueError naming the
+        The base weights must be all present or all absent (a LoRA-only file, which may also carry
+        trained biases, see lora_state_dict); the LoRA weights all present or all absent (a plain
+        GPT-2 file). A shape that does not fit raises a ValueError naming the
         key and both shapes.
         """
         sd = _normalize_state_dict(_read_weights(state_dict) if isinstance(state_dict, (str, os.PathLike))
@@ -638,7 +639,8 @@ class GPT2LMModel(nn.Module):
         for kind, keys in (("base", [k for k in own if "lora_" not in k]),
                            ("LoRA", [k for k in own if "lora_" in k])):
             present = [k for k in keys if k in sd]
-            if present and len(present) != len(keys):
+            adapter_biases = kind == "base" and all(k.endswith(".bias") for k in present)
+            if present and len(present) != len(keys) and not adapter_biases:
                 missing = [k for k in keys if k not in sd]
                 raise ValueError(f"checkpoint holds some {kind} weights but not all; missing: {_short(missing)}")
         self.transformer.load_state_dict(sd, strict=False)

@@ -1,0 +1,699 @@
+"""Property tests for lora_gpt2.py.
+
+Each test names the law it checks. Hypothesis draws the shapes, ranks, alphas, enable_lora
+patterns, layouts and dtypes; every model here is tiny, so the suite runs in about a minute on
+two CPU cores. The Hypothesis profile "ci" (derandomized) is used when CI is set in the
+environment, "dev" (random) otherwise; HYPOTHESIS_PROFILE picks one explicitly.
+
+Optional oracles (skipped cleanly when the package is missing): Hugging Face `transformers`
+for GPT-2 logits, microsoft's `loralib` for the LoRA layers.
+"""
+
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import lora_gpt2 as L
+
+settings.register_profile("dev", max_examples=20, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True,
+                          print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# ---- strategies ------------------------------------------------------------------------------
+
+dtypes = st.sampled_from([torch.float32, torch.float64])
+ranks = st.integers(1, 6)
+alphas = st.floats(0.5, 64.0, allow_nan=False)
+seeds = st.integers(0, 2**16)
+
+
+@st.composite
+def enable_patterns(draw, min_groups=1, max_groups=4):
+    """A list of enable_lora flags with at least one True."""
+    flags = draw(st.lists(st.booleans(), min_size=min_groups, max_size=max_groups))
+    assume(any(flags))
+    return flags
+
+
+@st.composite
+def tiny_configs(draw, min_rank=0):
+    n_head = draw(st.integers(1, 3))
+    return L.GPT2Config(
+        vocab_size=draw(st.integers(5, 40)), n_positions=16, n_ctx=16,
+        n_embd=n_head * draw(st.integers(2, 6)), n_layer=draw(st.integers(1, 3)), n_head=n_head,
+        lora_attn_dim=draw(st.integers(min_rank, 4)), lora_attn_alpha=draw(alphas))
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+
+
+def randomize_lora(module, seed, std=0.5):
+    """Give every LoRA B (and A) random values, so that ΔW ≠ 0 and the laws are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def make_layer(kind, in_f, out_f, r, alpha, fifo, dtype, enable=None, **kw):
+    if kind == "Linear":
+        layer = L.Linear(in_f, out_f, r=r, lora_alpha=alpha, fan_in_fan_out=fifo, **kw)
+    else:
+        layer = L.MergedLinear(in_f, out_f, r=r, lora_alpha=alpha, enable_lora=enable,
+                               fan_in_fan_out=fifo, **kw)
+    return layer.to(dtype)
+
+
+@st.composite
+def lora_layers(draw, merge_weights=True):
+    """A Linear or MergedLinear with random shape, rank, alpha, layout, dtype and non-zero B."""
+    kind = draw(st.sampled_from(["Linear", "MergedLinear"]))
+    enable = draw(enable_patterns()) if kind == "MergedLinear" else None
+    groups = len(enable) if enable else 1
+    in_f, out_f = draw(st.integers(1, 12)), groups * draw(st.integers(1, 6))
+    layer = make_layer(kind, in_f, out_f, draw(ranks), draw(alphas), draw(st.booleans()),
+                       draw(dtypes), enable, merge_weights=merge_weights)
+    randomize_lora(layer, draw(seeds))
+    x = torch.randn(draw(st.integers(1, 3)), draw(st.integers(1, 4)), in_f,
+                    generator=torch.Generator().manual_seed(draw(seeds)), dtype=layer.weight.dtype)
+    return layer, x
+
+
+def tiny_model(config, seed=0):
+    torch.manual_seed(seed)
+    return L.GPT2LMModel(config)
+
+
+def token_batch(config, seed, batch=2, length=None):
+    g = torch.Generator().manual_seed(seed)
+    length = config.n_ctx if length is None else length
+    return torch.randint(0, config.vocab_size, (batch, length), generator=g)
+
+
+# ---- 1. parameter counts ---------------------------------------------------------------------
+
+@given(config=tiny_configs())
+def test_lora_parameter_count_formula_equals_trainable_parameters(config):
+    """n_layer × 2 × (n_embd + n_embd) × r is exactly what mark_only_lora_as_trainable leaves
+    trainable, for any sizes and rank."""
+    model = tiny_model(config)
+    L.mark_only_lora_as_trainable(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == L.lora_parameter_count(config)
+
+
+@pytest.mark.parametrize("preset, total", [("gpt2.sm", 124_439_808), ("gpt2.md", 354_823_168),
+                                           ("gpt2.lg", 774_030_080), ("gpt2.xl", 1_557_611_200)])
+def test_preset_total_parameter_counts_match_published_gpt2(preset, total):
+    """Each preset has exactly the published GPT-2 parameter count (head tied, so counted once)."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = L.GPT2LMModel(L.GPT2Config.from_preset(preset))
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_gpt2_medium_rank4_trains_393216_parameters():
+    """The worked example of DEVELOPERS.md and the README: gpt2.md at r = 4 trains 393,216."""
+    config = L.GPT2Config.from_preset("gpt2.md", lora_attn_dim=4)
+    with torch.device("meta"):
+        model = L.GPT2LMModel(config)
+    L.mark_only_lora_as_trainable(model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 393_216
+    assert L.lora_parameter_count(config) == 393_216
+
+
+# ---- 2. LoRA layers: shapes, init, merging ---------------------------------------------------
+
+@given(enable=enable_patterns(), d=st.integers(1, 5), in_f=st.integers(1, 9), r=ranks,
+       fifo=st.booleans())
+def test_lora_parameter_shapes_follow_loralib(enable, d, in_f, r, fifo):
+    """Linear: A (r, in), B (out, r); MergedLinear: A (r·m, in), B (out/k·m, r); weight (out, in),
+    or (in, out) with fan_in_fan_out; B starts at zero and only the weight is frozen."""
+    k, m = len(enable), sum(enable)
+    layer = L.MergedLinear(in_f, k * d, r=r, enable_lora=enable, fan_in_fan_out=fifo)
+    assert layer.lora_A.shape == (r * m, in_f)
+    assert layer.lora_B.shape == (d * m, r)
+    assert layer.weight.shape == ((in_f, k * d) if fifo else (k * d, in_f))
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    assert [n for n, p in layer.named_parameters() if not p.requires_grad] == ["weight"]
+    lin = L.Linear(in_f, d, r=r, fan_in_fan_out=fifo)
+    assert lin.lora_A.shape == (r, in_f) and lin.lora_B.shape == (d, r)
+    assert lin.weight.shape == ((in_f, d) if fifo else (d, in_f))
+
+
+@given(layer_x=lora_layers(merge_weights=False))
+def test_merged_output_equals_unmerged_output(layer_x):
+    """W0 x + scaling·B A x computed in two thin products equals (W0 + scaling·ΔW) x, for Linear
+    and MergedLinear, every enable_lora pattern, both layouts, float32 and float64."""
+    layer, x = layer_x
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), unmerged, **tolerance(x.dtype))
+
+
+@given(layer_x=lora_layers(merge_weights=False))
+def test_merge_then_unmerge_restores_w0_and_repeats_are_no_ops(layer_x):
+    """merge() adds scaling·ΔW once however often it is called; unmerge() takes it back out."""
+    layer, _ = layer_x
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    once = layer.weight.detach().clone()
+    assert not torch.equal(once, w0)
+    layer.merge()
+    assert torch.equal(layer.weight, once)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight.detach(), w0, **tolerance(w0.dtype))
+    after = layer.weight.detach().clone()
+    layer.unmerge()
+    assert torch.equal(layer.weight, after)
+
+
+@given(layer_x=lora_layers(merge_weights=True))
+def test_eval_merges_and_train_unmerges_with_merge_weights(layer_x):
+    """With merge_weights=True, eval() folds ΔW into W (same outputs) and train() restores W0."""
+    layer, x = layer_x
+    w0, y = layer.weight.detach().clone(), layer(x)
+    layer.eval()
+    assert layer.merged and not torch.equal(layer.weight, w0)
+    torch.testing.assert_close(layer(x), y, **tolerance(x.dtype))
+    layer.eval()  # a second eval() must not merge again
+    torch.testing.assert_close(layer(x), y, **tolerance(x.dtype))
+    layer.train()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight.detach(), w0, **tolerance(w0.dtype))
+
+
+@given(layer_x=lora_layers(merge_weights=True), load_into_eval=st.booleans())
+def test_merged_layer_survives_state_dict_round_trip_without_double_merge(layer_x, load_into_eval):
+    """A state dict saved from a merged layer holds W0, so loading it (into a merged or unmerged
+    layer) and calling eval() gives the original outputs, never W0 + 2·ΔW."""
+    layer, x = layer_x
+    y = layer(x)
+    w0 = layer.weight.detach().clone()
+    layer.eval()
+    sd = layer.state_dict()
+    torch.testing.assert_close(sd["weight"], w0, **tolerance(w0.dtype))
+    fresh = copy.deepcopy(layer).train()
+    with torch.no_grad():
+        fresh.weight.normal_()
+        fresh.lora_A.zero_()  # nothing of the old values may survive the load
+    if load_into_eval:
+        fresh.eval()
+    fresh.load_state_dict(sd)
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), y, **tolerance(x.dtype))
+    fresh.train()
+    torch.testing.assert_close(fresh.weight.detach(), w0, **tolerance(w0.dtype))
+
+
+@given(layer_x=lora_layers(merge_weights=True), seed=seeds)
+def test_loading_lora_only_weights_into_merged_layer_remerges_with_new_adapter(layer_x, seed):
+    """Loading new A, B into a merged layer gives W0 + scaling·ΔW_new, not W0 + ΔW_old + ΔW_new."""
+    layer, x = layer_x
+    other = copy.deepcopy(layer)
+    randomize_lora(other, seed + 1)
+    expected = other(x)  # unmerged, new adapter
+    layer.eval()
+    layer.load_state_dict({k: v for k, v in other.state_dict().items() if "lora_" in k}, strict=False)
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, **tolerance(x.dtype))
+
+
+@given(in_f=st.integers(1, 10), out_f=st.integers(1, 10), dtype=dtypes, seed=seeds)
+def test_fan_in_fan_out_layer_computes_x_w_plus_b_like_conv1d(in_f, out_f, dtype, seed):
+    """A fan_in_fan_out layer storing W as (in, out) computes x·W + b, the same as
+    F.linear(x, Wᵀ, b) and as GPT-2's Conv1D holding W."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(in_f, out_f, generator=g, dtype=dtype)
+    b = torch.randn(out_f, generator=g, dtype=dtype)
+    x = torch.randn(2, 3, in_f, generator=g, dtype=dtype)
+    layer = L.Linear(in_f, out_f, fan_in_fan_out=True).to(dtype)
+    conv = L.Conv1D(out_f, in_f).to(dtype)
+    with torch.no_grad():
+        for m in (layer, conv):
+            m.weight.copy_(W)
+            m.bias.copy_(b)
+    tol = tolerance(dtype)
+    torch.testing.assert_close(layer(x), x @ W + b, **tol)
+    torch.testing.assert_close(layer(x), F.linear(x, W.T, b), **tol)
+    torch.testing.assert_close(conv(x), x @ W + b, **tol)
+
+
+@given(layer_x=lora_layers(merge_weights=False))
+def test_unmerged_forward_never_builds_the_full_delta_w(layer_x):
+    """The training-time forward uses x·Aᵀ then B, never the (out × in) ΔW (loralib's cost)."""
+    layer, x = layer_x
+
+    def forbidden():
+        raise AssertionError("forward built the full ΔW")
+
+    layer.delta_weight = forbidden
+    layer(x).sum().backward()
+    assert layer.lora_B.grad is not None
+
+
+def test_lora_layers_keep_no_tensor_outside_parameters_and_buffers():
+    """No index or mask tensor hides in a plain attribute (loralib's lora_ind stays on the CPU when
+    the module moves): everything moves with .to(), here to the meta device."""
+    layer = L.MergedLinear(8, 12, r=2, enable_lora=[True, False, True], fan_in_fan_out=True)
+    assert not [k for k, v in vars(layer).items() if isinstance(v, torch.Tensor)]
+    layer.to("meta")
+    y = layer(torch.randn(3, 8, device="meta"))
+    assert y.shape == (3, 12) and y.device.type == "meta"
+
+
+def test_lora_r_dropout_and_lora_dropout_act_in_training_only():
+    """lora_dropout (on x) and lora_r_dropout (between A and B) both change training outputs, and
+    neither acts in eval mode: no config field is dead."""
+    for kw in (dict(lora_dropout=0.5), dict(lora_r_dropout=0.5)):
+        layer = L.Linear(16, 8, r=4, merge_weights=False, **kw)
+        randomize_lora(layer, 0)
+        x = torch.randn(4, 16)
+        torch.manual_seed(1)
+        a = layer(x)
+        torch.manual_seed(2)
+        b = layer(x)
+        assert not torch.allclose(a, b), kw
+        layer.eval()
+        assert torch.equal(layer(x), layer(x))
+
+
+# ---- 3. the model: Q/V only, rank 0 baseline, causality, tying, cache ------------------------
+
+@given(config=tiny_configs(min_rank=1), seed=seeds)
+def test_lora_on_c_attn_changes_q_and_v_and_never_k(config, seed):
+    """For any A and B, the K third of c_attn's output equals the frozen projection's; Q and V
+    move by exactly scaling·x AᵀBᵀ of their own group."""
+    attn = tiny_model(config).transformer.h[0].attn.c_attn
+    x = torch.randn(2, 5, config.n_embd, generator=torch.Generator().manual_seed(seed))
+    base = F.linear(x, attn.weight.T, attn.bias)
+    randomize_lora(attn, seed)
+    out = attn(x)
+    C, r = config.n_embd, config.lora_attn_dim
+    torch.testing.assert_close(out[..., C:2 * C], base[..., C:2 * C], rtol=0, atol=0)
+    for j, g in enumerate((0, 2)):  # Q is group 0, V is group 2
+        A, B = attn.lora_A[j * r:(j + 1) * r], attn.lora_B[j * C:(j + 1) * C]
+        expected = base[..., g * C:(g + 1) * C] + attn.scaling * (x @ A.T @ B.T)
+        torch.testing.assert_close(out[..., g * C:(g + 1) * C], expected, rtol=1e-4, atol=1e-5)
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds)
+def test_optimizer_step_moves_only_lora_and_leaves_frozen_tensors_bit_identical(config, seed):
+    """After mark_only_lora_as_trainable and an AdamW step, every frozen tensor is bit-identical
+    and every lora_A / lora_B has moved."""
+    model = tiny_model(config, seed)
+    L.mark_only_lora_as_trainable(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_batch(config, seed, length=8)
+    _, loss = model(ids, lm_labels=ids)
+    loss.backward()
+    opt.step()
+    for k, v in model.state_dict().items():
+        if "lora_" in k:
+            assert not torch.equal(v, before[k]), k
+        else:
+            assert torch.equal(v, before[k]), k
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds)
+def test_fresh_adapters_reproduce_the_rank0_model(config, seed):
+    """A rank-r model with fresh adapters (B = 0) gives the same logits as the rank-0 model with
+    the same base weights, and a rank-0 state dict loads into it with only LoRA keys missing."""
+    base = tiny_model(L.GPT2Config.from_dict({**config.to_dict(), "lora_attn_dim": 0}), seed).eval()
+    lora = tiny_model(config, seed + 1).eval()
+    result = lora.load_state_dict(base.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all("lora_" in k for k in result.missing_keys)
+    ids = token_batch(config, seed)
+    torch.testing.assert_close(lora(ids)[0], base(ids)[0], rtol=0, atol=0)
+
+
+@given(config=tiny_configs(), seed=seeds, t=st.integers(0, 14))
+def test_logits_at_t_do_not_depend_on_later_tokens(config, seed, t):
+    """Causality: changing tokens after position t leaves logits[:, :t+1] unchanged."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed, std=0.1)
+    ids = token_batch(config, seed)
+    changed = ids.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % config.vocab_size
+    a, b = model(ids)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=1e-5, atol=1e-6)
+    if t + 1 < config.n_ctx:
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_lm_head_is_tied_to_the_token_embedding():
+    """The head's weight is wte's Parameter itself: same object, same storage, one gradient."""
+    model = tiny_model(L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2))
+    assert model.lm_head.decoder.weight is model.transformer.wte.weight
+    assert model.lm_head.decoder.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    with torch.no_grad():
+        model.transformer.wte.weight[3, 0] = 42.0
+    assert model.lm_head.decoder.weight[3, 0] == 42.0
+
+
+def test_each_layer_draws_its_own_lora_a():
+    """LoRA A is drawn independently per layer (microsoft/LoRA deep-copies one block, so every
+    layer starts from the same A)."""
+    model = tiny_model(L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=3,
+                                    n_head=2, lora_attn_dim=2))
+    As = [blk.attn.c_attn.lora_A for blk in model.transformer.h]
+    assert not torch.equal(As[0], As[1]) and not torch.equal(As[1], As[2])
+
+
+@given(config=tiny_configs(), seed=seeds, split=st.integers(1, 15))
+def test_cached_forward_equals_full_forward(config, seed, split):
+    """Feeding a prefix, then the rest with the prefix's presents as past, gives the logits of
+    one full pass (several new tokens after a cache need the shifted causal mask)."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed, std=0.1)
+    ids = token_batch(config, seed)
+    full, _ = model(ids)
+    _, past = model(ids[:, :split])
+    rest, presents = model(ids[:, split:], past=past)
+    torch.testing.assert_close(rest, full[:, split:], rtol=1e-4, atol=1e-5)
+    assert presents[0].shape == (2, 2, config.n_head, config.n_ctx, config.n_embd // config.n_head)
+
+
+@settings(max_examples=10)
+@given(config=tiny_configs(), seed=seeds, prompt=st.integers(1, 6), new=st.integers(1, 20))
+def test_cached_greedy_generation_equals_uncached(config, seed, prompt, new):
+    """Greedy decoding with the key/value cache gives the tokens of re-running the whole sequence
+    each step, also past n_ctx where both slide the window."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed, std=0.1)
+    ids = token_batch(config, seed, length=prompt)
+    cached = model.generate(ids, new, temperature=0, use_cache=True)
+    uncached = model.generate(ids, new, temperature=0, use_cache=False)
+    assert cached.shape == (2, prompt + new)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_respects_top_k_and_generator():
+    """top_k=1 sampling is greedy; the same generator seed gives the same sample."""
+    config = L.GPT2Config(vocab_size=23, n_positions=16, n_ctx=16, n_embd=8, n_layer=1, n_head=2)
+    model = tiny_model(config, 3).eval()
+    ids = token_batch(config, 0, length=3)
+    assert torch.equal(model.generate(ids, 8, top_k=1), model.generate(ids, 8, temperature=0))
+    a = model.generate(ids, 8, temperature=1.5, generator=torch.Generator().manual_seed(5))
+    b = model.generate(ids, 8, temperature=1.5, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+# ---- 4. loss ---------------------------------------------------------------------------------
+
+@given(config=tiny_configs(), seed=seeds, eps=st.sampled_from([0.0, 0.1, 0.3]))
+def test_loss_is_masked_mean_of_smoothed_nll(config, seed, eps):
+    """loss = Σ mask·((1-ε)·NLL + ε·mean_v(-log p)) / Σ mask, microsoft/LoRA's definition."""
+    model = tiny_model(config, seed)
+    ids = token_batch(config, seed, length=6)
+    labels = token_batch(config, seed + 1, length=6)
+    mask = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < 0.6).float()
+    mask[0, 0] = 1.0
+    logits, loss = model(ids, lm_labels=labels, lm_mask=mask, label_smooth=eps)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    per_pos = (1 - eps) * nll + eps * (-logp.mean(-1))
+    expected = (per_pos * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    _, unmasked = model(ids, lm_labels=labels, label_smooth=eps)
+    torch.testing.assert_close(unmasked.double(), per_pos.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_fix_dropout_acts_in_training_only():
+    """fix_dropout drops activations in train mode and nothing in eval mode."""
+    config = L.GPT2Config(vocab_size=13, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2,
+                          fix_dropout=0.5)
+    model = tiny_model(config)
+    ids = token_batch(config, 0)
+    assert not torch.allclose(model(ids)[0], model(ids)[0])
+    model.eval()
+    assert torch.equal(model(ids)[0], model(ids)[0])
+
+
+# ---- 5. state dicts and checkpoints ----------------------------------------------------------
+
+def test_state_dict_keys_and_shapes_match_microsoft_lora():
+    """Keys and shapes of microsoft/LoRA's examples/NLG GPT2LMModel (without the mask buffer)."""
+    C, r, V, P = 8, 2, 11, 16
+    config = L.GPT2Config(vocab_size=V, n_positions=P, n_ctx=P, n_embd=C, n_layer=2, n_head=2,
+                          lora_attn_dim=r)
+    sd = tiny_model(config).state_dict()
+    expected = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (P, C)}
+    for i in range(2):
+        h = f"transformer.h.{i}."
+        expected.update({
+            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+            h + "attn.c_attn.lora_A": (2 * r, C), h + "attn.c_attn.lora_B": (2 * C, r),
+            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,)})
+    expected.update({"transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,),
+                     "lm_head.decoder.weight": (V, C)})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert list(sd) == list(expected)  # same order as well
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds, bias=st.sampled_from(["none", "all", "lora_only"]))
+def test_lora_only_checkpoint_round_trip_restores_outputs(config, seed, bias, tmp_path_factory):
+    """lora_state_dict holds only LoRA tensors (plus the biases `bias` asks for); saved, loaded
+    with weights_only=True into a model with the same base, it restores the logits."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed)
+    sd = L.lora_state_dict(model, bias=bias)
+    lora_keys = {k for k in sd if "lora_" in k}
+    assert lora_keys == {k for k in model.state_dict() if "lora_" in k}
+    others = set(sd) - lora_keys
+    if bias == "none":
+        assert not others
+    elif bias == "lora_only":
+        assert others == {f"transformer.h.{i}.attn.c_attn.bias" for i in range(config.n_layer)}
+    else:
+        assert others == {k for k in model.state_dict() if k.endswith("bias")}
+    path = tmp_path_factory.mktemp("ckpt") / "lora.pt"
+    torch.save(sd, path)
+    fresh = tiny_model(config, seed).eval()  # same seed: same base, fresh adapters
+    fresh.load_weight(path)
+    ids = token_batch(config, seed)
+    torch.testing.assert_close(fresh(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds)
+def test_merged_state_dict_loads_into_plain_gpt2_with_same_logits(config, seed):
+    """merged_state_dict folds ΔW into W: a rank-0 model loaded with it gives the adapted logits."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed, std=0.2)
+    plain = tiny_model(L.GPT2Config.from_dict({**config.to_dict(), "lora_attn_dim": 0}), 99).eval()
+    plain.load_state_dict(L.merged_state_dict(model))
+    ids = token_batch(config, seed)
+    torch.testing.assert_close(plain(ids)[0], model(ids)[0], rtol=1e-4, atol=1e-5)
+    assert not model.transformer.h[0].attn.c_attn.merged  # the model itself is untouched
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds)
+def test_whole_model_merge_matches_unmerged_and_unmerge_restores(config, seed):
+    """merge_lora / unmerge_lora: same logits merged, and the weights come back."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed, std=0.2)
+    ids = token_batch(config, seed)
+    before = model(ids)[0]
+    w = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    L.merge_lora(model)
+    torch.testing.assert_close(model(ids)[0], before, rtol=1e-4, atol=1e-5)
+    L.unmerge_lora(model)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.detach(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_microsoft_lora_checkpoints_load_full_and_lora_only(tmp_path):
+    """The files microsoft/LoRA writes: {'model_state_dict': ...} with DDP's 'module.' prefix,
+    full or LoRA-only; from_pretrained reads the rank from lora_A's shape."""
+    config = L.GPT2Config(vocab_size=17, n_positions=16, n_ctx=16, n_embd=8, n_layer=2, n_head=2,
+                          lora_attn_dim=3, lora_attn_alpha=6)
+    model = tiny_model(config, 1).eval()
+    randomize_lora(model, 1)
+    ids = token_batch(config, 0)
+    full = {"model_state_dict": {"module." + k: v for k, v in model.state_dict().items()}}
+    for i in range(config.n_layer):  # microsoft/LoRA also saves its causal-mask buffer
+        full["model_state_dict"][f"module.transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16)
+    torch.save(full, tmp_path / "model.full.pt")
+    loaded = L.GPT2LMModel.from_pretrained(tmp_path / "model.full.pt", n_head=2, lora_attn_alpha=6).eval()
+    assert loaded.config.lora_attn_dim == 3
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+    lora_only = {"model_state_dict": {"module." + k: v for k, v in L.lora_state_dict(model).items()}}
+    torch.save(lora_only, tmp_path / "model.lora.pt")
+    base = tiny_model(config, 1).eval()
+    base.load_weight(tmp_path / "model.lora.pt")
+    torch.testing.assert_close(base(ids)[0], model(ids)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="LoRA-only"):
+        L.GPT2LMModel.from_pretrained(tmp_path / "model.lora.pt")
+
+
+def test_checkpoint_that_does_not_fit_names_key_and_both_shapes(tmp_path):
+    """A checkpoint of other sizes, or with a rank the model lacks, is refused with a clear error."""
+    small = L.GPT2Config(vocab_size=17, n_positions=16, n_ctx=16, n_embd=8, n_layer=1, n_head=2,
+                         lora_attn_dim=2)
+    sd = tiny_model(small).state_dict()
+    wider = tiny_model(L.GPT2Config.from_dict({**small.to_dict(), "n_embd": 12}))
+    with pytest.raises(ValueError, match=r"wte\.weight.*\(17, 8\).*\(17, 12\)"):
+        wider.load_weight(sd)
+    rank0 = tiny_model(L.GPT2Config.from_dict({**small.to_dict(), "lora_attn_dim": 0}))
+    with pytest.raises(ValueError, match="lora_attn_dim"):
+        rank0.load_weight(sd)
+    partial = {k: v for k, v in sd.items() if "c_fc" not in k}
+    with pytest.raises(ValueError, match="missing.*c_fc"):
+        tiny_model(small).load_weight(partial)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        tiny_model(small).load_weight(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        L.GPT2LMModel.from_pretrained(tmp_path / "absent")
+
+
+def test_hub_name_without_huggingface_hub_says_what_to_install(monkeypatch, tmp_path):
+    """A hub name with huggingface_hub missing gives a ValueError with the pip command."""
+    monkeypatch.chdir(tmp_path)  # no local folder called "gpt2"
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ValueError, match="pip install huggingface_hub"):
+        L.GPT2LMModel.from_pretrained("gpt2")
+
+
+# ---- 6. bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_head", 5, "divisible by n_head"),
+    ("n_embd", 0, "n_embd must be a positive integer"),
+    ("n_layer", 1.5, "n_layer must be a positive integer"),
+    ("lora_attn_dim", -1, "lora_attn_dim"),
+    ("lora_attn_alpha", 0, "lora_attn_alpha"),
+    ("lora_dropout", -0.1, "lora_dropout.*\\[0, 1\\)"),
+    ("lora_r_dropout", 1.0, "lora_r_dropout.*\\[0, 1\\)"),
+    ("fix_dropout", 2.0, "fix_dropout.*\\[0, 1\\)"),
+    ("n_ctx", 2048, "n_ctx .* must not exceed n_positions"),
+    ("layer_norm_epsilon", 0.0, "layer_norm_epsilon"),
+])
+def test_bad_config_values_raise_value_error_naming_the_field(field, value, message):
+    values = dict(lora_attn_dim=4)
+    values[field] = value
+    with pytest.raises(ValueError, match=message):
+        L.GPT2Config(**values)
+
+
+def test_bad_layer_arguments_and_presets_raise_value_error():
+    with pytest.raises(ValueError, match="must divide out_features"):
+        L.MergedLinear(8, 10, r=2, enable_lora=[True, False, True])
+    with pytest.raises(ValueError, match="at least one group"):
+        L.MergedLinear(8, 9, r=2, enable_lora=[])
+    with pytest.raises(ValueError, match="rank r"):
+        L.Linear(8, 8, r=-2)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        L.Linear(8, 8, r=2, lora_alpha=0)
+    with pytest.raises(ValueError, match="gpt2.sm, gpt2.md, gpt2.lg, gpt2.xl"):
+        L.GPT2Config.from_preset("gpt2.huge")
+    with pytest.raises(ValueError, match="unknown GPT2Config field"):
+        L.GPT2Config.from_preset("gpt2.sm", n_embed=5)
+    with pytest.raises(ValueError, match="bias must be one of"):
+        L.mark_only_lora_as_trainable(torch.nn.Linear(2, 2), bias="some")
+
+
+def test_bad_model_inputs_raise_value_error():
+    config = L.GPT2Config(vocab_size=10, n_positions=8, n_ctx=6, n_embd=8, n_layer=1, n_head=2)
+    model = tiny_model(config)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size = 10\)"):
+        model(torch.tensor([[1, 10]]))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="sequence length 7 .* n_ctx = 6"):
+        model(torch.zeros(1, 7, dtype=torch.long))
+    _, past = model(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"past 4 \+ new 3"):
+        model(torch.zeros(1, 3, dtype=torch.long), past=past)
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="lm_labels must have the shape"):
+        model(torch.zeros(1, 3, dtype=torch.long), lm_labels=torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), -1)
+
+
+# ---- 7. oracles: Hugging Face transformers and microsoft's loralib ---------------------------
+
+def _hf_random_checkpoint(tmp_path, seed, **sizes):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hf_config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                        bos_token_id=0, eos_token_id=0, **sizes)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("layout", ["folder", "bin-file"])
+def test_logits_match_transformers_gpt2_on_the_same_checkpoint(tmp_path, layout):
+    """from_pretrained on a random Hugging Face checkpoint gives GPT2LMHeadModel's logits to 1e-4,
+    with and without the cache, from a checkpoint folder or a bare .bin file."""
+    hf = _hf_random_checkpoint(tmp_path, 0, vocab_size=101, n_positions=24, n_embd=48, n_layer=3, n_head=4)
+    if layout == "folder":
+        source = tmp_path
+    else:
+        source = tmp_path / "weights.bin"
+        torch.save(hf.state_dict(), source)
+    ours = L.GPT2LMModel.from_pretrained(source, n_head=4).eval()
+    assert ours.config.n_embd == 48 and ours.config.n_layer == 3 and ours.config.n_positions == 24
+    ids = torch.randint(0, 101, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        torch.testing.assert_close(ours(ids)[0], expected, rtol=0, atol=1e-4)
+        _, past = ours(ids[:, :10])
+        torch.testing.assert_close(ours(ids[:, 10:], past=past)[0], expected[:, 10:], rtol=0, atol=1e-4)
+
+
+def test_from_pretrained_with_lora_rank_starts_at_the_pretrained_model(tmp_path):
+    """Loading with lora_attn_dim > 0 adds fresh adapters: the logits are still GPT-2's."""
+    hf = _hf_random_checkpoint(tmp_path, 1, vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    ours = L.GPT2LMModel.from_pretrained(tmp_path, lora_attn_dim=4, lora_attn_alpha=8).eval()
+    assert ours.transformer.h[0].attn.c_attn.r == 4
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], hf(ids).logits, rtol=0, atol=1e-4)
+
+
+@given(kind=st.sampled_from(["Linear", "MergedLinear"]), enable=enable_patterns(max_groups=3),
+       d=st.integers(1, 6), in_f=st.integers(1, 10), r=ranks, alpha=st.integers(1, 32),
+       fifo=st.booleans(), seed=seeds)
+def test_lora_layers_match_loralib_outputs_names_and_shapes(kind, enable, d, in_f, r, alpha, fifo, seed):
+    """With copied parameters our layer and loralib's have the same state-dict keys and shapes and
+    give the same outputs, unmerged (train) and merged (eval)."""
+    loralib = pytest.importorskip("loralib")
+    out_f = d * len(enable) if kind == "MergedLinear" else d
+    kw = dict(r=r, lora_alpha=alpha, fan_in_fan_out=fifo)
+    if kind == "MergedLinear":
+        kw["enable_lora"] = enable
+    ours = getattr(L, kind)(in_f, out_f, **kw)
+    theirs = getattr(loralib, kind)(in_f, out_f, **kw)
+    randomize_lora(ours, seed)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+           {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+           [n for n, p in theirs.named_parameters() if p.requires_grad]
+    x = torch.randn(2, 3, in_f, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
