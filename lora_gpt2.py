@@ -418,7 +418,7 @@ class Attention(nn.Module):
         self.attn_pdrop = config.fix_dropout
         self.resid_dropout = nn.Dropout(config.fix_dropout)
 
-    def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None, use_cache: bool = True):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)                               # 3 × (B, T, C)
@@ -428,7 +428,8 @@ class Attention(nn.Module):
         if layer_past is not None:
             k = torch.cat((layer_past[0], k), dim=-2)                          # (B, nh, Tk, hs)
             v = torch.cat((layer_past[1], v), dim=-2)
-        present = torch.stack((k, v))                                          # (2, B, nh, Tk, hs)
+        # The cache for the next call; skipped when nobody will read it (training with labels).
+        present = torch.stack((k, v)) if use_cache else None                   # (2, B, nh, Tk, hs)
 
         Tk = k.shape[-2]
         dropout_p = self.attn_pdrop if self.training else 0.0
@@ -472,8 +473,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None):
-        a, present = self.attn(self.ln_1(x), layer_past=layer_past)
+    def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None, use_cache: bool = True):
+        a, present = self.attn(self.ln_1(x), layer_past=layer_past, use_cache=use_cache)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -486,7 +487,8 @@ class Block(nn.Module):
 class GPT2Model(nn.Module):
     """The GPT-2 trunk: token + position embeddings, the blocks, a final LayerNorm.
 
-    `forward(input_ids, past)` returns the hidden states (B, T, C) and one `present` per layer.
+    `forward(input_ids, past, use_cache)` returns the hidden states (B, T, C) and one `present`
+    per layer (None when use_cache is False).
     """
 
     def __init__(self, config: GPT2Config):
@@ -499,7 +501,8 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, past: Optional[Sequence[torch.Tensor]] = None):
+    def forward(self, input_ids: torch.Tensor, past: Optional[Sequence[torch.Tensor]] = None,
+                use_cache: bool = True):
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
                 or input_ids.dtype not in (torch.long, torch.int32):
@@ -524,7 +527,7 @@ class GPT2Model(nn.Module):
         x = self.drop(self.wte(input_ids) + self.wpe(pos))                     # (B, T, C)
         presents = []
         for i, block in enumerate(self.h):
-            x, present = block(x, layer_past=None if past is None else past[i])
+            x, present = block(x, layer_past=None if past is None else past[i], use_cache=use_cache)
             presents.append(present)
         return self.ln_f(x), presents                                          # (B, T, C)
 
@@ -586,7 +589,7 @@ class GPT2LMModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lm_labels: Optional[torch.Tensor] = None,
                 lm_mask: Optional[torch.Tensor] = None, past=None, label_smooth: float = 0.0):
-        hidden, presents = self.transformer(input_ids, past=past)             # (B, T, C)
+        hidden, presents = self.transformer(input_ids, past=past, use_cache=lm_labels is None)  # (B, T, C)
         logits = self.lm_head(hidden)                                          # (B, T, V)
         if lm_labels is None:
             return logits, presents
