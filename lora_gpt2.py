@@ -231,17 +231,16 @@ class LoRALayer:
         if was_merged:
             self.merge()  # ... then W0 (old or loaded) + ΔW of the loaded A, B
 
-    def _reset_base(self) -> None:
-        """nn.Linear's own init, applied in (out, in) terms whatever the storage layout."""
+    def reset_parameters(self) -> None:
+        """nn.Linear's own init for W0 and b (in (out, in) terms, whatever the storage layout);
+        A as nn.Linear would init it and B = 0, so ΔW = BA = 0: a fresh adapter changes nothing."""
         nn.init.kaiming_uniform_(self._T(self.weight), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
-
-    def _reset_lora(self) -> None:
-        # A as nn.Linear would init it, B = 0: ΔW = BA = 0, so a fresh adapter changes nothing.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
 
     def extra_repr(self) -> str:
         s = nn.Linear.extra_repr(self)
@@ -278,11 +277,6 @@ class Linear(LoRALayer, nn.Linear):
     @property
     def has_lora(self) -> bool:
         return self.r > 0
-
-    def reset_parameters(self) -> None:
-        self._reset_base()
-        if hasattr(self, "lora_A"):
-            self._reset_lora()
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A, laid out like `weight`."""
@@ -339,11 +333,6 @@ class MergedLinear(LoRALayer, nn.Linear):
     @property
     def has_lora(self) -> bool:
         return self.r > 0 and len(self.lora_groups) > 0
-
-    def reset_parameters(self) -> None:
-        self._reset_base()
-        if hasattr(self, "lora_A"):
-            self._reset_lora()
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · ΔW, laid out like `weight`; rows of disabled groups are zero."""
