@@ -22,7 +22,8 @@ checkpoints move freely between the two. It reads top to bottom in this order:
     6. GPT2Model             embeddings, blocks, final LayerNorm
     7. GPT2LMHead            the output layer, tied to the token embedding
     8. GPT2LMModel           model + head + loss + weight loading + generation
-    9. helpers               trainable-parameter selection, LoRA-only state dicts, merging
+    9. presets               gpt2.sm / .md / .lg / .xl and their hub names
+   10. helpers               trainable-parameter selection, LoRA-only state dicts, merging
 
 Shapes in comments use B (batch), T (time), C (n_embd), nh (heads), hs (head size), V (vocab),
 r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
@@ -52,23 +53,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # 1. Configuration
 # --------------------------------------------------------------------------------------------
-
-# n_embd / n_layer / n_head of the four published GPT-2 sizes.
-PRESETS: Dict[str, Dict[str, int]] = {
-    "gpt2.sm": dict(n_embd=768, n_layer=12, n_head=12),    # 124M, "gpt2"
-    "gpt2.md": dict(n_embd=1024, n_layer=24, n_head=16),   # 355M, "gpt2-medium"
-    "gpt2.lg": dict(n_embd=1280, n_layer=36, n_head=20),   # 774M, "gpt2-large"
-    "gpt2.xl": dict(n_embd=1600, n_layer=48, n_head=25),   # 1558M, "gpt2-xl"
-}
-
-# Hugging Face hub names of the same checkpoints, and the preset each one is.
-HUB_MODELS: Dict[str, Tuple[str, str]] = {
-    "gpt2": ("openai-community/gpt2", "gpt2.sm"),
-    "gpt2-medium": ("openai-community/gpt2-medium", "gpt2.md"),
-    "gpt2-large": ("openai-community/gpt2-large", "gpt2.lg"),
-    "gpt2-xl": ("openai-community/gpt2-xl", "gpt2.xl"),
-}
-
 
 @dataclass
 class GPT2Config:
@@ -819,7 +803,28 @@ def _short(keys: List[str], n: int = 6) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# 9. Helpers: what to train, what to save, merging
+# 9. Presets: the four published GPT-2 sizes
+# --------------------------------------------------------------------------------------------
+
+# n_embd / n_layer / n_head of the four published GPT-2 sizes.
+PRESETS: Dict[str, Dict[str, int]] = {
+    "gpt2.sm": dict(n_embd=768, n_layer=12, n_head=12),    # 124M, "gpt2"
+    "gpt2.md": dict(n_embd=1024, n_layer=24, n_head=16),   # 355M, "gpt2-medium"
+    "gpt2.lg": dict(n_embd=1280, n_layer=36, n_head=20),   # 774M, "gpt2-large"
+    "gpt2.xl": dict(n_embd=1600, n_layer=48, n_head=25),   # 1558M, "gpt2-xl"
+}
+
+# Hugging Face hub names of the same checkpoints, and the preset each one is.
+HUB_MODELS: Dict[str, Tuple[str, str]] = {
+    "gpt2": ("openai-community/gpt2", "gpt2.sm"),
+    "gpt2-medium": ("openai-community/gpt2-medium", "gpt2.md"),
+    "gpt2-large": ("openai-community/gpt2-large", "gpt2.lg"),
+    "gpt2-xl": ("openai-community/gpt2-xl", "gpt2.xl"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Helpers: what to train, what to save, merging
 # --------------------------------------------------------------------------------------------
 
 _BIAS_MODES = ("none", "all", "lora_only")
