@@ -494,16 +494,19 @@ def test_lora_only_checkpoint_round_trip_restores_outputs(config, seed, bias, tm
     torch.testing.assert_close(fresh(ids)[0], model(ids)[0], rtol=0, atol=0)
 
 
-@given(config=tiny_configs(min_rank=1), seed=seeds)
-def test_merged_state_dict_loads_into_plain_gpt2_with_same_logits(config, seed):
-    """merged_state_dict folds ΔW into W: a rank-0 model loaded with it gives the adapted logits."""
+@given(config=tiny_configs(min_rank=1), seed=seeds, merged_first=st.booleans())
+def test_merged_state_dict_loads_into_plain_gpt2_with_same_logits(config, seed, merged_first):
+    """merged_state_dict folds ΔW into W once, whether or not the model is merged already: a
+    rank-0 model loaded with it gives the adapted logits."""
     model = tiny_model(config, seed).eval()
     randomize_lora(model, seed, std=0.2)
+    if merged_first:
+        L.merge_lora(model)
     plain = tiny_model(L.GPT2Config.from_dict({**config.to_dict(), "lora_attn_dim": 0}), 99).eval()
     plain.load_state_dict(L.merged_state_dict(model))
     ids = token_batch(config, seed)
     torch.testing.assert_close(plain(ids)[0], model(ids)[0], rtol=1e-4, atol=1e-5)
-    assert not model.transformer.h[0].attn.c_attn.merged  # the model itself is untouched
+    assert model.transformer.h[0].attn.c_attn.merged == merged_first  # the model is left as it was
 
 
 @given(config=tiny_configs(min_rank=1), seed=seeds)
