@@ -81,9 +81,9 @@ DEFAULTS = dict(
     init_from="scratch", data=None, cache_dir=None, out_dir="out-shakespeare", resume=None,
     rank=4, alpha=16.0, lora_dropout=0.0,
     preset="small", n_layer=None, n_head=None, n_embd=None,
-    base_iters=500, base_lr=2e-3, base_split=0.5,
-    block_size=128, batch_size=16, grad_accum=1, max_iters=200, lr=None, warmup=20,
-    weight_decay=0.01, grad_clip=1.0, eval_interval=50, eval_iters=8, log_interval=10,
+    base_iters=1500, base_lr=2e-3, base_split=0.5,
+    block_size=128, batch_size=16, grad_accum=1, max_iters=1000, lr=None, warmup=50,
+    weight_decay=0.01, grad_clip=1.0, eval_interval=100, eval_iters=8, log_interval=50,
     device="auto", dtype="auto", compile=False, seed=1337, sample=400, prompt="\n", merge=False,
 )
 LORA_LR, FULL_LR = 2e-3, 5e-4  # --lr defaults: adapters tolerate (and need) a larger step
@@ -895,6 +895,8 @@ def run(s: dict, given: dict, resume_state: Optional[dict], rt: Runtime, progres
         tokenizer = CharTokenizer.from_text(text)
         config = scratch_config(s, tokenizer.vocab_size)
         check_sizes_fit(config, s, {})
+        if resume_state is not None:
+            check_resume_fits(resume_state, config, s)
         splits = split_tokens(torch.tensor(tokenizer.encode(text)), s["block_size"], s["base_split"])
         starts = eval_starts(len(splits.val), s["block_size"], s["eval_iters"] * s["batch_size"])
         base, base_info, base_seconds = scratch_base(config, tokenizer, splits, starts, s, data_sha, rt)
@@ -902,6 +904,8 @@ def run(s: dict, given: dict, resume_state: Optional[dict], rt: Runtime, progres
         base, tok_description, base_info = pretrained_base(s)
         tokenizer = tokenizer_from(tok_description) if tok_description else load_gpt2_tokenizer()
         check_sizes_fit(base.config, s, given)
+        if resume_state is not None:
+            check_resume_fits(resume_state, base.config, s)
         if tokenizer.vocab_size > base.config.vocab_size:
             raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but --init-from "
                              f"{s['init_from']} only {base.config.vocab_size}; use a model with GPT-2's vocabulary")
@@ -913,7 +917,6 @@ def run(s: dict, given: dict, resume_state: Optional[dict], rt: Runtime, progres
     torch.manual_seed(s["seed"])  # the same adapter init on every process
     model = with_lora(base, s)
     if resume_state is not None:
-        check_resume_fits(resume_state, model, s)
         model.load_weight(resume_state["weights"])
         base_loss = resume_state["base_val_loss"]
     else:
@@ -1002,9 +1005,10 @@ def scratch_base(config: GPT2Config, tokenizer: CharTokenizer, splits: Splits, s
     return model, info, time.perf_counter() - t0
 
 
-def check_resume_fits(saved: dict, model: GPT2LMModel, s: dict) -> None:
-    """The model built now must be the one the checkpoint trained (sizes, rank, vocabulary)."""
-    now = model.config.to_dict()
+def check_resume_fits(saved: dict, config: GPT2Config, s: dict) -> None:
+    """The base built now must be the one the checkpoint trained on (sizes, vocabulary). Checked
+    before any pretraining; the adapter options were compared with RUN_DEFINING already."""
+    now = {k: v for k, v in config.to_dict().items() if not k.startswith("lora_")}
     diff = [f"{k} {saved['config'].get(k)} vs {v}" for k, v in now.items() if saved["config"].get(k) != v]
     if diff:
         raise UsageError(f"the checkpoint {s['resume']} does not fit the model asked for "
@@ -1118,7 +1122,7 @@ def _interrupt(signum, frame):
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """The command: one line and an exit status for every expected failure."""
     # `kill` (SIGTERM) ends the run the way Ctrl-C does, between two atomic checkpoint writes.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(argv)
     except UsageError as e:
@@ -1130,6 +1134,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
