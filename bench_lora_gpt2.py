@@ -16,6 +16,7 @@ and with `--json PATH` writes the same figures as JSON. Six comparisons:
              backward (the input needs its gradient, as it does mid-network): ours versus
              `loralib.MergedLinear` with identical parameters, and the frozen base layer (r=0) as
              a floor. loralib rebuilds the full ΔW on every call; ours applies two thin products.
+             Samples are cheap here, so this comparison takes three times --repeats.
   4. hf      A training step of our model with LoRA r=4 versus Hugging Face `transformers`
              GPT2LMHeadModel with a `peft` LoRA adapter of the same rank on `c_attn`, same sizes,
              same batch, float32, dropout 0, train mode, the same loss (cross entropy over all
@@ -410,7 +411,6 @@ class Bench:
                                  {"full fine-tuning": trainable_count(full_model),
                                   lora_name: trainable_count(lora_model)}, "full fine-tuning", "params")
         self.profile_fns["train"] = fns
-        del full_model, lora_model, full_step, lora_step, fns
         mem = train_memory(a, self.argv, self.device, ("full", "lora"))
         what = "GPU allocated" if self.device.type == "cuda" else "RSS"
         for key, label in (("peak", f"train: peak {what}"), ("above_model", f"train: peak {what} above model")):
@@ -420,7 +420,10 @@ class Bench:
                                      reasons={lora_name: "LoRA should hold fewer gradients and "
                                                          "optimizer states; see the method note"})
         self.notes.append(f"memory: {mem['full']['method']} over 2 training steps, "
-                          + ("in-process" if self.device.type == "cuda" else "one fresh child process per candidate"))
+                          + ("in-process" if self.device.type == "cuda" else "one fresh child process per candidate")
+                          + "; for scale, gradients + AdamW states alone (trainable × 12 bytes): "
+                          + ", ".join(f"{n} {trainable_count(m) * 12 / 2**20:.1f} MiB"
+                                      for n, m in (("full", full_model), ("LoRA", lora_model))))
 
     # 2 ----------------------------------------------------------------------------------------
     def infer(self):
@@ -476,7 +479,7 @@ class Bench:
             x = torch.randn(a.batch_size, a.block_size, C, device=self.device, requires_grad=True)
             gy = torch.randn(a.batch_size, a.block_size, 3 * C, device=self.device)
 
-            def fwd_bwd(layer):
+            def fwd_bwd(layer, x=x, gy=gy):  # bind this width's tensors (the profile runs later)
                 def run():
                     x.grad = None
                     for p in layer.parameters():
@@ -495,7 +498,7 @@ class Bench:
                 fns["loralib.MergedLinear"] = fwd_bwd(ref)
             fns["ours MergedLinear"] = fwd_bwd(ours)
             fns["frozen base only (r=0)"] = fwd_bwd(base)
-            samples = self.time(fns)
+            samples = self.time(fns, repeats=3 * a.repeats)  # cheap: three times the samples
             if have_loralib:
                 self.rows += timing_rows(
                     comp, samples, "loralib.MergedLinear", {"ours MergedLinear": ("<=", 0.6)},
@@ -817,17 +820,21 @@ def _run(args, argv: List[str]) -> dict:
     for r in missed:
         notes.append(f"MISSED: {r.comparison} / {r.candidate}: ratio {r.ratio:.3g} vs target "
                      f"{r.target} — {r.reason}")
-    profile = [] if args.no_profile or not missed else bench.profile_misses()
     total = time.perf_counter() - t_start
     notes.append(f"targets met: {sum(r.met is True for r in bench.rows)}, missed: {len(missed)}; "
-                 f"total wall time {total:.1f} s ("
+                 f"wall time of the measurements {total:.1f} s ("
                  + ", ".join(f"{c} {s:.0f} s" for c, s in timings.items()) + ")")
     print("\n".join(lines))
-    print(flush=True)
-    print("\n".join("- " + n for n in notes))
-    if profile:
+    print()
+    print("\n".join("- " + n for n in notes), flush=True)
+    profile = []
+    if missed and not args.no_profile:
+        try:
+            profile = bench.profile_misses()
+        except Exception as e:  # a profile is an aid; never lose the measured table to it
+            profile = [f"profiling failed: {type(e).__name__}: {e}"]
         print()
-        print("\n".join(profile))
+        print("\n".join(profile), flush=True)
 
     payload = dict(meta={**meta, "total_seconds": total, "seconds_per_comparison": timings},
                    rows=[asdict(r) for r in bench.rows], notes=notes, profiles=profile,
