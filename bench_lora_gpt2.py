@@ -832,10 +832,9 @@ def _run(args, argv: List[str]) -> dict:
     total = time.perf_counter() - t_start
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     meta["load_average_1min_end"] = load_end
-    busy = max(meta["load_average_1min"] or 0.0, load_end or 0.0)
-    if busy > 0.5:
+    if (meta["load_average_1min"] or 0.0) > 0.5:  # at the end the load counts this run too
         notes.append(f"the machine was shared: 1-minute load average {meta['load_average_1min']:.2f} "
-                     f"at start, {load_end:.2f} at end, on {os.cpu_count()} CPUs. Other processes "
+                     f"at start ({load_end:.2f} at end, this run included), on {os.cpu_count()} CPUs. Other processes "
                      f"slow every candidate, and with {args.threads} pinned threads each parallel op "
                      f"may wait for a descheduled worker, a fixed cost per op that inflates "
                      f"op-heavy candidates; the paired ratios absorb drift, not this")
