@@ -108,6 +108,8 @@ def test_adapter_checkpoint_holds_only_lora_tensors(finished_run):
     assert ckpt["kind"] == "adapter" and ckpt["format"] == ts.FORMAT
     assert ckpt["weights"] and all("lora_" in k for k in ckpt["weights"])
     assert ckpt["config"]["lora_attn_dim"] == 2 and ckpt["tokenizer"]["type"] == "char"
+    # the context is the trained block size, so sampling never uses untrained positions
+    assert ckpt["config"]["n_ctx"] == 32 and ckpt["config"]["n_positions"] == 256
     assert ckpt["base"]["init_from"] == "scratch" and os.path.isfile(os.path.join(out, ckpt["base"]["file"]))
     assert report["result_bytes"] == os.path.getsize(os.path.join(out, "adapter.pt"))
     assert report["result_bytes"] < 0.1 * report["full_bytes"]

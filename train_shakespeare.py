@@ -86,7 +86,7 @@ DEFAULTS = dict(
     weight_decay=0.01, grad_clip=1.0, eval_interval=100, eval_iters=8, log_interval=50,
     device="auto", dtype="auto", compile=False, seed=1337, sample=400, prompt="\n", merge=False,
 )
-LORA_LR, FULL_LR = 2e-3, 5e-4  # --lr defaults: adapters tolerate (and need) a larger step
+LORA_LR, FULL_LR = 5e-3, 5e-4  # --lr defaults: adapters tolerate (and need) a larger step
 
 # Options whose value defines the run: a --resume must keep them. All others may change.
 # (Model sizes are checked on the config they produce, see check_resume_fits.)
@@ -625,9 +625,14 @@ def export_merged(adapter_path: str, out_path: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 def scratch_config(s: dict, vocab_size: int) -> GPT2Config:
+    """The base's config. Its context n_ctx is the block size it trains on: generate() then
+    never reaches position embeddings that training did not touch."""
     sizes = dict(SCRATCH_PRESETS[s["preset"]])
     sizes.update({k: s[k] for k in ("n_layer", "n_head", "n_embd") if s[k] is not None})
-    sizes["n_ctx"] = sizes["n_positions"]
+    if s["block_size"] > sizes["n_positions"]:
+        raise UsageError(f"--block-size {s['block_size']} is larger than the model's n_positions "
+                         f"({sizes['n_positions']}); pass --block-size {sizes['n_positions']} or less")
+    sizes["n_ctx"] = s["block_size"]
     try:
         return GPT2Config(vocab_size=vocab_size, **sizes)
     except ValueError as e:
@@ -654,7 +659,11 @@ def with_lora(base: GPT2LMModel, s: dict) -> GPT2LMModel:
     config = GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": s["rank"],
                                    "lora_attn_alpha": s["alpha"], "lora_dropout": s["lora_dropout"]})
     model = GPT2LMModel(config).to(next(base.parameters()).device)
-    model.load_weight(base.state_dict())
+    try:
+        model.load_weight(base.state_dict())
+    except ValueError as e:  # e.g. a base that already holds adapters of another rank
+        raise UsageError(f"--init-from {s['init_from']} does not fit --rank {s['rank']}: "
+                         f"{_first_line(e)}") from None
     mark_only_lora_as_trainable(model)
     return model
 
@@ -669,7 +678,10 @@ def pretrained_base(s: dict) -> tuple:
             ckpt = None  # not ours: a plain weights file, for from_pretrained
         if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
             ckpt = read_checkpoint(source, "--init-from", kinds=("base", "full", "merged"))
-            model = GPT2LMModel(GPT2Config.from_dict(ckpt["config"])).load_weight(ckpt["weights"])
+            try:
+                model = GPT2LMModel(GPT2Config.from_dict(ckpt["config"])).load_weight(ckpt["weights"])
+            except ValueError as e:
+                raise UsageError(f"--init-from {source} is damaged: {_first_line(e)}") from None
             return model, ckpt["tokenizer"], {"init_from": os.path.abspath(source)}
     elif not os.path.isdir(source) and source not in HUB_MODELS:
         raise UsageError(f"--init-from {source}: no such file or folder; give scratch, "
@@ -695,8 +707,10 @@ def check_sizes_fit(config: GPT2Config, s: dict, given: dict) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {given[name]} does not fit --init-from "
                              f"{s['init_from']}, whose {name} is {getattr(config, name)}; drop the option")
     if s["block_size"] > config.n_ctx:
-        raise UsageError(f"--block-size {s['block_size']} is larger than the model's n_positions "
-                         f"({config.n_ctx}); pass --block-size {config.n_ctx} or less")
+        limit = (f"n_positions ({config.n_positions})" if config.n_ctx == config.n_positions
+                 else f"context n_ctx ({config.n_ctx}, of n_positions {config.n_positions})")
+        raise UsageError(f"--block-size {s['block_size']} is larger than the model's {limit}; "
+                         f"pass --block-size {config.n_ctx} or less")
 
 
 # --------------------------------------------------------------------------------------------
@@ -894,7 +908,6 @@ def run(s: dict, given: dict, resume_state: Optional[dict], rt: Runtime, progres
     if s["init_from"] == "scratch":
         tokenizer = CharTokenizer.from_text(text)
         config = scratch_config(s, tokenizer.vocab_size)
-        check_sizes_fit(config, s, {})
         if resume_state is not None:
             check_resume_fits(resume_state, config, s)
         splits = split_tokens(torch.tensor(tokenizer.encode(text)), s["block_size"], s["base_split"])
