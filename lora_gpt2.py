@@ -334,9 +334,13 @@ class MergedLinear(LoRALayer, nn.Linear):
             r, d = self.r, self.group_size
             h = self.lora_dropout(x) @ self.lora_A.t()                           # (..., r·m), once
             h = self.lora_r_dropout(h) * self.scaling                            # scale the thin side
+            parts = list(result.split(d, dim=-1))                                # k × (..., d)
             for j, g in enumerate(self.lora_groups):
                 # group g's slice of the output gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
-                result[..., g * d:(g + 1) * d] += h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t()
+                parts[g] = parts[g] + h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t()
+            # One concatenation rather than in-place slice updates: for each of those, autograd
+            # would clone and zero-fill the gradient of the whole (..., out) output.
+            result = torch.cat(parts, dim=-1)                                    # (..., out)
         return result
 
 
@@ -686,10 +690,10 @@ class GPT2LMModel(nn.Module):
         idx, past = input_ids, None
         for _ in range(max_new_tokens):
             if use_cache and past is not None and past[0].shape[-2] < n_ctx:
-                logits, past = self(idx[:, -1:], past=past)                    # one new token
+                hidden, past = self.transformer(idx[:, -1:], past=past)        # one new token
             else:
-                logits, past = self(idx[:, -n_ctx:])                           # (re)read the context
-            logits = logits[:, -1, :].float()                                  # (B, V)
+                hidden, past = self.transformer(idx[:, -n_ctx:])               # (re)read the context
+            logits = self.lm_head(hidden[:, -1, :]).float()                    # (B, V): last position only
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
