@@ -334,13 +334,20 @@ class MergedLinear(LoRALayer, nn.Linear):
             r, d = self.r, self.group_size
             h = self.lora_dropout(x) @ self.lora_A.t()                           # (..., r·m), once
             h = self.lora_r_dropout(h) * self.scaling                            # scale the thin side
-            parts = list(result.split(d, dim=-1))                                # k × (..., d)
-            for j, g in enumerate(self.lora_groups):
-                # group g's slice of the output gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
-                parts[g] = parts[g] + h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t()
-            # One concatenation rather than in-place slice updates: for each of those, autograd
-            # would clone and zero-fill the gradient of the whole (..., out) output.
-            result = torch.cat(parts, dim=-1)                                    # (..., out)
+            # group g's slice of the output gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
+            updates = [(g, h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t())
+                       for j, g in enumerate(self.lora_groups)]
+            if torch.is_grad_enabled() and (result.requires_grad or h.requires_grad):
+                # Training: one concatenation. In-place slice adds would make autograd clone
+                # and zero-fill the gradient of the whole (..., out) output once per group.
+                parts = list(result.split(d, dim=-1))                            # k × (..., d)
+                for g, u in updates:
+                    parts[g] = parts[g] + u
+                result = torch.cat(parts, dim=-1)                                # (..., out)
+            else:
+                # Inference: add into the output slices in place, no copy of the output.
+                for g, u in updates:
+                    result[..., g * d:(g + 1) * d] += u
         return result
 
 

@@ -155,10 +155,13 @@ def test_lora_parameter_shapes_follow_loralib(enable, d, in_f, r, fifo):
 
 @given(layer_x=lora_layers(merge_weights=False))
 def test_merged_output_equals_unmerged_output(layer_x):
-    """W0 x + scaling·B A x computed in two thin products equals (W0 + scaling·ΔW) x, for Linear
-    and MergedLinear, every enable_lora pattern, both layouts, float32 and float64."""
+    """W0 x + scaling·B A x computed in two thin products (with or without autograd) equals
+    (W0 + scaling·ΔW) x, for Linear and MergedLinear, every enable_lora pattern, both layouts,
+    float32 and float64."""
     layer, x = layer_x
     unmerged = layer(x)
+    with torch.no_grad():  # the inference path adds in place; it must agree
+        torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=0)
     layer.merge()
     assert layer.merged
     torch.testing.assert_close(layer(x), unmerged, **tolerance(x.dtype))
