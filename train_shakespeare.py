@@ -254,7 +254,9 @@ def resolve_settings(given: dict) -> tuple:
                 raise UsageError(f"--{name.replace('_', '-')} {explicit[name]} does not fit the run in "
                                  f"{path}, which has {saved[name]}; drop the option to resume, or "
                                  f"start a new run in another --out-dir")
-        settings = {**DEFAULTS, **saved, **explicit}
+        # Where and how to run, and what to print, come from this command line, not the old run.
+        fresh = ("device", "dtype", "compile", "sample", "prompt", "merge", "log_interval", "cache_dir")
+        settings = {**DEFAULTS, **{k: v for k, v in saved.items() if k not in fresh}, **explicit}
         if "out_dir" not in explicit and given["resume"]:
             settings["out_dir"] = os.path.dirname(os.path.abspath(path))
         settings["resume"] = path
