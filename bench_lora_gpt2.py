@@ -406,8 +406,8 @@ class Bench:
         self.rows += timing_rows(
             "train", samples, "full fine-tuning", {lora_name: ("<=", 0.5)},
             reasons={lora_name: "LoRA still pays the whole forward and the input gradients of every "
-                                "frozen matrix (the V×C head included), and more small ops than the "
-                                "full step; see copy_/fill_ in the profile below"})
+                                "frozen matrix (the V×C head included); it saves only the weight "
+                                "gradients and optimizer updates; see the profile below"})
         self.rows += single_rows("train: trainable params",
                                  {"full fine-tuning": trainable_count(full_model),
                                   lora_name: trainable_count(lora_model)}, "full fine-tuning", "params")
@@ -504,10 +504,9 @@ class Bench:
             if have_loralib:
                 self.rows += timing_rows(
                     comp, samples, "loralib.MergedLinear", {"ours MergedLinear": ("<=", 0.6)},
-                    reasons={"ours MergedLinear": "ours forms no dense ΔW, but its in-place adds into "
-                                                  "output slices make autograd (CopySlices) clone and "
-                                                  "zero-fill the whole gradient per group: copy_/fill_ "
-                                                  "in the profile"})
+                    reasons={"ours MergedLinear": "ours forms no dense ΔW; its cost above the frozen "
+                                                  "base is the thin products, the output concatenation "
+                                                  "and their backward: see the profile"})
             else:
                 self.rows.append(missing_row(comp, "loralib.MergedLinear", "ms", "loralib"))
                 self.rows += timing_rows(comp, samples, "frozen base only (r=0)", {})
@@ -529,9 +528,8 @@ class Bench:
         samples = self.time(fns)
         self.rows += timing_rows(
             "hf", samples, peft_name, {ours_name: ("<=", 1.0)},
-            reasons={ours_name: "same matrix products as peft (aten::mm); the difference is in the "
-                                "small ops, copy_/fill_ from MergedLinear's in-place slice adds; see "
-                                "the profile below"})
+            reasons={ours_name: "same matrix products as peft (aten::mm); the difference lies in "
+                                "the small ops: see the profile below"})
         self.rows += single_rows("hf: trainable params", {peft_name: trainable_count(hf_model),
                                                           ours_name: trainable_count(ours_model)},
                                  peft_name, "params")
