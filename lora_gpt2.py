@@ -801,11 +801,15 @@ def _download_from_hub(repo_id: str) -> str:
     except ImportError:
         raise ValueError(f"downloading {repo_id} needs the huggingface_hub package: "
                          f"pip install huggingface_hub safetensors (or pass a local folder)") from None
-    cfg = hf_hub_download(repo_id, "config.json")
     try:
-        hf_hub_download(repo_id, "model.safetensors")
-    except Exception:
-        hf_hub_download(repo_id, "pytorch_model.bin")
+        cfg = hf_hub_download(repo_id, "config.json")
+        try:
+            hf_hub_download(repo_id, "model.safetensors")
+        except Exception:  # older snapshots hold only the pickled weights
+            hf_hub_download(repo_id, "pytorch_model.bin")
+    except Exception as e:  # no network, no access, an unknown revision: one clear message
+        raise ValueError(f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{e}); check the network, or pass a local checkpoint folder") from None
     return os.path.dirname(cfg)
 
 

@@ -1077,7 +1077,7 @@ def final_report(model, tokenizer, base_loss, splits, starts, s, rt, result_path
         f"{adapted_loss:.4f} ({adapted_loss - base_loss:+.4f})",
         f"merged model           held-out loss {merged_loss:.4f}, |merged - unmerged| = "
         f"{abs(merged_loss - adapted_loss):.1e} ({'OK' if merged_ok else 'MISMATCH'})",
-        f"peak accelerator mem   " + (_bytes(report["peak_memory"]) if report["peak_memory"] is not None
+        "peak accelerator mem   " + (_bytes(report["peak_memory"]) if report["peak_memory"] is not None
                                       else f"n/a ({rt.device.type})"),
         f"time                   base {_duration(timings['base'])}"
         f"{' (cached)' if timings['base'] == 0 else ''}, adaptation {_duration(timings['adapt'])}, "
