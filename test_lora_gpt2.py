@@ -1160,6 +1160,9 @@ BENCH_TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size
         "--ckpt-presets", "bench", "--no-profile", "--threads", "1"]
 
 
+UNMEASURED = ("not installed", "no baseline")  # cells of rows whose reference package is missing
+
+
 def _number(cell: str) -> float:
     return float(cell.replace(",", ""))
 
@@ -1191,12 +1194,13 @@ def test_bench_smoke_table_structure(tiny_run):
     assert all(len(r) == len(header) for r in rows)
     comparisons = {r[0].split(":")[0].split(" ")[0] for r in rows}
     assert comparisons == set(bench.COMPARISONS)
-    # every comparison has exactly one baseline row
+    # every comparison has exactly one baseline row (none when its reference is not installed)
     by_comp = {}
     for r in rows:
         by_comp.setdefault(r[0], []).append(r)
     for comp, rs in by_comp.items():
-        assert sum(r[6] == "baseline" for r in rs) == 1, comp
+        baselines = sum(r[6] == "baseline" for r in rs)
+        assert baselines == 1 or (baselines == 0 and any(r[2].startswith("not installed") for r in rs)), comp
     for r in rows:
         assert r[7] in ("yes", "MISSED", "—")
 
@@ -1206,7 +1210,7 @@ def test_bench_smoke_figures_positive(tiny_run):
     text = tiny_run[0]
     _, rows = _table(text)
     for r in rows:
-        if r[2].startswith("not installed"):
+        if r[2].startswith(UNMEASURED):
             continue
         median, ratio = _number(r[2]), _number(r[4])
         assert math.isfinite(median) and median > 0, r
@@ -1225,8 +1229,26 @@ def test_bench_smoke_json_matches_table(tiny_run):
     for cells, row in zip(rows, data["rows"]):
         assert [cells[0], cells[1], cells[3]] == [row["comparison"], row["candidate"], row["unit"]]
         if row["median"] is None:
-            assert cells[2].startswith("not installed")
+            assert cells[2].startswith(UNMEASURED)
             continue
         assert row["median"] > 0 and all(s > 0 for s in row["samples"])
         assert _number(cells[2]) == pytest.approx(row["median"], rel=1e-2, abs=1e-3)
         assert _number(cells[4]) == pytest.approx(row["ratio"], rel=1e-2)
+
+
+def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeypatch):
+    """With loralib, transformers and peft hidden, their rows read "not installed" and ours are
+    still measured where they need no reference."""
+    real_find_spec = bench.importlib.util.find_spec
+    hidden = {"loralib", "transformers", "peft"}
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name in hidden else real_find_spec(name, *a))
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        bench.main(BENCH_TINY + ["--only", "layer,hf"])
+    torch.set_num_threads(threads)
+    _, rows = _table(out.getvalue())
+    status = {(r[0], r[1]): r[2] for r in rows}
+    assert status[("layer C=32", "loralib.MergedLinear")] == "not installed (loralib)"
+    assert _number(status[("layer C=32", "ours MergedLinear")]) > 0
+    assert status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")].startswith("not installed (transformers and peft")
