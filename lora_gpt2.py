@@ -102,13 +102,15 @@ class GPT2Config:
         if self.n_ctx > self.n_positions:
             raise ValueError(f"GPT2Config.n_ctx ({self.n_ctx}) must not exceed n_positions "
                              f"({self.n_positions}): there is no position embedding beyond it")
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        if not self.initializer_range >= 0:
-            raise ValueError(f"GPT2Config.initializer_range must be >= 0, got {self.initializer_range!r}")
-        if self.lora_attn_dim > 0 and not self.lora_attn_alpha > 0:
-            raise ValueError(f"GPT2Config.lora_attn_alpha (α) must be > 0 when lora_attn_dim > 0, "
-                             f"got {self.lora_attn_alpha!r}")
+        if not (_is_real(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a finite number > 0, "
+                             f"got {self.layer_norm_epsilon!r}")
+        if not (_is_real(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"GPT2Config.initializer_range must be a finite number >= 0, "
+                             f"got {self.initializer_range!r}")
+        if self.lora_attn_dim > 0 and not (_is_real(self.lora_attn_alpha) and self.lora_attn_alpha > 0):
+            raise ValueError(f"GPT2Config.lora_attn_alpha (α) must be a finite number > 0 when "
+                             f"lora_attn_dim > 0, got {self.lora_attn_alpha!r}")
         for name in ("lora_dropout", "lora_r_dropout", "fix_dropout"):
             _check_dropout(getattr(self, name), f"GPT2Config.{name}")
 
@@ -136,8 +138,12 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_dropout(p, what: str) -> None:
-    if not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+    if not _is_real(p) or not 0.0 <= p < 1.0:
         raise ValueError(f"{what} is a dropout probability and must lie in [0, 1), got {p!r}")
 
 
@@ -157,14 +163,19 @@ class LoRALayer:
     dict into a merged layer re-merges with the loaded A and B. loralib saves W0 + ΔW when merged,
     so a merged checkpoint loaded into a fresh layer and merged again counts ΔW twice; here it
     cannot happen.
+
+    Merging adds and subtracts in the weight's own dtype, so W0 comes back up to rounding: a few
+    ulps in float32, about one ulp (1e-3 relative) per merge/unmerge cycle in bfloat16/float16.
+    Layers that train in low precision are best left unmerged until training ends (GPT-2's
+    c_attn here uses merge_weights=False, as in microsoft/LoRA).
     """
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, lora_r_dropout: float,
                    merge_weights: bool) -> None:
         if not _is_int(r) or r < 0:
             raise ValueError(f"LoRA rank r must be an integer >= 0 (0 disables LoRA), got {r!r}")
-        if r > 0 and not lora_alpha > 0:
-            raise ValueError(f"lora_alpha (α) must be > 0 when r > 0, got {lora_alpha!r}")
+        if r > 0 and not (_is_real(lora_alpha) and lora_alpha > 0):
+            raise ValueError(f"lora_alpha (α) must be a finite number > 0 when r > 0, got {lora_alpha!r}")
         _check_dropout(lora_dropout, "lora_dropout")
         _check_dropout(lora_r_dropout, "lora_r_dropout")
         self.r = r
@@ -578,16 +589,21 @@ class GPT2LMModel(nn.Module):
         if lm_labels is None:
             return logits, presents
 
-        if lm_labels.shape != input_ids.shape:
-            raise ValueError(f"lm_labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(lm_labels.shape)}")
+        if lm_labels.shape != input_ids.shape or lm_labels.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {tuple(lm_labels.shape)} {lm_labels.dtype}")
+        if not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(lm_labels)).tolist()
+            if lo < 0 or hi >= logits.shape[-1]:
+                raise ValueError(f"lm_labels must lie in [0, vocab_size = {logits.shape[-1]}), got "
+                                 f"[{lo}, {hi}]; mark positions to skip with lm_mask = 0, not -100")
         if lm_mask is not None and lm_mask.shape != input_ids.shape:
             raise ValueError(f"lm_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(lm_mask.shape)}")
         if not 0.0 <= label_smooth < 1.0:
             raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
         V = logits.shape[-1]
-        loss = F.cross_entropy(logits.reshape(-1, V).float(), lm_labels.reshape(-1),
+        loss = F.cross_entropy(logits.reshape(-1, V).float(), lm_labels.reshape(-1).long(),
                                reduction="none", label_smoothing=label_smooth)   # (B·T,)
         if lm_mask is None:
             return logits, loss.mean()
@@ -613,6 +629,8 @@ class GPT2LMModel(nn.Module):
                                    else state_dict)
         own = {k[len("transformer."):]: v for k, v in self.state_dict().items()
                if k.startswith("transformer.")}
+        if not sd:
+            raise ValueError("the checkpoint holds no GPT-2 or LoRA weights")
         unexpected = sorted(set(sd) - set(own))
         if unexpected:
             hint = ""
@@ -667,8 +685,13 @@ class GPT2LMModel(nn.Module):
             raise ValueError(f"{weights_path} holds no GPT-2 base weights (no wte.weight); if it is a "
                              f"LoRA-only checkpoint, load a base model first, then model.load_weight(path)")
         values = folder_config if folder_config is not None else _config_from_shapes(sd, config_overrides)
-        if "lora_attn_dim" not in config_overrides and "h.0.attn.c_attn.lora_A" in sd:
-            values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
+        if "h.0.attn.c_attn.lora_A" in sd:
+            if "lora_attn_dim" not in config_overrides:
+                values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
+            # No checkpoint records α, and a guessed α would silently rescale ΔW.
+            if "lora_attn_alpha" not in config_overrides:
+                raise ValueError(f"{weights_path} holds LoRA weights, whose scaling α/r depends on "
+                                 f"α: pass lora_attn_alpha=... (the α they were trained with)")
         values.update(config_overrides)
         model = cls(GPT2Config.from_dict(values))
         return model.load_weight(sd)
@@ -699,7 +722,7 @@ class GPT2LMModel(nn.Module):
             if use_cache and past is not None and past[0].shape[-2] < n_ctx:
                 hidden, past = self.transformer(idx[:, -1:], past=past)        # one new token
             else:
-                hidden, past = self.transformer(idx[:, -n_ctx:])               # (re)read the context
+                hidden, past = self.transformer(idx[:, -n_ctx:], use_cache=use_cache)  # (re)read the context
             logits = self.lm_head(hidden[:, -1, :]).float()                    # (B, V): last position only
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
@@ -743,7 +766,9 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
     out = {}
     for key, value in sd.items():
-        k = key[len("module."):] if key.startswith("module.") else key
+        k = key
+        for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
+            k = k[len(prefix):] if k.startswith(prefix) else k
         if k in _IGNORED_KEYS or k.endswith(_IGNORED_SUFFIXES):
             continue
         k = k[len("transformer."):] if k.startswith("transformer.") else k
@@ -901,9 +926,10 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A plain state dict with ΔW folded into the weights and no LoRA tensors: loads into a rank-0
-    model of the same sizes (or Hugging Face GPT-2) for inference at no extra cost. The model
-    itself is left as it was."""
+    """A plain state dict with ΔW folded into the weights and no LoRA tensors: it loads into a
+    rank-0 model of the same sizes (load_state_dict or load_weight), for inference at no extra
+    cost. For Hugging Face's GPT2LMHeadModel, drop `lm_head.decoder.weight` (tied to wte there too)
+    and load with strict=False. The model itself is left as it was."""
     sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
         for name, m in model.named_modules():

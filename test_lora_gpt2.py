@@ -686,7 +686,7 @@ def test_bad_model_inputs_raise_value_error():
         model(torch.zeros(1, 3, dtype=torch.long), past=past)
     with pytest.raises(ValueError, match="integer tensor of shape"):
         model(torch.zeros(1, 3))
-    with pytest.raises(ValueError, match="lm_labels must have the shape"):
+    with pytest.raises(ValueError, match="lm_labels must be an integer tensor of the shape"):
         model(torch.zeros(1, 3, dtype=torch.long), lm_labels=torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), -1)
@@ -960,8 +960,8 @@ def _cli_error(argv, capsys):
     (["--data", "{latin1}"], "not UTF-8"),
     (["--block-size", "512"], "n_positions (256)"),
     (["--rank", "-1"], "--rank must be >= 0"),
-    (["--alpha", "0"], "--alpha must be > 0"),
-    (["--alpha", "-2"], "--alpha must be > 0"),
+    (["--alpha", "0"], "--alpha must be a finite number > 0"),
+    (["--alpha", "-2"], "--alpha must be a finite number > 0"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--rank", "four"], "invalid int value"),
     (["--n-embd", "63"], "divisible"),
@@ -972,6 +972,8 @@ def _cli_error(argv, capsys):
     (["--resume", "{run}/resume.pt", "--rank", "4"], "--rank 4 does not fit"),
     (["--resume", "{run}/resume.pt", "--n-embd", "32"], "n_embd 64 vs 32"),
     (["--resume", "{run}/resume.pt", "--data", "{other}"], "text differs"),
+    (["--out-dir", "{short}/sub"], "cannot hold checkpoints"),
+    (["--alpha", "inf"], "--alpha must be"),
 ])
 def test_bad_input_is_one_line_and_nonzero(extra, message, finished_run, text_file, tmp_path, capsys):
     _, run_dir = finished_run

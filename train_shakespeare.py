@@ -212,7 +212,8 @@ def _check_ranges(s: dict) -> None:
         need(s["rank"] >= 0, f"--rank must be >= 0 (LoRA rank, or 0 to fine-tune every weight), "
                              f"got {s['rank']}")
     if "alpha" in s:
-        need(s["alpha"] > 0, f"--alpha must be > 0 (the update is scaled by alpha/rank), got {s['alpha']}")
+        need(math.isfinite(s["alpha"]) and s["alpha"] > 0, f"--alpha must be a finite number > 0 "
+                                                           f"(the update is scaled by alpha/rank), got {s['alpha']}")
     if "lora_dropout" in s:
         need(0 <= s["lora_dropout"] < 1, f"--lora-dropout must lie in [0, 1), got {s['lora_dropout']}")
     if "preset" in s:
@@ -539,6 +540,19 @@ def save_atomic(obj: dict, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_out_dir(path: str) -> None:
+    """Fail at once, not after minutes of training, when --out-dir cannot take checkpoints."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out-dir {path} cannot hold checkpoints ({e.strerror or e}); pass "
+                         f"--out-dir PATH to a writable folder") from None
 
 
 def read_checkpoint(path: str, what: str, kinds: Sequence[str]) -> dict:
@@ -899,6 +913,7 @@ def run(s: dict, given: dict, resume_state: Optional[dict], rt: Runtime, progres
     t_start = time.perf_counter()
     torch.manual_seed(s["seed"])
     out_dir = s["out_dir"]
+    check_out_dir(out_dir)
     text, data_path = load_corpus(s, rt)
     data_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if resume_state is not None and resume_state["settings"]["data_sha"] != data_sha:
@@ -1143,7 +1158,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, OSError) as e:  # OSError: e.g. the disk filled up mid-run
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
