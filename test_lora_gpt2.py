@@ -131,6 +131,21 @@ def test_lora_parameter_count_formula_equals_trainable_parameters(config):
     assert trainable == L.lora_parameter_count(config)
 
 
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_mark_only_lora_as_trainable_bias_modes(bias):
+    """'none': only lora_A/lora_B train; 'all': every bias too; 'lora_only': the biases of layers
+    that carry LoRA (c_attn) too."""
+    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=2, n_head=2, lora_attn_dim=2)
+    model = tiny_model(config)
+    L.mark_only_lora_as_trainable(model, bias=bias)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n, _ in model.named_parameters() if "lora_" in n}
+    expected = {"none": lora,
+                "all": lora | {n for n, _ in model.named_parameters() if n.endswith(".bias")},
+                "lora_only": lora | {f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)}}[bias]
+    assert trainable == expected
+
+
 @pytest.mark.parametrize("preset, total", [("gpt2.sm", 124_439_808), ("gpt2.md", 354_823_168),
                                            ("gpt2.lg", 774_030_080), ("gpt2.xl", 1_557_611_200)])
 def test_preset_total_parameter_counts_match_published_gpt2(preset, total):
@@ -310,6 +325,52 @@ def test_lora_r_dropout_and_lora_dropout_act_in_training_only():
         assert torch.equal(layer(x), layer(x))
 
 
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+def test_lora_r_dropout_drops_rank_components_and_lora_dropout_drops_inputs(kind):
+    """With r = 1, lora_r_dropout (between A and B) keeps or drops each group's whole update:
+    every row of update / full update is 0 or 1/(1-p) = 2. lora_dropout acts on the inputs before
+    A, so its rows take many other values."""
+    def ratios(**kw):
+        enable = dict(enable_lora=[True, True]) if kind == "MergedLinear" else {}
+        layer = getattr(L, kind)(32, 8, r=1, lora_alpha=1, merge_weights=False, **enable, **kw).double()
+        randomize_lora(layer, 3)
+        x = torch.randn(200, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        base = F.linear(x, layer.weight, layer.bias)
+        torch.manual_seed(0)
+        update = layer(x) - base
+        layer.eval()
+        full = layer(x) - base
+        return (update / full).view(200, -1, 4)  # (rows, groups, d): one ratio per group and row
+
+    r_drop = ratios(lora_r_dropout=0.5)
+    per_group = r_drop[..., 0]
+    assert torch.allclose(r_drop, per_group.unsqueeze(-1).expand_as(r_drop))
+    assert set(per_group.round(decimals=9).unique().tolist()) == {0.0, 2.0}
+    x_drop = ratios(lora_dropout=0.5)[..., 0].round(decimals=9)
+    assert len(set(x_drop.unique().tolist()) - {0.0, 2.0}) > 100
+
+
+def test_config_dropouts_reach_every_site():
+    """Each dropout field of the config reaches the modules that apply it: lora_dropout and
+    lora_r_dropout in c_attn, fix_dropout at the embeddings, the attention weights and both
+    residual branches; and each fix_dropout site alone changes training outputs."""
+    config = L.GPT2Config(vocab_size=13, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2,
+                          lora_attn_dim=2, lora_dropout=0.1, lora_r_dropout=0.2, fix_dropout=0.3)
+    model = tiny_model(config)
+    block = model.transformer.h[0]
+    assert block.attn.c_attn.lora_dropout.p == 0.1 and block.attn.c_attn.lora_r_dropout.p == 0.2
+    sites = {"embeddings": (model.transformer.drop, "p"), "attention weights": (block.attn, "attn_pdrop"),
+             "attention residual": (block.attn.resid_dropout, "p"), "mlp residual": (block.mlp.dropout, "p")}
+    assert all(getattr(m, a) == 0.3 for m, a in sites.values())
+    ids = token_batch(config, 0)
+    for name, (module, attr) in sites.items():
+        for m, a in sites.values():
+            setattr(m, a, 0.0)
+        setattr(module, attr, 0.5)
+        with torch.no_grad():
+            assert not torch.allclose(model(ids)[0], model(ids)[0]), name
+
+
 # ---- 3. the model: Q/V only, rank 0 baseline, causality, tying, cache ------------------------
 
 @given(config=tiny_configs(min_rank=1), seed=seeds)
@@ -321,6 +382,8 @@ def test_lora_on_c_attn_changes_q_and_v_and_never_k(config, seed):
     base = F.linear(x, attn.weight.T, attn.bias)
     randomize_lora(attn, seed)
     out = attn(x)
+    with torch.no_grad():  # the inference path (in-place slice adds) obeys the same law
+        torch.testing.assert_close(attn(x), out, rtol=0, atol=0)
     C, r = config.n_embd, config.lora_attn_dim
     torch.testing.assert_close(out[..., C:2 * C], base[..., C:2 * C], rtol=0, atol=0)
     for j, g in enumerate((0, 2)):  # Q is group 0, V is group 2
@@ -420,6 +483,26 @@ def test_cached_greedy_generation_equals_uncached(config, seed, prompt, new):
     uncached = model.generate(ids, new, temperature=0, use_cache=False)
     assert cached.shape == (2, prompt + new)
     assert torch.equal(cached, uncached)
+
+
+def test_temperature_sharpens_and_flattens_the_sampling_distribution():
+    """Near temperature 0 sampling is greedy; at a high temperature it spreads over many tokens;
+    at temperature 1 the frequencies follow softmax(logits)."""
+    config = L.GPT2Config(vocab_size=7, n_positions=4, n_ctx=4, n_embd=8, n_layer=1, n_head=2)
+    model = tiny_model(config, 5).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(60)  # sharp but not one-hot next-token probabilities
+    prompt = torch.zeros(4000, 1, dtype=torch.long)
+    probs = torch.softmax(model(prompt[:1])[0][0, -1].double(), dim=-1)
+    assert 0.3 < probs.max() < 0.99 and probs.min() < 0.01, probs  # neither flat nor one-hot
+
+    def freq(t):
+        nxt = model.generate(prompt, 1, temperature=t, generator=torch.Generator().manual_seed(1))[:, -1]
+        return torch.bincount(nxt, minlength=7).double() / len(nxt)
+
+    assert freq(1e-3)[probs.argmax()] == 1.0
+    assert (freq(100.0) > 0.08).all()  # nearly uniform over the 7 tokens
+    torch.testing.assert_close(freq(1.0), probs, rtol=0, atol=0.03)
 
 
 def test_sampling_respects_top_k_and_generator():
@@ -588,6 +671,55 @@ def test_checkpoint_that_does_not_fit_names_key_and_both_shapes(tmp_path):
         L.GPT2LMModel.from_pretrained(tmp_path / "absent")
 
 
+def test_weights_file_config_inference_and_key_forms():
+    """From shapes alone: sizes from wte/wpe/h.N, n_head from the GPT-2 size of that width; from a
+    Hugging Face config.json: its epsilon, and n_ctx capped at n_positions. Old OpenAI-style
+    `.w/.g/.b` names and torch.compile's `_orig_mod.` prefix load like the usual keys."""
+    meta = {"wte.weight": torch.empty(50257, 1024, device="meta"),
+            "wpe.weight": torch.empty(1024, 1024, device="meta"),
+            "h.23.ln_1.weight": torch.empty(1024, device="meta")}
+    assert L._config_from_shapes(meta, {}) == dict(vocab_size=50257, n_embd=1024, n_positions=1024,
+                                                   n_ctx=1024, n_layer=24, n_head=16)
+    cfg = L._config_from_hf_json({"n_embd": 32, "n_head": 4, "n_layer": 1, "n_positions": 64,
+                                  "n_ctx": 128, "layer_norm_epsilon": 1e-6}, "config.json")
+    assert cfg["n_ctx"] == 64 and cfg["layer_norm_epsilon"] == 1e-6
+    with pytest.raises(ValueError, match="activation_function"):
+        L._config_from_hf_json({"activation_function": "relu"}, "config.json")
+
+    config = L.GPT2Config(vocab_size=17, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2, lora_attn_dim=2)
+    source = tiny_model(config, 1).eval()
+    randomize_lora(source, 1)
+    old_style = {}
+    for k, v in source.state_dict().items():
+        k = "_orig_mod." + k
+        old_style[k[:-len(".weight")] + ".w" if k.endswith("c_fc.weight") else
+                  k[:-len(".bias")] + ".b" if k.endswith("c_fc.bias") else k] = v
+    target = tiny_model(config, 2).eval()
+    target.load_weight(old_style)
+    ids = token_batch(config, 0)
+    torch.testing.assert_close(target(ids)[0], source(ids)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no GPT-2 or LoRA weights"):
+        target.load_weight({"lm_head.weight": torch.zeros(17, 8)})
+    some_lora = {k: v for k, v in source.state_dict().items() if "lora_A" in k}
+    with pytest.raises(ValueError, match="some LoRA weights but not all"):
+        target.load_weight(some_lora)
+
+
+def test_from_pretrained_with_lora_weights_asks_for_alpha(tmp_path):
+    """No checkpoint records α, and scaling = α/r rescales ΔW: a file with LoRA weights needs
+    lora_attn_alpha, and with it the logits come back exactly."""
+    config = L.GPT2Config(vocab_size=17, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2,
+                          lora_attn_dim=2, lora_attn_alpha=32)
+    model = tiny_model(config, 1).eval()
+    randomize_lora(model, 1)
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    with pytest.raises(ValueError, match="pass lora_attn_alpha"):
+        L.GPT2LMModel.from_pretrained(tmp_path / "full.pt", n_head=2)
+    loaded = L.GPT2LMModel.from_pretrained(tmp_path / "full.pt", n_head=2, lora_attn_alpha=32).eval()
+    ids = token_batch(config, 0)
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
 def test_hub_name_without_huggingface_hub_says_what_to_install(monkeypatch, tmp_path):
     """A hub name with huggingface_hub missing gives a ValueError with the pip command."""
     monkeypatch.chdir(tmp_path)  # no local folder called "gpt2"
@@ -688,6 +820,14 @@ def test_bad_model_inputs_raise_value_error():
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="lm_labels must be an integer tensor of the shape"):
         model(torch.zeros(1, 3, dtype=torch.long), lm_labels=torch.zeros(1, 2, dtype=torch.long))
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"lm_labels must lie in \[0, vocab_size = 10\).*lm_mask"):
+        model(ids, lm_labels=torch.tensor([[1, -100, 2]]))
+    with pytest.raises(ValueError, match="lm_labels must lie"):
+        model(ids, lm_labels=torch.tensor([[1, 10, 2]]))
+    with pytest.raises(ValueError, match="label_smooth"):
+        model(ids, lm_labels=ids, label_smooth=1.0)
+    assert torch.isfinite(model(ids.int(), lm_labels=ids.int())[1])  # int32 ids and labels work
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), -1)
 
