@@ -507,6 +507,9 @@ class GPT2Model(nn.Module):
         B, T = input_ids.shape
         if past is not None and len(past) != cfg.n_layer:
             raise ValueError(f"past must hold one entry per layer ({cfg.n_layer}), got {len(past)}")
+        if past is not None and past[0].shape[1] != B:
+            raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed "
+                             f"the same batch that produced it")
         past_length = 0 if past is None else past[0].shape[-2]
         if T == 0 or past_length + T > cfg.n_ctx:
             raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must "

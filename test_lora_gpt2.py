@@ -816,6 +816,8 @@ def test_bad_model_inputs_raise_value_error():
     _, past = model(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"past 4 \+ new 3"):
         model(torch.zeros(1, 3, dtype=torch.long), past=past)
+    with pytest.raises(ValueError, match="batch of 1, not 2"):
+        model(torch.zeros(2, 1, dtype=torch.long), past=past)
     with pytest.raises(ValueError, match="integer tensor of shape"):
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="lm_labels must be an integer tensor of the shape"):

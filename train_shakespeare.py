@@ -68,7 +68,7 @@ FORMAT = "lora-gpt2-shakespeare/1"  # stamped into every checkpoint this script 
 VAL_FRACTION = 0.1                   # the last 10% of the text is held out
 
 # Sizes of the character-level base of the scratch path. "small" is the default: big enough to
-# learn real structure, small enough that base + LoRA run in about five minutes on 2 CPU cores.
+# learn real structure, small enough that base + LoRA take about three minutes on a 2-core CPU.
 SCRATCH_PRESETS: Dict[str, Dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),      # tests, smoke runs
     "small": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),    # ~0.8M params, CPU
