@@ -142,6 +142,16 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_id_range(ids: torch.Tensor, vocab_size: int, what: str, fix: str) -> None:
+    """A clear error instead of an embedding/gather index error (a device-side assert on CUDA)."""
+    if torch.compiler.is_compiling():  # costs one device sync, so not inside a compiled graph
+        return
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} must lie in [0, vocab_size = {vocab_size}), got values in "
+                         f"[{lo}, {hi}]; {fix}")
+
+
 def _check_dropout(p, what: str) -> None:
     if not _is_real(p) or not 0.0 <= p < 1.0:
         raise ValueError(f"{what} is a dropout probability and must lie in [0, 1), got {p!r}")
@@ -515,11 +525,7 @@ class GPT2Model(nn.Module):
             raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must "
                              f"lie in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last "
                              f"{cfg.n_ctx} tokens")
-        if not torch.compiler.is_compiling():  # one device sync; skipped inside torch.compile
-            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"token ids must lie in [0, vocab_size = {cfg.vocab_size}), got ids "
-                                 f"in [{lo}, {hi}]; check that the tokenizer matches the model")
+        _check_id_range(input_ids, cfg.vocab_size, "token ids", "check that the tokenizer matches the model")
 
         pos = torch.arange(past_length, past_length + T, device=input_ids.device)   # (T,)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))                     # (B, T, C)
@@ -595,11 +601,8 @@ class GPT2LMModel(nn.Module):
         if lm_labels.shape != input_ids.shape or lm_labels.dtype not in (torch.long, torch.int32):
             raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
                              f"{tuple(input_ids.shape)}, got {tuple(lm_labels.shape)} {lm_labels.dtype}")
-        if not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(lm_labels)).tolist()
-            if lo < 0 or hi >= logits.shape[-1]:
-                raise ValueError(f"lm_labels must lie in [0, vocab_size = {logits.shape[-1]}), got "
-                                 f"[{lo}, {hi}]; mark positions to skip with lm_mask = 0, not -100")
+        _check_id_range(lm_labels, logits.shape[-1], "lm_labels",
+                        "mark positions to skip with lm_mask = 0, not -100")
         if lm_mask is not None and lm_mask.shape != input_ids.shape:
             raise ValueError(f"lm_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(lm_mask.shape)}")
