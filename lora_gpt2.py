@@ -31,6 +31,7 @@ r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -46,6 +47,7 @@ __all__ = [
     "GPT2Config", "PRESETS", "LoRALayer", "Linear", "MergedLinear", "Conv1D", "Attention", "MLP",
     "Block", "GPT2Model", "GPT2LMHead", "GPT2LMModel", "mark_only_lora_as_trainable",
     "lora_state_dict", "lora_parameter_count", "merge_lora", "unmerge_lora", "merged_state_dict",
+    "base_fingerprint",
     "HUB_MODELS",
 ]
 
@@ -929,6 +931,19 @@ def unmerge_lora(model: nn.Module) -> None:
     """Take scaling·ΔW back out of every LoRA layer's weight (idempotent)."""
     for m in _lora_layers(model):
         m.unmerge()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A SHA-256 of the frozen base: every non-LoRA tensor of the trunk, by name, shape and value
+    (as float32, so the same numbers stored in another dtype give the same fingerprint). An
+    adapter records it, so that it can refuse a base it was not trained on."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k):
+        v = sd[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{k}:{tuple(v.shape)};".encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
 
 
 def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
