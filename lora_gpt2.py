@@ -11,8 +11,9 @@ pretrained one. Once trained, ΔW can be added into W0 ("merged"), and inference
 extra.
 
 This module follows microsoft/LoRA: its `loralib` layers (`Linear`, `MergedLinear`, with the same
-parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys), so that
-checkpoints move freely between the two. It reads top to bottom in this order:
+parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys and the same
+forward arguments), so that checkpoints and scripts move freely between the two. It reads top to
+bottom in this order:
 
     1. GPT2Config            the hyper-parameters, validated
     2. LoRA layers           LoRALayer, Linear, MergedLinear
@@ -21,9 +22,10 @@ checkpoints move freely between the two. It reads top to bottom in this order:
     5. MLP, Block            the rest of a transformer layer
     6. GPT2Model             embeddings, blocks, final LayerNorm
     7. GPT2LMHead            the output layer, tied to the token embedding
-    8. GPT2LMModel           model + head + loss + weight loading + generation
+    8. GPT2LMModel           model + head + loss + generation
     9. presets               gpt2.sm / .md / .lg / .xl and their hub names
    10. helpers               trainable-parameter selection, LoRA-only state dicts, merging
+   11. checkpoint formats    reading Hugging Face / microsoft / PEFT files, writing HF and PEFT
 
 Shapes in comments use B (batch), T (time), C (n_embd), nh (heads), hs (head size), V (vocab),
 r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
@@ -44,11 +46,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "GPT2Config", "PRESETS", "LoRALayer", "Linear", "MergedLinear", "Conv1D", "Attention", "MLP",
-    "Block", "GPT2Model", "GPT2LMHead", "GPT2LMModel", "mark_only_lora_as_trainable",
-    "lora_state_dict", "lora_parameter_count", "merge_lora", "unmerge_lora", "merged_state_dict",
-    "base_fingerprint",
-    "HUB_MODELS",
+    "GPT2Config", "PRESETS", "HUB_MODELS", "LoRALayer", "Linear", "MergedLinear", "Conv1D",
+    "Attention", "MLP", "Block", "GPT2Model", "GPT2LMHead", "GPT2LMModel",
+    "mark_only_lora_as_trainable", "lora_state_dict", "lora_parameter_count", "merge_lora",
+    "unmerge_lora", "merged_state_dict", "base_fingerprint",
 ]
 
 
@@ -71,9 +72,12 @@ class GPT2Config:
     lora_attn_dim       the LoRA rank r on Q and V; 0 means no adapters, plain GPT-2.
     lora_attn_alpha     α; the update ΔW = BA is scaled by α / r.
     lora_dropout        dropout on the adapter's input x, before A (as in loralib).
+
+    The last two fields are stored but never used by microsoft's GPT-2; here they have meanings
+    of this project's own, and both default to 0 (off):
     lora_r_dropout      dropout on the rank-r intermediate A x, between A and B.
     fix_dropout         the model's own dropout: on embeddings, attention weights and both residual
-                        branches (GPT-2's embd/attn/resid pdrop). 0 keeps the model deterministic.
+                        branches (GPT-2's embd/attn/resid pdrop).
     """
 
     vocab_size: int = 50257
@@ -95,9 +99,6 @@ class GPT2Config:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.lora_attn_dim) or self.lora_attn_dim < 0:
-            raise ValueError(f"GPT2Config.lora_attn_dim (the LoRA rank r) must be an integer >= 0 "
-                             f"(0 disables LoRA), got {self.lora_attn_dim!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head "
                              f"({self.n_head}); choose an n_head that divides n_embd")
@@ -110,11 +111,9 @@ class GPT2Config:
         if not (_is_real(self.initializer_range) and self.initializer_range >= 0):
             raise ValueError(f"GPT2Config.initializer_range must be a finite number >= 0, "
                              f"got {self.initializer_range!r}")
-        if self.lora_attn_dim > 0 and not (_is_real(self.lora_attn_alpha) and self.lora_attn_alpha > 0):
-            raise ValueError(f"GPT2Config.lora_attn_alpha (α) must be a finite number > 0 when "
-                             f"lora_attn_dim > 0, got {self.lora_attn_alpha!r}")
-        for name in ("lora_dropout", "lora_r_dropout", "fix_dropout"):
-            _check_dropout(getattr(self, name), f"GPT2Config.{name}")
+        _check_lora(self.lora_attn_dim, self.lora_attn_alpha, self.lora_dropout, self.lora_r_dropout,
+                    "GPT2Config.lora_attn_dim (the LoRA rank r)", "GPT2Config.lora_attn_alpha (α)")
+        _check_dropout(self.fix_dropout, "GPT2Config.fix_dropout")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPT2Config":
@@ -126,8 +125,10 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, values: Mapping) -> "GPT2Config":
         """Build a config from a mapping, with a ValueError (not a TypeError) for unknown fields."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a GPT2Config needs a mapping of field names to values, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(map(str, values)) - known)
         if unknown:
             raise ValueError(f"unknown GPT2Config field(s) {unknown}; valid fields: {sorted(known)}")
         return cls(**values)
@@ -135,6 +136,8 @@ class GPT2Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+# Every argument check of the config and of the layers lives in these few functions.
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -144,99 +147,95 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_id_range(ids: torch.Tensor, vocab_size: int, what: str, fix: str) -> None:
-    """A clear error instead of an embedding/gather index error (a device-side assert on CUDA)."""
-    if torch.compiler.is_compiling():  # costs one device sync, so not inside a compiled graph
-        return
-    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{what} must lie in [0, vocab_size = {vocab_size}), got values in "
-                         f"[{lo}, {hi}]; {fix}")
-
-
 def _check_dropout(p, what: str) -> None:
     if not _is_real(p) or not 0.0 <= p < 1.0:
         raise ValueError(f"{what} is a dropout probability and must lie in [0, 1), got {p!r}")
+
+
+# The gradients of A and B grow with the scaling α/r, and AdamW squares them: beyond these bounds
+# the square overflows (or underflows) float32 and bfloat16, and B would silently never move.
+_SCALING_RANGE = (1e-18, 1e18)
+
+
+def _check_lora(r, alpha, dropout, r_dropout, r_name="LoRA rank r", alpha_name="lora_alpha (α)") -> None:
+    if not _is_int(r) or r < 0:
+        raise ValueError(f"{r_name} must be an integer >= 0 (0 disables LoRA), got {r!r}")
+    if r > 0:
+        if not (_is_real(alpha) and alpha > 0):
+            raise ValueError(f"{alpha_name} must be a finite number > 0 when r > 0, got {alpha!r}")
+        lo, hi = _SCALING_RANGE
+        if not lo <= alpha / r <= hi:
+            raise ValueError(f"the LoRA scaling α/r = {alpha}/{r} = {alpha / r:g} lies outside "
+                             f"[{lo:g}, {hi:g}]: AdamW squares gradients proportional to it, which "
+                             f"overflows float32; choose {alpha_name} nearer to r")
+    _check_dropout(dropout, "lora_dropout")
+    _check_dropout(r_dropout, "lora_r_dropout")
+
+
+def _check_id_range(ids: torch.Tensor, vocab_size: int, what: str, fix: str,
+                    negative_ok: bool = False) -> None:
+    """A clear error instead of an embedding/gather index error. Only on the CPU: on an
+    accelerator the check would stall the launch queue with a device→host copy at every step
+    (there the kernel's own device-side assert reports it)."""
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if (lo < 0 and not negative_ok) or hi >= vocab_size:
+        raise ValueError(f"{what} must lie in [0, vocab_size = {vocab_size}), got values in "
+                         f"[{lo}, {hi}]; {fix}")
 
 
 # --------------------------------------------------------------------------------------------
 # 2. LoRA layers (compatible with loralib: same constructor arguments, parameter names, shapes)
 # --------------------------------------------------------------------------------------------
 
-class LoRALayer:
-    """State shared by the LoRA layers: the rank r, α, the scaling α/r, dropout, the merge flag.
+class LoRALayer(nn.Linear):
+    """A dense layer W0 (with bias b) plus m low-rank updates, the base of Linear and MergedLinear.
+
+    Holds the rank r, α, the scaling α/r, the dropouts and the merge flag. `lora_A` stacks the m
+    matrices A_g as (r·m, in); `lora_B` stacks the B_g as (d·m, r), d being the rows each update
+    writes. `weight` is W0 as (out, in), or (in, out) with `fan_in_fan_out=True` (GPT-2's Conv1D
+    layout). With an adapter, the pretrained W0, and only it, is frozen.
 
     `merged` records whether scaling·ΔW currently sits inside `weight`. `merge()` and `unmerge()`
     move it in and out, and each does nothing when already in the requested state. With
     `merge_weights=True`, `eval()` merges (inference at the cost of the plain layer) and `train()`
     unmerges (the gradient must reach A and B, not a merged W).
 
-    A state dict always holds the pretrained W0 in `weight`, merged or not, and loading a state
-    dict into a merged layer re-merges with the loaded A and B. loralib saves W0 + ΔW when merged,
-    so a merged checkpoint loaded into a fresh layer and merged again counts ΔW twice; here it
-    cannot happen.
-
-    Merging adds and subtracts in the weight's own dtype, so W0 comes back up to rounding: a few
-    ulps in float32, about one ulp (1e-3 relative) per merge/unmerge cycle in bfloat16/float16.
-    Layers that train in low precision are best left unmerged until training ends (GPT-2's
-    c_attn here uses merge_weights=False, as in microsoft/LoRA).
+    Three promises that loralib does not keep:
+    - A state dict always holds W0 in `weight`, merged or not, and loading a state dict into a
+      merged layer re-merges with the loaded A and B: a merged checkpoint never counts ΔW twice.
+    - Merging and unmerging write a new tensor instead of adding in place, so a tensor that
+      someone else holds (an earlier state dict, the source of load_state_dict(assign=True))
+      never changes. Each adds or subtracts in the weight's own dtype: W0 comes back up to a few
+      ulps in float32, about one ulp per cycle in bfloat16/float16.
+    - The forward pass never forms the (out × in) matrix ΔW; only merging does.
     """
 
-    def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, lora_r_dropout: float,
-                   merge_weights: bool) -> None:
-        if not _is_int(r) or r < 0:
-            raise ValueError(f"LoRA rank r must be an integer >= 0 (0 disables LoRA), got {r!r}")
-        if r > 0 and not (_is_real(lora_alpha) and lora_alpha > 0):
-            raise ValueError(f"lora_alpha (α) must be a finite number > 0 when r > 0, got {lora_alpha!r}")
-        _check_dropout(lora_dropout, "lora_dropout")
-        _check_dropout(lora_r_dropout, "lora_r_dropout")
-        self.r = r
-        self.lora_alpha = lora_alpha
+    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
+                 lora_dropout: float, lora_r_dropout: float, fan_in_fan_out: bool,
+                 merge_weights: bool, bias: bool, groups: int, group_size: int,
+                 device=None, dtype=None):
+        nn.Module.__init__(self)  # not nn.Linear's: it would draw W0 once in the wrong layout
+        _check_lora(r, lora_alpha, lora_dropout, lora_r_dropout)
+        new = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha = r, lora_alpha
         self.scaling = lora_alpha / r if r > 0 else 0.0
+        self.fan_in_fan_out = fan_in_fan_out
+        self.merge_weights = merge_weights
+        self.merged = False
+        self.has_lora = r > 0 and groups > 0
+        w_shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(w_shape, **new), requires_grad=not self.has_lora)
+        self.bias = nn.Parameter(torch.empty(out_features, **new)) if bias else None
+        if self.has_lora:
+            self.lora_A = nn.Parameter(torch.empty(r * groups, in_features, **new))   # (r·m, in)
+            self.lora_B = nn.Parameter(torch.empty(group_size * groups, r, **new))    # (d·m, r)
         # Dropout modules hold no parameters, so they leave the state dict untouched.
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_r_dropout = nn.Dropout(lora_r_dropout) if lora_r_dropout > 0 else nn.Identity()
-        self.merge_weights = merge_weights
-        self.merged = False
-
-    # Subclasses implement: has_lora (bool) and delta_weight() -> scaling·ΔW in weight's layout.
-
-    def _T(self, w: torch.Tensor) -> torch.Tensor:
-        """Move between (out, in), the layout of ΔW, and the layout `weight` is stored in."""
-        return w.transpose(0, 1) if self.fan_in_fan_out else w
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W ← W0 + scaling·ΔW. Idempotent."""
-        if self.has_lora and not self.merged:
-            self.weight.add_(self.delta_weight())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W ← W − scaling·ΔW = W0. Idempotent."""
-        if self.has_lora and self.merged:
-            self.weight.sub_(self.delta_weight())
-        self.merged = False
-
-    def train(self, mode: bool = True):
-        nn.Linear.train(self, mode)  # Module.eval() arrives here as train(False)
-        if self.merge_weights:
-            self.unmerge() if mode else self.merge()
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        nn.Linear._save_to_state_dict(self, destination, prefix, keep_vars)
-        if self.has_lora and self.merged:  # save W0, never W0 + ΔW
-            with torch.no_grad():
-                destination[prefix + "weight"] = self.weight - self.delta_weight()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        was_merged = self.merged
-        self.unmerge()  # back to W0 with the old A, B ...
-        nn.Linear._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
-        if was_merged:
-            self.merge()  # ... then W0 (old or loaded) + ΔW of the loaded A, B
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """nn.Linear's own init for W0 and b (in (out, in) terms, whatever the storage layout);
@@ -245,45 +244,73 @@ class LoRALayer:
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
-        if hasattr(self, "lora_A"):
+        if self.has_lora:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    def _T(self, w: torch.Tensor) -> torch.Tensor:
+        """Move between (out, in), the layout of ΔW, and the layout `weight` is stored in."""
+        return w.transpose(0, 1) if self.fan_in_fan_out else w
+
+    # Subclasses implement delta_weight() -> scaling·ΔW in weight's layout, and forward().
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W0 + scaling·ΔW, into a new tensor. Idempotent."""
+        if self.has_lora and not self.merged:
+            self.weight.data = self.weight.data + self.delta_weight()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − scaling·ΔW = W0, into a new tensor. Idempotent."""
+        if self.has_lora and self.merged:
+            self.weight.data = self.weight.data - self.delta_weight()
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        nn.Module.train(self, mode)  # Module.eval() arrives here as train(False)
+        if self.merge_weights:
+            self.unmerge() if mode else self.merge()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        if self.has_lora and self.merged:  # save W0, never W0 + ΔW
+            with torch.no_grad():
+                destination[prefix + "weight"] = self.weight - self.delta_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        was_merged = self.merged
+        self.unmerge()  # back to W0 with the old A, B ...
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        if was_merged:
+            self.merge()  # ... then W0 (old or loaded) + ΔW of the loaded A, B
+
+    def _thin(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling · x Aᵀ, (..., r·m): the input pushed through every A at once. Scaling the
+        thin side costs r·m multiplications per token instead of out."""
+        return self.lora_r_dropout(self.lora_dropout(x) @ self.lora_A.t()) * self.scaling
+
     def extra_repr(self) -> str:
-        s = nn.Linear.extra_repr(self)
-        return s + (f", r={self.r}, lora_alpha={self.lora_alpha}, fan_in_fan_out={self.fan_in_fan_out}"
-                    f", merged={self.merged}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
 
 
-class Linear(LoRALayer, nn.Linear):
+class Linear(LoRALayer):
     """A dense layer with a LoRA update: y = x W0ᵀ + b + scaling · (x Aᵀ) Bᵀ.
 
-    Parameters as in loralib: `weight` W0 (out, in), or (in, out) with `fan_in_fan_out=True`
-    (GPT-2's Conv1D layout); `lora_A` A (r, in); `lora_B` B (out, r); scaling = lora_alpha / r.
-    With r > 0 the pretrained weight W0, and only it, is frozen.
-
-    The update is applied as two thin matrix products, x → r numbers → out; the (out × in) matrix
-    ΔW is only formed to merge it.
+    Parameters as in loralib: `weight` W0, `lora_A` A (r, in), `lora_B` B (out, r). The update is
+    applied as two thin matrix products, x → r numbers → out.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
-                 bias: bool = True, lora_r_dropout: float = 0.0, **kwargs):
-        self.fan_in_fan_out = fan_in_fan_out  # needed by reset_parameters() inside nn.Linear
-        nn.Linear.__init__(self, in_features, out_features, bias=bias, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, lora_r_dropout, merge_weights)
-        if fan_in_fan_out:
-            # Store W as (in, out) so that a GPT-2 Conv1D weight loads as it is.
-            self.weight = nn.Parameter(self.weight.detach().t().contiguous())
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_empty((r, in_features)))   # (r, in)
-            self.lora_B = nn.Parameter(self.weight.new_empty((out_features, r)))  # (out, r)
-            self.weight.requires_grad = False
-        self.reset_parameters()
-
-    @property
-    def has_lora(self) -> bool:
-        return self.r > 0
+                 bias: bool = True, lora_r_dropout: float = 0.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, lora_r_dropout,
+                         fan_in_fan_out, merge_weights, bias, groups=1, group_size=out_features,
+                         device=device, dtype=dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A, laid out like `weight`."""
@@ -292,13 +319,11 @@ class Linear(LoRALayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self._T(self.weight), self.bias)                  # (..., out)
         if self.has_lora and not self.merged:
-            h = self.lora_dropout(x) @ self.lora_A.t()                           # (..., r)
-            h = self.lora_r_dropout(h) * self.scaling                            # scale the thin side
-            result = result + h @ self.lora_B.t()                                # (..., out)
+            result = result + self._thin(x) @ self.lora_B.t()                  # (..., r) @ (r, out)
         return result
 
 
-class MergedLinear(LoRALayer, nn.Linear):
+class MergedLinear(LoRALayer):
     """One dense layer that is k projections side by side (GPT-2's fused Q,K,V: k = 3), with a
     separate LoRA update on each group whose `enable_lora` flag is True.
 
@@ -307,71 +332,52 @@ class MergedLinear(LoRALayer, nn.Linear):
     in loralib. Group g receives scaling · x A_gᵀ B_gᵀ; disabled groups receive nothing.
 
     The forward pass computes x Aᵀ once for all groups, (..., r·m), then each group's thin
-    product with B_g, and adds it into that group's slice of the output. loralib instead rebuilds
-    the full (out × in) ΔW with a grouped convolution on every call; here ΔW is formed only to
-    merge. No index tensor is kept, so nothing is left behind when the module changes device.
+    product with B_g, and joins the output slices with one concatenation. loralib instead
+    rebuilds the full (out × in) ΔW with a grouped convolution on every call. No index tensor
+    is kept, so nothing is left behind when the module changes device.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: bool = True, bias: bool = True,
-                 lora_r_dropout: float = 0.0, **kwargs):
-        enable_lora = [bool(e) for e in enable_lora]
+                 lora_r_dropout: float = 0.0, device=None, dtype=None):
+        if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) \
+                or not all(isinstance(e, bool) or e in (0, 1) for e in enable_lora):
+            raise ValueError(f"enable_lora must be a list of booleans, one per output group, e.g. "
+                             f"[True, False, True]; got {enable_lora!r}")
         if not enable_lora:
             raise ValueError("enable_lora must name at least one group, e.g. [True, False, True]")
-        if out_features % len(enable_lora):
+        if not _is_int(out_features) or out_features % len(enable_lora):
             raise ValueError(f"len(enable_lora) = {len(enable_lora)} must divide out_features = "
                              f"{out_features}: each flag stands for an equal slice of the output")
-        self.fan_in_fan_out = fan_in_fan_out
-        nn.Linear.__init__(self, in_features, out_features, bias=bias, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, lora_r_dropout, merge_weights)
-        self.enable_lora = enable_lora
+        self.enable_lora = [bool(e) for e in enable_lora]
         self.group_size = out_features // len(enable_lora)                      # d
-        self.lora_groups = [g for g, on in enumerate(enable_lora) if on]         # plain ints
-        if fan_in_fan_out:
-            self.weight = nn.Parameter(self.weight.detach().t().contiguous())
-        if self.has_lora:
-            m = len(self.lora_groups)
-            self.lora_A = nn.Parameter(self.weight.new_empty((r * m, in_features)))             # (r·m, in)
-            self.lora_B = nn.Parameter(self.weight.new_empty((self.group_size * m, r)))         # (d·m, r)
-            self.weight.requires_grad = False
-        self.reset_parameters()
-
-    @property
-    def has_lora(self) -> bool:
-        return self.r > 0 and len(self.lora_groups) > 0
+        self.lora_groups = [g for g, on in enumerate(self.enable_lora) if on]   # plain ints
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, lora_r_dropout,
+                         fan_in_fan_out, merge_weights, bias, groups=len(self.lora_groups),
+                         group_size=self.group_size, device=device, dtype=dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · ΔW, laid out like `weight`; rows of disabled groups are zero."""
         r, d = self.r, self.group_size
         delta = self.lora_A.new_zeros((self.out_features, self.in_features))  # (out, in)
         for j, g in enumerate(self.lora_groups):
-            B_g = self.lora_B[j * d:(j + 1) * d]                                # (d, r)
-            A_g = self.lora_A[j * r:(j + 1) * r]                                # (r, in)
-            delta[g * d:(g + 1) * d] = B_g @ A_g
+            delta[g * d:(g + 1) * d] = self.lora_B[j * d:(j + 1) * d] @ self.lora_A[j * r:(j + 1) * r]
         return self._T(delta) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self._T(self.weight), self.bias)                  # (..., out)
-        if self.has_lora and not self.merged:
-            r, d = self.r, self.group_size
-            h = self.lora_dropout(x) @ self.lora_A.t()                           # (..., r·m), once
-            h = self.lora_r_dropout(h) * self.scaling                            # scale the thin side
-            # group g's slice of the output gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
-            updates = [(g, h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t())
-                       for j, g in enumerate(self.lora_groups)]
-            if torch.is_grad_enabled() and (result.requires_grad or h.requires_grad):
-                # Training: one concatenation. In-place slice adds would make autograd clone
-                # and zero-fill the gradient of the whole (..., out) output once per group.
-                parts = list(result.split(d, dim=-1))                            # k × (..., d)
-                for g, u in updates:
-                    parts[g] = parts[g] + u
-                result = torch.cat(parts, dim=-1)                                # (..., out)
-            else:
-                # Inference: add into the output slices in place, no copy of the output.
-                for g, u in updates:
-                    result[..., g * d:(g + 1) * d] += u
-        return result
+        if not self.has_lora or self.merged:
+            return result
+        r, d = self.r, self.group_size
+        h = self._thin(x)                                                      # (..., r·m), once
+        parts = list(result.split(d, dim=-1))                                  # k × (..., d)
+        for j, g in enumerate(self.lora_groups):
+            # group g gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
+            parts[g] = parts[g] + h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t()
+        # One concatenation: in-place slice adds would make autograd clone the whole output's
+        # gradient once per group.
+        return torch.cat(parts, dim=-1)                                        # (..., out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,15 +391,11 @@ class Conv1D(nn.Module):
 
     def __init__(self, nf: int, nx: int):
         super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.empty(nx, nf))  # (in, out)
+        self.weight = nn.Parameter(torch.empty(nx, nf).normal_(std=0.02))   # (in, out)
         self.bias = nn.Parameter(torch.zeros(nf))
-        nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size_out = x.shape[:-1] + (self.nf,)
-        x = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)   # (N, in) @ (in, out)
-        return x.view(size_out)
+        return F.linear(x, self.weight.t(), self.bias)                         # (..., in) -> (..., out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,15 +410,17 @@ class Attention(nn.Module):
     leaves W_k frozen, the choice the LoRA paper found best for a fixed parameter budget.
     `merge_weights=False`: a training loop's eval() steps must not fold ΔW into W.
 
-    `layer_past` holds the keys and values of earlier tokens, (2, B, nh, T_past, hs); the new
-    `present` appends this call's, so decoding one token at a time costs O(T) instead of O(T²).
+    `layer_past` (2, B, nh, T_past, hs) holds the keys and values of earlier tokens. Without
+    `len_past` this call's keys and values are appended, so decoding one token at a time costs
+    O(T) instead of O(T²). With `len_past` (B,) the cache has a fixed size, as in microsoft's
+    beam search over right-padded prompts: row b's one new token sits at position len_past[b],
+    its key and value overwrite cache row len_past[b], and it attends to rows 0..len_past[b].
     """
 
     def __init__(self, config: GPT2Config):
         super().__init__()
         C = config.n_embd
         self.n_head = config.n_head
-        self.n_embd = C
         self.c_attn = MergedLinear(
             C, 3 * C, r=config.lora_attn_dim, lora_alpha=config.lora_attn_alpha,
             lora_dropout=config.lora_dropout, lora_r_dropout=config.lora_r_dropout,
@@ -425,29 +429,33 @@ class Attention(nn.Module):
         self.attn_pdrop = config.fix_dropout
         self.resid_dropout = nn.Dropout(config.fix_dropout)
 
-    def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None, use_cache: bool = True):
+    def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None,
+                len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)                               # 3 × (B, T, C)
         q = q.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
-        if layer_past is not None:
+        mask = None
+        if len_past is not None:     # fixed-size cache: write row len_past[b], out of place
+            row = len_past.view(B, 1, 1, 1).expand(B, nh, 1, hs)
+            k = layer_past[0].scatter(2, row, k)                               # (B, nh, Tc, hs)
+            v = layer_past[1].scatter(2, row, v)
+            visible = torch.arange(k.shape[-2], device=x.device) <= len_past.view(B, 1)  # (B, Tc)
+            mask = visible.view(B, 1, 1, -1)
+        elif layer_past is not None:
             k = torch.cat((layer_past[0], k), dim=-2)                          # (B, nh, Tk, hs)
             v = torch.cat((layer_past[1], v), dim=-2)
+            Tk = k.shape[-2]
+            if T > 1:                # query i sits at position Tk - T + i; one new token sees all
+                mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
         # The cache for the next call; skipped when nobody will read it (training with labels).
         present = torch.stack((k, v)) if use_cache else None                   # (2, B, nh, Tk, hs)
 
-        Tk = k.shape[-2]
-        dropout_p = self.attn_pdrop if self.training else 0.0
-        if Tk == T:      # no cache: the usual lower-triangular mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif T == 1:     # one new token: it may look at everything before it
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:            # several new tokens after a cache: query i sits at position Tk - T + i
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)                       # (B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=layer_past is None,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)                                 # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), present
 
 
@@ -480,8 +488,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None, use_cache: bool = True):
-        a, present = self.attn(self.ln_1(x), layer_past=layer_past, use_cache=use_cache)
+    def forward(self, x: torch.Tensor, layer_past=None, len_past=None, use_cache: bool = True):
+        a, present = self.attn(self.ln_1(x), layer_past, len_past, use_cache)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -494,8 +502,8 @@ class Block(nn.Module):
 class GPT2Model(nn.Module):
     """The GPT-2 trunk: token + position embeddings, the blocks, a final LayerNorm.
 
-    `forward(input_ids, past, use_cache)` returns the hidden states (B, T, C) and one `present`
-    per layer (None when use_cache is False).
+    `forward(input_ids, past, len_past, use_cache)` returns the hidden states (B, T, C) and one
+    `present` per layer (None when use_cache is False); see Attention for `len_past`.
     """
 
     def __init__(self, config: GPT2Config):
@@ -509,33 +517,68 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, past: Optional[Sequence[torch.Tensor]] = None,
-                use_cache: bool = True):
-        cfg = self.config
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
-                or input_ids.dtype not in (torch.long, torch.int32):
-            got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
-                   else type(input_ids).__name__)
-            raise ValueError(f"input_ids must be an integer tensor of shape (batch, time), got {got}")
+                len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
+        past_length = self._check_inputs(input_ids, past, len_past)
         B, T = input_ids.shape
-        if past is not None and len(past) != cfg.n_layer:
-            raise ValueError(f"past must hold one entry per layer ({cfg.n_layer}), got {len(past)}")
-        if past is not None and past[0].shape[1] != B:
-            raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed "
-                             f"the same batch that produced it")
-        past_length = 0 if past is None else past[0].shape[-2]
-        if T == 0 or past_length + T > cfg.n_ctx:
-            raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must "
-                             f"lie in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last "
-                             f"{cfg.n_ctx} tokens")
-        _check_id_range(input_ids, cfg.vocab_size, "token ids", "check that the tokenizer matches the model")
-
-        pos = torch.arange(past_length, past_length + T, device=input_ids.device)   # (T,)
+        if len_past is None:
+            pos = torch.arange(past_length, past_length + T, device=input_ids.device)   # (T,)
+        else:
+            pos = len_past.view(B, 1)                                          # (B, 1)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))                     # (B, T, C)
         presents = []
         for i, block in enumerate(self.h):
-            x, present = block(x, layer_past=None if past is None else past[i], use_cache=use_cache)
+            x, present = block(x, None if past is None else past[i], len_past, use_cache)
             presents.append(present)
         return self.ln_f(x), presents                                          # (B, T, C)
+
+    def _check_inputs(self, input_ids, past, len_past) -> int:
+        """Clear errors for inputs that would otherwise fail deep inside; returns the past length."""
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0 \
+                or input_ids.dtype not in (torch.long, torch.int32):
+            got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
+            raise ValueError(f"input_ids must be a non-empty integer tensor of shape (batch, time), got {got}")
+        B, T = input_ids.shape
+        _check_id_range(input_ids, cfg.vocab_size, "token ids", "check that the tokenizer matches the model")
+        if past is None:
+            if len_past is not None:
+                raise ValueError("len_past needs past: make a first call without len_past to get the cache")
+            past_length = 0
+        else:
+            if not isinstance(past, Sequence) or len(past) != cfg.n_layer or not all(
+                    isinstance(p, torch.Tensor) and p.dim() == 5 and p.shape[:3] == past[0].shape[:3]
+                    for p in past):
+                raise ValueError(f"past must be the list of {cfg.n_layer} caches (2, B, nh, T, hs) that "
+                                 f"a previous call returned")
+            if past[0].shape[1] != B:
+                raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed "
+                                 f"the same batch that produced it")
+            past_length = past[0].shape[-2]
+        if len_past is not None:
+            self._check_len_past(len_past, B, T, past_length)
+        elif past_length + T > cfg.n_ctx:
+            raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must "
+                             f"lie in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last "
+                             f"{cfg.n_ctx} tokens")
+        return past_length
+
+    @staticmethod
+    def _check_len_past(len_past, B: int, T: int, cache_length: int) -> None:
+        if not isinstance(len_past, torch.Tensor) or len_past.shape != (B,) or len_past.dtype != torch.long:
+            got = (f"{tuple(len_past.shape)} {len_past.dtype}" if isinstance(len_past, torch.Tensor)
+                   else type(len_past).__name__)
+            raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), the "
+                             f"number of real tokens before the new one in each row; got {got}")
+        if T != 1:
+            raise ValueError(f"with len_past, feed exactly one new token per row (input_ids of shape "
+                             f"({B}, 1)), got {T}")
+        if len_past.device.type == "cpu" and not torch.compiler.is_compiling():  # no sync elsewhere
+            lo, hi = int(len_past.min()), int(len_past.max())
+            if lo < 0 or hi >= cache_length:
+                raise ValueError(f"len_past values must lie in [0, {cache_length}), the rows of the "
+                                 f"cache, got values in [{lo}, {hi}]; pad the prompts to leave room "
+                                 f"for the tokens to generate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,21 +600,21 @@ class GPT2LMHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# 8. GPT2LMModel: the full model, its loss, weight loading and generation
+# 8. GPT2LMModel: the full model, its loss, accuracy and generation
 # --------------------------------------------------------------------------------------------
 
 class GPT2LMModel(nn.Module):
     """GPT-2 language model with optional LoRA adapters on Q and V (rank config.lora_attn_dim).
 
-    forward(input_ids, lm_labels=None, lm_mask=None, past=None, label_smooth=0.0):
-      * without labels: (logits (B, T, V), presents)
-      * with labels:    (logits, loss)
+    forward(input_ids, lm_labels=None, lm_mask=None, past=None, len_past=None, label_smooth=0.0,
+            is_report_accuracy=False), microsoft's arguments in microsoft's order:
+      * without labels: (logits (B, T, V), presents), for decoding with `past` / `len_past`;
+      * with labels:    (logits, loss), or (logits, loss, t1_acc, all_acc) with is_report_accuracy.
 
     As in microsoft/LoRA the caller aligns the labels: lm_labels[b, t] is the target for the
-    logits at position t (for plain next-token prediction, labels are the inputs shifted left by
-    one). The loss is the mean over positions where lm_mask is 1 (everywhere when lm_mask is
-    None). With label_smooth ε > 0 each position costs (1-ε)·NLL + ε·mean over the vocabulary of
-    -log p, microsoft/LoRA's smoothing (the same as PyTorch's label_smoothing).
+    logits at position t (for plain next-token prediction, the inputs shifted left by one). A
+    negative label (microsoft's -1, Hugging Face's -100) means "no target here", like lm_mask 0.
+    Checkpoint formats: load_weight, from_pretrained, save_pretrained, save_adapter, load_adapter.
     """
 
     def __init__(self, config: GPT2Config):
@@ -594,31 +637,62 @@ class GPT2LMModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, lm_labels: Optional[torch.Tensor] = None,
-                lm_mask: Optional[torch.Tensor] = None, past=None, label_smooth: float = 0.0):
-        hidden, presents = self.transformer(input_ids, past=past, use_cache=lm_labels is None)  # (B, T, C)
+                lm_mask: Optional[torch.Tensor] = None, past=None, len_past: Optional[torch.Tensor] = None,
+                label_smooth: float = 0.0, is_report_accuracy: bool = False):
+        hidden, presents = self.transformer(input_ids, past, len_past, use_cache=lm_labels is None)
         logits = self.lm_head(hidden)                                          # (B, T, V)
         if lm_labels is None:
             return logits, presents
+        mask = self._target_mask(input_ids, lm_labels, lm_mask, label_smooth)  # (B, T)
+        loss = self._loss(logits, lm_labels, mask, label_smooth)
+        if not is_report_accuracy:
+            return logits, loss
+        return (logits, loss) + self._accuracy(logits, lm_labels, mask)
 
-        if lm_labels.shape != input_ids.shape or lm_labels.dtype not in (torch.long, torch.int32):
+    def _target_mask(self, input_ids, lm_labels, lm_mask, label_smooth) -> torch.Tensor:
+        """lm_mask (ones when None) with the positions of negative labels set to 0, as float."""
+        if not isinstance(lm_labels, torch.Tensor) or lm_labels.shape != input_ids.shape \
+                or lm_labels.dtype not in (torch.long, torch.int32):
+            got = (f"{tuple(lm_labels.shape)} {lm_labels.dtype}" if isinstance(lm_labels, torch.Tensor)
+                   else type(lm_labels).__name__)
             raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {tuple(lm_labels.shape)} {lm_labels.dtype}")
-        _check_id_range(lm_labels, logits.shape[-1], "lm_labels",
-                        "mark positions to skip with lm_mask = 0, not -100")
-        if lm_mask is not None and lm_mask.shape != input_ids.shape:
-            raise ValueError(f"lm_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(lm_mask.shape)}")
-        if not 0.0 <= label_smooth < 1.0:
+                             f"{tuple(input_ids.shape)}, got {got}")
+        if lm_mask is not None and (not isinstance(lm_mask, torch.Tensor) or lm_mask.shape != input_ids.shape):
+            got = tuple(lm_mask.shape) if isinstance(lm_mask, torch.Tensor) else type(lm_mask).__name__
+            raise ValueError(f"lm_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {got}")
+        if not (_is_real(label_smooth) and 0.0 <= label_smooth < 1.0):
             raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits.reshape(-1, V).float(), lm_labels.reshape(-1).long(),
-                               reduction="none", label_smoothing=label_smooth)   # (B·T,)
-        if lm_mask is None:
-            return logits, loss.mean()
-        mask = lm_mask.reshape(-1).to(loss.dtype)
-        return logits, (loss * mask).sum() / mask.sum().clamp(min=1e-12)  # all-zero mask: 0
+        _check_id_range(lm_labels, self.config.vocab_size, "lm_labels",
+                        "a negative label marks a position without target", negative_ok=True)
+        has_target = lm_labels >= 0
+        return has_target.float() if lm_mask is None else lm_mask.float() * has_target
 
-    # ---- loading weights ------------------------------------------------------------------
+    @staticmethod
+    def _loss(logits, lm_labels, mask, label_smooth) -> torch.Tensor:
+        """Σ loss·mask / (Σ mask + 1e-4), microsoft's masked mean, kept to the digit: the 1e-4
+        spares a batch without targets a division by zero (its loss is 0), and keeps our losses
+        equal to microsoft's to float rounding. With label_smooth ε > 0 each position costs
+        (1-ε)·NLL + ε·mean over the vocabulary of -log p, microsoft's smoothing (and PyTorch's)."""
+        V = logits.shape[-1]
+        loss = F.cross_entropy(logits.reshape(-1, V).float(), lm_labels.reshape(-1).clamp(min=0).long(),
+                               reduction="none", label_smoothing=label_smooth)  # (B·T,)
+        mask = mask.reshape(-1)
+        return (loss * mask).sum() / (mask.sum() + 1e-4)
+
+    @staticmethod
+    @torch.no_grad()
+    def _accuracy(logits, lm_labels, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """microsoft's two accuracies, float (B,): t1_acc[b] = 1 when the prediction is right at
+        row b's first position with mask 1; all_acc[b] = 1 when it is right at every one."""
+        counted = mask >= 1                                                    # (B, T)
+        hit = (logits.argmax(dim=-1) == lm_labels) & counted                   # (B, T)
+        first = counted.int().argmax(dim=1, keepdim=True)                      # (B, 1): first True
+        t1_acc = hit.gather(1, first).squeeze(1)
+        all_acc = (hit | ~counted).all(dim=1)
+        return t1_acc.float(), all_acc.float()
+
+    # ---- checkpoint formats (the code is in section 11) --------------------------------------
 
     def load_weight(self, state_dict: Union[Mapping[str, torch.Tensor], str, os.PathLike]) -> "GPT2LMModel":
         """Load GPT-2 and/or LoRA weights from a state dict or a file, in any of the usual forms:
@@ -626,38 +700,12 @@ class GPT2LMModel(nn.Module):
         Hugging Face GPT-2 (keys with or without `transformer.`), microsoft/LoRA checkpoints
         (a {'model_state_dict': ...} wrapper, `module.` prefixes from DistributedDataParallel,
         full or LoRA-only), and this module's own state dicts. The causal-mask buffers
-        `attn.bias` / `attn.masked_bias` and the tied `lm_head` weight are ignored.
-
-        The base weights must be all present or all absent (a LoRA-only file, which may also carry
-        trained biases, see lora_state_dict); the LoRA weights all present or all absent (a plain
-        GPT-2 file). A shape that does not fit raises a ValueError naming the
-        key and both shapes.
+        `attn.bias` / `attn.masked_bias` and a head tied to wte are ignored; an untied head is
+        refused. The base weights must be all present or all absent (a LoRA-only file, which may
+        also carry trained biases, see lora_state_dict); the LoRA weights all present or all
+        absent. A shape that does not fit raises a ValueError naming the key and both shapes.
         """
-        sd = _normalize_state_dict(_read_weights(state_dict) if isinstance(state_dict, (str, os.PathLike))
-                                   else state_dict)
-        own = {k[len("transformer."):]: v for k, v in self.state_dict().items()
-               if k.startswith("transformer.")}
-        if not sd:
-            raise ValueError("the checkpoint holds no GPT-2 or LoRA weights")
-        unexpected = sorted(set(sd) - set(own))
-        if unexpected:
-            hint = ""
-            if any("lora_" in k for k in unexpected) and self.config.lora_attn_dim == 0:
-                hint = " (the checkpoint holds LoRA weights: build the model with lora_attn_dim = r > 0)"
-            raise ValueError(f"checkpoint keys this model does not have: {_short(unexpected)}{hint}")
-        for k, v in sd.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model "
-                                 f"expects {tuple(own[k].shape)}; the config does not fit this checkpoint")
-        for kind, keys in (("base", [k for k in own if "lora_" not in k]),
-                           ("LoRA", [k for k in own if "lora_" in k])):
-            present = [k for k in keys if k in sd]
-            adapter_biases = kind == "base" and all(k.endswith(".bias") for k in present)
-            if present and len(present) != len(keys) and not adapter_biases:
-                missing = [k for k in keys if k not in sd]
-                raise ValueError(f"checkpoint holds some {kind} weights but not all; missing: {_short(missing)}")
-        self.transformer.load_state_dict(sd, strict=False)
-        return self
+        return _load_weight(self, state_dict)
 
     @classmethod
     def from_pretrained(cls, source: Union[str, os.PathLike], **config_overrides) -> "GPT2LMModel":
@@ -670,39 +718,7 @@ class GPT2LMModel(nn.Module):
         rank: `GPT2LMModel.from_pretrained("gpt2", lora_attn_dim=4, lora_attn_alpha=32)`. A file
         with LoRA weights sets the rank from their shape unless `lora_attn_dim` is given.
         """
-        source = os.fspath(source)
-        if not os.path.exists(source) and source in HUB_MODELS:
-            source = _download_from_hub(HUB_MODELS[source][0])
-        folder_config = None
-        if os.path.isdir(source):
-            weights_path = next((os.path.join(source, f) for f in ("model.safetensors", "pytorch_model.bin")
-                                 if os.path.isfile(os.path.join(source, f))), None)
-            if weights_path is None:
-                raise ValueError(f"{source} holds neither model.safetensors nor pytorch_model.bin")
-            cfg_path = os.path.join(source, "config.json")
-            if os.path.isfile(cfg_path):
-                with open(cfg_path, encoding="utf-8") as f:
-                    folder_config = _config_from_hf_json(json.load(f), cfg_path)
-        elif os.path.isfile(source):
-            weights_path = source
-        else:
-            raise ValueError(f"no checkpoint at {source!r}: give a folder, a weights file, or one of "
-                             f"{', '.join(HUB_MODELS)}")
-        sd = _normalize_state_dict(_read_weights(weights_path))
-        if "wte.weight" not in sd:
-            raise ValueError(f"{weights_path} holds no GPT-2 base weights (no wte.weight); if it is a "
-                             f"LoRA-only checkpoint, load a base model first, then model.load_weight(path)")
-        values = folder_config if folder_config is not None else _config_from_shapes(sd, config_overrides)
-        if "h.0.attn.c_attn.lora_A" in sd:
-            if "lora_attn_dim" not in config_overrides:
-                values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
-            # No checkpoint records α, and a guessed α would silently rescale ΔW.
-            if "lora_attn_alpha" not in config_overrides:
-                raise ValueError(f"{weights_path} holds LoRA weights, whose scaling α/r depends on "
-                                 f"α: pass lora_attn_alpha=... (the α they were trained with)")
-        values.update(config_overrides)
-        model = cls(GPT2Config.from_dict(values))
-        return model.load_weight(sd)
+        return _from_pretrained(cls, source, config_overrides)
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -720,10 +736,12 @@ class GPT2LMModel(nn.Module):
         """
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        if not (_is_real(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
         if top_k is not None and (not _is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a tensor of shape (batch, time); for one prompt use ids[None]")
         n_ctx = self.config.n_ctx
         idx, past = input_ids, None
         for _ in range(max_new_tokens):
@@ -742,112 +760,6 @@ class GPT2LMModel(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat((idx, nxt), dim=1)                                 # (B, T + 1)
         return idx
-
-
-# ---- checkpoint reading (used by load_weight / from_pretrained) ------------------------------
-
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of HF / microsoft
-_IGNORED_KEYS = ("lm_head.weight", "lm_head.decoder.weight")  # tied to wte
-
-
-def _read_weights(path: Union[str, os.PathLike]) -> Mapping[str, torch.Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"no weights file at {path!r}")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f"reading {path} needs the safetensors package: pip install safetensors") from None
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-torch files
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
-
-
-def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
-    """Keys relative to GPT2Model ("h.0.attn.c_attn.weight"), whatever wrapper or prefix they had."""
-    if isinstance(sd, Mapping) and "model_state_dict" in sd:
-        sd = sd["model_state_dict"]
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
-    out = {}
-    for key, value in sd.items():
-        k = key
-        for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        if k in _IGNORED_KEYS or k.endswith(_IGNORED_SUFFIXES):
-            continue
-        k = k[len("transformer."):] if k.startswith("transformer.") else k
-        # Old OpenAI-style names, as microsoft/LoRA's loader also accepts.
-        if k.endswith((".g", ".w")):
-            k = k[:-2] + ".weight"
-        elif k.endswith(".b"):
-            k = k[:-2] + ".bias"
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
-        out[k] = value
-    return out
-
-
-def _config_from_hf_json(cfg: Mapping, where: str) -> dict:
-    """The GPT2Config fields of a Hugging Face GPT-2 config.json; refuses variants we don't build."""
-    if cfg.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} is not gpt2")
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        raise ValueError(f"{where}: activation_function {act!r} is not GPT-2's tanh GELU")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if cfg.get(flag):
-            raise ValueError(f"{where}: {flag}=true is not supported by this GPT-2")
-    if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 768)):
-        raise ValueError(f"{where}: n_inner={cfg['n_inner']} is not 4·n_embd, which this GPT-2 assumes")
-    if cfg.get("scale_attn_weights", True) is False:
-        raise ValueError(f"{where}: scale_attn_weights=false is not supported by this GPT-2")
-    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
-            "initializer_range")
-    values = {k: cfg[k] for k in keys if k in cfg}
-    values["n_ctx"] = min(cfg.get("n_ctx", values.get("n_positions", 1024)), values.get("n_positions", 1024))
-    return values
-
-
-def _config_from_shapes(sd: Mapping[str, torch.Tensor], overrides: Mapping) -> dict:
-    V, C = sd["wte.weight"].shape
-    n_pos = sd["wpe.weight"].shape[0] if "wpe.weight" in sd else 1024
-    layers = {int(k.split(".")[1]) for k in sd if k.startswith("h.")}
-    values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos,
-                  n_layer=max(layers) + 1 if layers else 0)
-    heads = [p["n_head"] for p in PRESETS.values() if p["n_embd"] == C]
-    if heads:
-        values["n_head"] = heads[0]
-    elif "n_head" not in overrides:
-        raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size); "
-                         f"pass n_head=... to from_pretrained")
-    return values
-
-
-def _download_from_hub(repo_id: str) -> str:
-    """Fetch config.json and the weights of a hub model; returns the local folder."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ValueError(f"downloading {repo_id} needs the huggingface_hub package: "
-                         f"pip install huggingface_hub safetensors (or pass a local folder)") from None
-    try:
-        cfg = hf_hub_download(repo_id, "config.json")
-        try:
-            hf_hub_download(repo_id, "model.safetensors")
-        except Exception:  # older snapshots hold only the pickled weights
-            hf_hub_download(repo_id, "pytorch_model.bin")
-    except Exception as e:  # no network, no access, an unknown revision: one clear message
-        raise ValueError(f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}: "
-                         f"{e}); check the network, or pass a local checkpoint folder") from None
-    return os.path.dirname(cfg)
-
-
-def _short(keys: List[str], n: int = 6) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,12 +800,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
     for name, p in model.named_parameters():
-        p.requires_grad = "lora_" in name
-    if bias == "all":
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.requires_grad = True
-    elif bias == "lora_only":
+        p.requires_grad = "lora_" in name or (bias == "all" and name.endswith("bias"))
+    if bias == "lora_only":
         for m in _lora_layers(model):
             if m.has_lora and m.bias is not None:
                 m.bias.requires_grad = True
@@ -933,6 +841,19 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A plain state dict with ΔW folded into the weights and no LoRA tensors: it loads into a
+    rank-0 model of the same sizes (load_state_dict or load_weight), for inference at no extra
+    cost. For Hugging Face, use model.save_pretrained. The model itself is left as it was."""
+    sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, LoRALayer) and m.has_lora:
+                key = f"{name}.weight" if name else "weight"
+                sd[key] = sd[key] + m.delta_weight()  # state_dict holds W0 either way
+    return sd
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """A SHA-256 of the frozen base: every non-LoRA tensor of the trunk, by name, shape and value
     (as float32, so the same numbers stored in another dtype give the same fingerprint). An
@@ -946,15 +867,195 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A plain state dict with ΔW folded into the weights and no LoRA tensors: it loads into a
-    rank-0 model of the same sizes (load_state_dict or load_weight), for inference at no extra
-    cost. For Hugging Face's GPT2LMHeadModel, drop `lm_head.decoder.weight` (tied to wte there too)
-    and load with strict=False. The model itself is left as it was."""
-    sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, LoRALayer) and m.has_lora:
-                key = f"{name}.weight" if name else "weight"
-                sd[key] = sd[key] + m.delta_weight()  # state_dict holds W0 either way
-    return sd
+# --------------------------------------------------------------------------------------------
+# 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out
+# --------------------------------------------------------------------------------------------
+
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of HF / microsoft
+_HEAD_KEYS = ("lm_head.weight", "lm_head.decoder.weight")  # tied to wte
+
+
+def _read_weights(path: Union[str, os.PathLike]) -> Mapping[str, torch.Tensor]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no weights file at {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+        try:
+            return load_file(path)
+        except Exception as e:  # truncated or foreign files
+            raise ValueError(f"cannot read {path} as a safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    except Exception as e:  # pickle errors, truncated files, non-torch files
+        reason = str(e).split("\n")[0].strip().rstrip(".")  # not torch's advice to drop weights_only
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {reason})") from None
+
+
+def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
+    """Keys relative to GPT2Model ("h.0.attn.c_attn.weight"), whatever wrapper or prefix they had;
+    a head that is not tied to wte is refused, since this model has none of its own."""
+    if isinstance(sd, Mapping) and "model_state_dict" in sd:
+        sd = sd["model_state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
+    out, head = {}, None
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"checkpoint entry {key!r} is not a name mapped to a tensor")
+        k = key
+        for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k in _HEAD_KEYS:
+            head = value
+            continue
+        if k.endswith(_IGNORED_SUFFIXES):
+            continue
+        k = k[len("transformer."):] if k.startswith("transformer.") else k
+        # Old OpenAI-style names, as microsoft/LoRA's loader also accepts.
+        if k.endswith((".g", ".w")):
+            k = k[:-2] + ".weight"
+        elif k.endswith(".b"):
+            k = k[:-2] + ".bias"
+        out[k] = value
+    if head is not None and "wte.weight" in out and not torch.equal(head, out["wte.weight"]):
+        raise ValueError("the checkpoint's lm_head differs from its token embedding (an untied head, "
+                         "tie_word_embeddings=false): GPT-2 ties them, and this model cannot hold both")
+    return out
+
+
+def _load_weight(model: GPT2LMModel, state_dict) -> GPT2LMModel:
+    sd = _normalize_state_dict(_read_weights(state_dict) if isinstance(state_dict, (str, os.PathLike))
+                               else state_dict)
+    own = {k[len("transformer."):]: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
+    if not sd:
+        raise ValueError("the checkpoint holds no GPT-2 or LoRA weights")
+    unexpected = sorted(set(sd) - set(own))
+    if unexpected:
+        hint = ""
+        if any("lora_" in k for k in unexpected) and model.config.lora_attn_dim == 0:
+            hint = " (the checkpoint holds LoRA weights: build the model with lora_attn_dim = r > 0)"
+        raise ValueError(f"checkpoint keys this model does not have: {_short(unexpected)}{hint}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model "
+                             f"expects {tuple(own[k].shape)}; the config does not fit this checkpoint")
+    for kind, keys in (("base", [k for k in own if "lora_" not in k]),
+                       ("LoRA", [k for k in own if "lora_" in k])):
+        present = [k for k in keys if k in sd]
+        adapter_biases = kind == "base" and all(k.endswith(".bias") for k in present)
+        if present and len(present) != len(keys) and not adapter_biases:
+            missing = [k for k in keys if k not in sd]
+            raise ValueError(f"checkpoint holds some {kind} weights but not all; missing: {_short(missing)}")
+    model.transformer.load_state_dict(sd, strict=False)
+    return model
+
+
+def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
+    name = source = os.fspath(source)
+    if not os.path.exists(source) and source in HUB_MODELS:
+        source = _download_from_hub(HUB_MODELS[source][0])
+    folder_config = None
+    if os.path.isdir(source):
+        weights_path = next((os.path.join(source, f) for f in ("model.safetensors", "pytorch_model.bin")
+                             if os.path.isfile(os.path.join(source, f))), None)
+        if weights_path is None:
+            raise ValueError(f"{source} holds neither model.safetensors nor pytorch_model.bin")
+        cfg_path = os.path.join(source, "config.json")
+        if os.path.isfile(cfg_path):
+            folder_config = _config_from_hf_json(_read_json(cfg_path), cfg_path)
+    elif os.path.isfile(source):
+        weights_path = source
+    else:
+        raise ValueError(f"no checkpoint at {source!r}: give a folder, a weights file, or one of "
+                         f"{', '.join(HUB_MODELS)}")
+    sd = _normalize_state_dict(_read_weights(weights_path))
+    if "wte.weight" not in sd or sd["wte.weight"].dim() != 2:
+        raise ValueError(f"{weights_path} holds no GPT-2 base weights (no 2-D wte.weight); if it is a "
+                         f"LoRA-only checkpoint, load a base model first, then model.load_weight(path)")
+    values = folder_config if folder_config is not None else _config_from_shapes(sd, config_overrides)
+    if "h.0.attn.c_attn.lora_A" in sd:
+        if "lora_attn_dim" not in config_overrides:
+            values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
+        # No checkpoint records α, and a guessed α would silently rescale ΔW.
+        if "lora_attn_alpha" not in config_overrides:
+            raise ValueError(f"{weights_path} holds LoRA weights, whose scaling α/r depends on "
+                             f"α: pass lora_attn_alpha=... (the α they were trained with)")
+    values.update(config_overrides)
+    model = cls(GPT2Config.from_dict(values)).load_weight(sd)
+    model.name_or_path = name  # where the base came from, recorded in exported adapters
+    return model
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path} as JSON ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf_json(cfg, path: str) -> dict:
+    """The GPT2Config fields of a Hugging Face GPT-2 config.json; refuses variants we don't build."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not gpt2")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise ValueError(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if cfg.get(flag):
+            raise ValueError(f"{path}: {flag}=true is not supported by this GPT-2")
+    if cfg.get("scale_attn_weights", True) is False:
+        raise ValueError(f"{path}: scale_attn_weights=false is not supported by this GPT-2")
+    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
+            "initializer_range")
+    values = {k: cfg[k] for k in keys if k in cfg}
+    GPT2Config.from_dict({**values, "n_ctx": 1})  # a ValueError naming a bad field, before arithmetic
+    if cfg.get("n_inner") not in (None, 4 * values.get("n_embd", 768)):
+        raise ValueError(f"{path}: n_inner={cfg['n_inner']} is not 4·n_embd, which this GPT-2 assumes")
+    n_ctx = cfg.get("n_ctx", values.get("n_positions", 1024))
+    values["n_ctx"] = min(n_ctx, values.get("n_positions", 1024)) if _is_int(n_ctx) else n_ctx
+    return values
+
+
+def _config_from_shapes(sd: Mapping[str, torch.Tensor], overrides: Mapping) -> dict:
+    V, C = sd["wte.weight"].shape
+    n_pos = sd["wpe.weight"].shape[0] if "wpe.weight" in sd else 1024
+    layers = {int(k.split(".")[1]) for k in sd if k.startswith("h.") and k.split(".")[1].isdigit()}
+    values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos,
+                  n_layer=max(layers) + 1 if layers else 0)
+    heads = [p["n_head"] for p in PRESETS.values() if p["n_embd"] == C]
+    if heads:
+        values["n_head"] = heads[0]
+    elif "n_head" not in overrides:
+        raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size); "
+                         f"pass n_head=... to from_pretrained")
+    return values
+
+
+def _download_from_hub(repo_id: str) -> str:
+    """Fetch config.json and the weights of a hub model; returns the local folder."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ValueError(f"downloading {repo_id} needs the huggingface_hub package: "
+                         f"pip install huggingface_hub safetensors (or pass a local folder)") from None
+    try:
+        cfg = hf_hub_download(repo_id, "config.json")
+        try:
+            hf_hub_download(repo_id, "model.safetensors")
+        except Exception:  # older snapshots hold only the pickled weights
+            hf_hub_download(repo_id, "pytorch_model.bin")
+    except Exception as e:  # no network, no access, an unknown revision: one clear message
+        raise ValueError(f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{e}); check the network, or pass a local checkpoint folder") from None
+    return os.path.dirname(cfg)
+
+
+def _short(keys: List[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")

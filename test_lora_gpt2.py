@@ -29,6 +29,7 @@ import threading
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -191,7 +192,7 @@ def test_merged_output_equals_unmerged_output(layer_x):
     float32 and float64."""
     layer, x = layer_x
     unmerged = layer(x)
-    with torch.no_grad():  # the inference path adds in place; it must agree
+    with torch.no_grad():
         torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=0)
     layer.merge()
     assert layer.merged
@@ -213,6 +214,33 @@ def test_merge_then_unmerge_restores_w0_and_repeats_are_no_ops(layer_x):
     after = layer.weight.detach().clone()
     layer.unmerge()
     assert torch.equal(layer.weight, after)
+
+
+@given(layer_x=lora_layers(merge_weights=False), low=st.booleans(), assign=st.booleans())
+def test_merging_never_changes_a_tensor_the_caller_holds(layer_x, low, assign):
+    """A state dict taken before merge_lora, and the source of load_state_dict(assign=True), keep
+    their values through merge and unmerge (loralib adds ΔW into them in place), in float32,
+    float64 and bfloat16: saving that state dict and merging again never counts ΔW twice."""
+    layer, x = layer_x
+    if low:
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    held = layer.state_dict()
+    if assign:
+        held = {k: v.clone() for k, v in held.items()}
+        layer.load_state_dict(held, assign=True)
+    copies = {k: v.clone() for k, v in held.items()}
+    layer.merge()
+    layer.unmerge()
+    layer.merge()
+    for k in held:
+        assert torch.equal(held[k], copies[k]), k
+    model = L.GPT2LMModel(L.GPT2Config(vocab_size=11, n_positions=4, n_ctx=4, n_embd=4, n_layer=1,
+                                       n_head=1, lora_attn_dim=1))
+    randomize_lora(model, 1)
+    sd = model.state_dict()
+    before = {k: v.clone() for k, v in sd.items()}
+    L.merge_lora(model)
+    assert all(torch.equal(sd[k], before[k]) for k in sd)
 
 
 @given(layer_x=lora_layers(merge_weights=True))
@@ -286,17 +314,40 @@ def test_fan_in_fan_out_layer_computes_x_w_plus_b_like_conv1d(in_f, out_f, dtype
     torch.testing.assert_close(conv(x), x @ W + b, **tol)
 
 
-@given(layer_x=lora_layers(merge_weights=False))
-def test_unmerged_forward_never_builds_the_full_delta_w(layer_x):
-    """The training-time forward uses x·Aᵀ then B, never the (out × in) ΔW (loralib's cost)."""
-    layer, x = layer_x
+class OpShapes(TorchDispatchMode):
+    """Records the shape of every tensor that a non-view operation creates."""
 
-    def forbidden():
-        raise AssertionError("forward built the full ΔW")
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
 
-    layer.delta_weight = forbidden
-    layer(x).sum().backward()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.shapes.add(tuple(t.shape))
+        return out
+
+
+@given(enable=enable_patterns(), r=st.integers(1, 3), in_f=st.sampled_from([5, 7]),
+       d=st.sampled_from([11, 13]), fifo=st.booleans(), kind=st.sampled_from(["Linear", "MergedLinear"]))
+def test_unmerged_forward_and_backward_never_create_a_delta_w_sized_tensor(enable, r, in_f, d, fifo, kind):
+    """Training never pays for the (out × in) ΔW (loralib's cost): no operation of the forward or
+    backward pass creates a tensor of the shape of ΔW or of a group's block of it. The sizes are
+    primes that no legitimate product (N × out, N × r·m, r·m × in, d × r) can take."""
+    enable = enable if kind == "MergedLinear" else [True]
+    layer = make_layer(kind, in_f, d * len(enable), r, 2.0, fifo, torch.float32, enable)
+    randomize_lora(layer, 0)
+    x = torch.randn(17, in_f)
+    with OpShapes() as ops:
+        layer(x).sum().backward()
+    out_f = layer.out_features
+    assert not ops.shapes & {(out_f, in_f), (in_f, out_f), (d, in_f), (in_f, d)}
     assert layer.lora_B.grad is not None
+    with OpShapes() as ops:
+        layer.delta_weight()  # the detector does see ΔW where it is built
+    assert ops.shapes & {(out_f, in_f), (in_f, out_f)}
 
 
 def test_lora_layers_keep_no_tensor_outside_parameters_and_buffers():
@@ -485,6 +536,97 @@ def test_cached_greedy_generation_equals_uncached(config, seed, prompt, new):
     assert torch.equal(cached, uncached)
 
 
+def _ragged_start(model, prompts, steps, g):
+    """microsoft's gpt2_beam start: prompts right-padded (with random tokens) to one length that
+    leaves room for `steps` more tokens, one full call, the logits at each prompt's last token."""
+    lens = torch.tensor([len(p) for p in prompts])
+    padded = torch.randint(0, model.config.vocab_size, (len(prompts), int(lens.max()) + steps), generator=g)
+    for b, p in enumerate(prompts):
+        padded[b, :len(p)] = torch.tensor(p)
+    logits, past = model(padded)
+    return logits[torch.arange(len(prompts)), lens - 1], past, lens
+
+
+def _alone(model, seq):
+    return model(torch.tensor([seq]))[0][0, -1]   # the last logits of one prompt, no padding
+
+
+@settings(max_examples=10)
+@given(config=tiny_configs(), seed=seeds, data=st.data())
+def test_ragged_batch_decoded_with_len_past_equals_each_prompt_alone(config, seed, data):
+    """A right-padded batch decoded one token per row with len_past gives, row by row, the logits
+    of decoding that prompt alone without padding: each new token sits at position len_past[b],
+    is written to cache row len_past[b], and sees rows 0..len_past[b] only."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    steps = data.draw(st.integers(1, 4))
+    prompts = data.draw(st.lists(st.lists(st.integers(0, config.vocab_size - 1), min_size=1, max_size=6),
+                                 min_size=1, max_size=4))
+    logits, past, lens = _ragged_start(model, prompts, steps, g)
+    seqs = [list(p) for p in prompts]
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(logits[b], _alone(model, seq), rtol=1e-4, atol=1e-5)
+    for i in range(steps):
+        new = torch.randint(0, config.vocab_size, (len(seqs), 1), generator=g)
+        logits, past = model(new, past=past, len_past=lens + i)
+        assert past[0].shape[-2] == int(lens.max()) + steps   # the cache keeps its size
+        for b, seq in enumerate(seqs):
+            seq.append(int(new[b]))
+            torch.testing.assert_close(logits[b, -1], _alone(model, seq), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=10)
+@given(config=tiny_configs(), seed=seeds, data=st.data())
+def test_reordering_the_cache_between_steps_equals_decoding_the_reordered_batch(config, seed, data):
+    """Beam search reorders the cache along dim 1 (index_select(1, beam_idx)) between len_past
+    steps; the logits then equal those of decoding the reordered sequences, each alone. The
+    caller's cache tensors are never written to."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    steps = data.draw(st.integers(1, 3))
+    prompts = data.draw(st.lists(st.lists(st.integers(0, config.vocab_size - 1), min_size=1, max_size=5),
+                                 min_size=2, max_size=4))
+    _, past, lens = _ragged_start(model, prompts, steps, g)
+    seqs = [list(p) for p in prompts]
+    for i in range(steps):
+        beam_idx = torch.tensor(data.draw(st.lists(st.integers(0, len(seqs) - 1),
+                                                   min_size=len(seqs), max_size=len(seqs))))
+        past = tuple(p.index_select(1, beam_idx).contiguous() for p in past)
+        seqs, lens = [list(seqs[j]) for j in beam_idx], lens[beam_idx]
+        held = [p.clone() for p in past]
+        new = torch.randint(0, config.vocab_size, (len(seqs), 1), generator=g)
+        logits, past_next = model(new, past=past, len_past=lens + i)
+        assert all(torch.equal(a, b) for a, b in zip(past, held))
+        past = past_next
+        for b, seq in enumerate(seqs):
+            seq.append(int(new[b]))
+            torch.testing.assert_close(logits[b, -1], _alone(model, seq), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_len_past_raises_value_error_naming_the_problem():
+    """len_past of the wrong shape or dtype, outside the cache, with several new tokens, or
+    without past: a ValueError that says which."""
+    config = L.GPT2Config(vocab_size=10, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)
+    model = tiny_model(config)
+    _, past = model(torch.zeros(2, 4, dtype=torch.long))
+    one = torch.zeros(2, 1, dtype=torch.long)
+    cases = [(dict(len_past=torch.tensor([1, 2, 3])), r"shape \(batch,\) = \(2,\)"),
+             (dict(len_past=torch.tensor([1.0, 2.0])), "torch.long"),
+             (dict(len_past=torch.tensor([1, 2], dtype=torch.int32)), "torch.long"),
+             (dict(len_past=[1, 2]), "torch.long tensor"),
+             (dict(len_past=torch.tensor([1, 4])), r"in \[0, 4\).*\[1, 4\]"),
+             (dict(len_past=torch.tensor([-1, 0])), r"in \[0, 4\)")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(one, past=past, **kwargs)
+    with pytest.raises(ValueError, match="exactly one new token"):
+        model(torch.zeros(2, 2, dtype=torch.long), past=past, len_past=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="len_past needs past"):
+        model(one, len_past=torch.tensor([1, 2]))
+
+
 def test_temperature_sharpens_and_flattens_the_sampling_distribution():
     """Near temperature 0 sampling is greedy; at a high temperature it spreads over many tokens;
     at temperature 1 the frequencies follow softmax(logits)."""
@@ -518,22 +660,53 @@ def test_sampling_respects_top_k_and_generator():
 
 # ---- 4. loss ---------------------------------------------------------------------------------
 
-@given(config=tiny_configs(), seed=seeds, eps=st.sampled_from([0.0, 0.1, 0.3]))
-def test_loss_is_masked_mean_of_smoothed_nll(config, seed, eps):
-    """loss = Σ mask·((1-ε)·NLL + ε·mean_v(-log p)) / Σ mask, microsoft/LoRA's definition."""
+@given(config=tiny_configs(), seed=seeds, eps=st.sampled_from([0.0, 0.1, 0.3]),
+       negative=st.sampled_from([-1, -100]), use_mask=st.booleans())
+def test_loss_is_microsoft_masked_mean_and_negative_labels_act_as_mask_0(config, seed, eps, negative, use_mask):
+    """loss = Σ mask·((1-ε)·NLL + ε·mean_v(-log p)) / (Σ mask + 1e-4), microsoft/LoRA's formula
+    (mask of ones when lm_mask is None); a negative label gives the loss of that position
+    relabelled and masked to 0; an all-zero mask gives 0."""
     model = tiny_model(config, seed)
+    g = torch.Generator().manual_seed(seed)
     ids = token_batch(config, seed, length=6)
     labels = token_batch(config, seed + 1, length=6)
-    mask = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < 0.6).float()
-    mask[0, 0] = 1.0
-    logits, loss = model(ids, lm_labels=labels, lm_mask=mask, label_smooth=eps)
+    mask = (torch.rand(ids.shape, generator=g) < 0.6).float() if use_mask else torch.ones(ids.shape)
+    no_target = torch.rand(ids.shape, generator=g) < 0.3
+    logits, loss = model(ids, lm_labels=labels.masked_fill(no_target, negative),
+                         lm_mask=mask if use_mask else None, label_smooth=eps)
     logp = torch.log_softmax(logits.double(), dim=-1)
     nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     per_pos = (1 - eps) * nll + eps * (-logp.mean(-1))
-    expected = (per_pos * mask).sum() / mask.sum()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    _, unmasked = model(ids, lm_labels=labels, label_smooth=eps)
-    torch.testing.assert_close(unmasked.double(), per_pos.mean(), rtol=1e-5, atol=1e-6)
+    kept = mask.double() * ~no_target
+    torch.testing.assert_close(loss.double(), (per_pos * kept).sum() / (kept.sum() + 1e-4),
+                               rtol=2e-6, atol=1e-7)
+    _, relabelled = model(ids, lm_labels=labels, lm_mask=kept.float(), label_smooth=eps)
+    torch.testing.assert_close(loss, relabelled, rtol=1e-6, atol=1e-7)
+    _, nothing = model(ids, lm_labels=labels, lm_mask=torch.zeros(ids.shape), label_smooth=eps)
+    assert nothing.item() == 0.0
+
+
+@given(config=tiny_configs(), seed=seeds, use_mask=st.booleans(), right=st.floats(0, 1))
+def test_accuracy_flags_equal_a_plain_reference_loop(config, seed, use_mask, right):
+    """is_report_accuracy returns (logits, loss, t1_acc, all_acc): t1_acc[b] = 1 when the argmax is
+    right at row b's first counted position, all_acc[b] = 1 when it is right at every counted one
+    (counted: mask 1 and a label >= 0; every position without lm_mask), as microsoft's loops say."""
+    model = tiny_model(config, seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = token_batch(config, seed, batch=4, length=5)
+    pred = model(ids)[0].argmax(-1)
+    wrong = token_batch(config, seed + 1, batch=4, length=5)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < right, pred, wrong)  # many hits
+    labels[torch.rand(ids.shape, generator=g) < 0.1] = -1
+    mask = (torch.rand(ids.shape, generator=g) < 0.7).float() if use_mask else None
+    logits, loss, t1_acc, all_acc = model(ids, lm_labels=labels, lm_mask=mask, is_report_accuracy=True)
+    assert t1_acc.shape == all_acc.shape == (4,) and t1_acc.dtype == all_acc.dtype == torch.float32
+    for b in range(4):
+        counted = [t for t in range(5) if labels[b, t] >= 0 and (mask is None or mask[b, t] >= 1)]
+        hits = [bool(pred[b, t] == labels[b, t]) for t in counted]
+        assert t1_acc[b] == float(bool(hits) and hits[0])
+        assert all_acc[b] == float(all(hits))
+    assert torch.equal(model(ids, lm_labels=labels, lm_mask=mask)[1], loss)
 
 
 def test_fix_dropout_acts_in_training_only():
@@ -823,8 +996,6 @@ def test_bad_model_inputs_raise_value_error():
     with pytest.raises(ValueError, match="lm_labels must be an integer tensor of the shape"):
         model(torch.zeros(1, 3, dtype=torch.long), lm_labels=torch.zeros(1, 2, dtype=torch.long))
     ids = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"lm_labels must lie in \[0, vocab_size = 10\).*lm_mask"):
-        model(ids, lm_labels=torch.tensor([[1, -100, 2]]))
     with pytest.raises(ValueError, match="lm_labels must lie"):
         model(ids, lm_labels=torch.tensor([[1, 10, 2]]))
     with pytest.raises(ValueError, match="label_smooth"):
