@@ -1003,6 +1003,103 @@ def test_bad_model_inputs_raise_value_error():
     assert torch.isfinite(model(ids.int(), lm_labels=ids.int())[1])  # int32 ids and labels work
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), -1)
+    with pytest.raises(ValueError, match="non-empty integer tensor"):
+        model(torch.zeros(0, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(batch, time\)"):
+        model.generate(torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="list of booleans"):
+        L.MergedLinear(8, 9, r=2, enable_lora=True)
+    with pytest.raises(ValueError, match="list of booleans"):
+        L.MergedLinear(8, 9, r=2, enable_lora="TFT")
+
+
+@pytest.mark.parametrize("alpha, r", [(1e308, 4), (1e25, 1), (1e-25, 1)])
+def test_a_scaling_adamw_cannot_train_is_refused(alpha, r):
+    """α/r outside the accepted range is refused by the config and by the layers: AdamW squares
+    gradients proportional to it, and in float32 the square overflows (B never moves) or the
+    logits become non-finite."""
+    with pytest.raises(ValueError, match="scaling α/r"):
+        L.GPT2Config(lora_attn_dim=r, lora_attn_alpha=alpha)
+    with pytest.raises(ValueError, match="scaling α/r"):
+        L.Linear(4, 4, r=r, lora_alpha=alpha)
+
+
+@pytest.mark.parametrize("scaling", [L._SCALING_RANGE[0], L._SCALING_RANGE[1]])
+def test_one_adamw_step_moves_b_at_both_ends_of_the_accepted_scaling(scaling):
+    """At either end of the accepted α/r, one AdamW step on a float32 layer changes B to finite
+    values: the accepted range is one AdamW can train in."""
+    torch.manual_seed(0)
+    layer = L.Linear(8, 8, r=2, lora_alpha=2 * scaling)
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-3)
+    layer(torch.randn(4, 8)).square().mean().backward()
+    opt.step()
+    assert layer.lora_B.abs().min() > 0 and torch.isfinite(layer.lora_B).all()
+
+
+def test_an_untied_head_is_refused_not_dropped(tmp_path):
+    """A checkpoint whose lm_head differs from wte (tie_word_embeddings=false) cannot be held by
+    this tied model: a ValueError, not logits that silently ignore the head. A head equal to wte
+    (how Hugging Face saves a tied model) loads."""
+    config = L.GPT2Config(vocab_size=11, n_positions=4, n_ctx=4, n_embd=4, n_layer=1, n_head=1)
+    sd = tiny_model(config, 1).state_dict()
+    tied = {**sd, "lm_head.weight": sd["transformer.wte.weight"].clone()}
+    tiny_model(config, 2).load_weight(tied)
+    with pytest.raises(ValueError, match="untied head"):
+        tiny_model(config, 2).load_weight({**sd, "lm_head.weight": torch.randn(11, 4)})
+
+
+def test_malformed_checkpoints_raise_value_error(tmp_path):
+    """config.json with a list or null sizes, integer keys, random or truncated files, a 1-D wte:
+    each a ValueError naming the problem, never a TypeError, KeyError or a library's own error."""
+    config = L.GPT2Config(vocab_size=11, n_positions=4, n_ctx=4, n_embd=4, n_layer=1, n_head=1)
+    sd = {k: v for k, v in tiny_model(config).state_dict().items() if k.startswith("transformer.")}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save(sd, folder / "pytorch_model.bin")
+    for cfg, message in [([1, 2], "JSON object"), ({"n_embd": None}, "n_embd"),
+                         ({"n_layer": [2]}, "n_layer"), ("{", "cannot read")]:
+        (folder / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+        with pytest.raises(ValueError, match=message):
+            L.GPT2LMModel.from_pretrained(folder)
+    torch.save({**sd, 3: torch.zeros(1)}, tmp_path / "int-keys.bin")
+    torch.save({**sd, "transformer.wte.weight": torch.zeros(44)}, tmp_path / "flat-wte.bin")
+    (tmp_path / "random.bin").write_bytes(os.urandom(256))
+    for name, message in [("int-keys.bin", "3 is not a name"), ("flat-wte.bin", "2-D wte"),
+                          ("random.bin", "cannot read")]:
+        with pytest.raises(ValueError, match=message) as e:
+            L.GPT2LMModel.from_pretrained(tmp_path / name)
+        assert "weights_only=False" not in str(e.value)  # never advise unpickling code
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(64))
+    for name in ("cut.safetensors", "noise.safetensors"):
+        with pytest.raises(ValueError, match="cannot read .* as a safetensors file"):
+            L.GPT2LMModel.from_pretrained(tmp_path / name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_device_to_host_sync_in_a_cuda_training_step_or_decoding():
+    """On an accelerator, forward (loss, accuracy, ragged decoding) and backward never wait for
+    the device: no device→host copy stalls the launch queue."""
+    config = L.GPT2Config(vocab_size=50, n_positions=16, n_ctx=16, n_embd=16, n_layer=2, n_head=2,
+                          lora_attn_dim=2, lora_attn_alpha=4)
+    model = tiny_model(config).cuda()
+    L.mark_only_lora_as_trainable(model)
+    ids = torch.randint(0, 50, (2, 8), device="cuda")
+    model(ids, lm_labels=ids)[1].backward()  # warm-up: first kernel launches may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, loss, t1, full = model(ids, lm_labels=ids, lm_mask=torch.ones(2, 8, device="cuda"),
+                                  is_report_accuracy=True)
+        loss.backward()
+        with torch.no_grad():
+            _, past = model(ids)
+            model(ids[:, :1], past=past, len_past=torch.tensor([3, 5], device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 # ---- 7. oracles: Hugging Face transformers and microsoft's loralib ---------------------------
