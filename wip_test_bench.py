@@ -1,34 +1,14 @@
 """Smoke tests of bench_lora_gpt2.py (to be merged back into test_lora_gpt2.py, section 9)."""
 
 import contextlib
-import copy
-import http.server
 import io
 import json
 import math
-import os
-import random
-import shutil
-import socket
-import subprocess
-import sys
-import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 
 import bench_lora_gpt2 as bench
-import lora_gpt2 as L
-import train_shakespeare as ts
-
-settings.register_profile("dev", max_examples=20, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True,
-                          print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 # Every model here is tiny: one thread is faster, and leaves a shared CI machine's cores alone.
 torch.set_num_threads(1)
@@ -39,12 +19,43 @@ torch.set_num_threads(1)
 # ==============================================================================================
 
 BENCH_TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "64",
-        "--block-size", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
-        "--layer-widths", "32", "--gen-tokens", "8", "--gen-prompt", "4", "--gen-model", "bench",
-        "--ckpt-presets", "bench", "--no-profile", "--threads", "1"]
+              "--block-size", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
+              "--layer-widths", "32", "--gen-tokens", "8", "--gen-prompt", "4", "--gen-model", "bench",
+              "--ckpt-presets", "bench", "--threads", "1"]
+
+UNMEASURED = ("not installed", "no baseline")  # cells of rows whose reference is missing
+
+# A stand-in for nanoGPT's model.py: the same GPTConfig fields, GPT(config), and
+# forward(idx, targets) -> (logits, loss); it prints on construction, as nanoGPT's GPT does.
+NANOGPT_STANDIN = '''
+from dataclasses import dataclass
+import torch.nn as nn
+import torch.nn.functional as F
 
 
-UNMEASURED = ("not installed", "no baseline")  # cells of rows whose reference package is missing
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+        print("number of parameters: %d" % sum(p.numel() for p in self.parameters()))
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.wte(idx))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+'''
 
 
 def _number(cell: str) -> float:
@@ -59,15 +70,19 @@ def _table(text: str):
     return header, rows
 
 
+def _run(argv):
+    threads = torch.get_num_threads()  # bench.main pins its own thread count and restores it
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        payload = bench.main(argv)
+    assert torch.get_num_threads() == threads
+    return out.getvalue(), payload
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    threads = torch.get_num_threads()  # bench.main pins its own thread count
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        payload = bench.main(BENCH_TINY + ["--json", str(path)])
-    torch.set_num_threads(threads)
-    return out.getvalue(), payload, json.loads(path.read_text(encoding="utf-8"))
+    text, payload = _run(BENCH_TINY + ["--json", str(path)])
+    return text, payload, json.loads(path.read_text(encoding="utf-8"))
 
 
 def test_bench_smoke_table_structure(tiny_run):
@@ -90,9 +105,7 @@ def test_bench_smoke_table_structure(tiny_run):
 
 
 def test_bench_smoke_figures_positive(tiny_run):
-    _, _, _ = tiny_run
-    text = tiny_run[0]
-    _, rows = _table(text)
+    _, rows = _table(tiny_run[0])
     for r in rows:
         if r[2].startswith(UNMEASURED):
             continue
@@ -108,6 +121,7 @@ def test_bench_smoke_json_matches_table(tiny_run):
     text, payload, data = tiny_run
     _, rows = _table(text)
     assert data["rows"] == json.loads(json.dumps(payload["rows"]))
+    assert data["table"] == [ln for ln in text.splitlines() if ln.startswith("|")]
     assert len(data["rows"]) == len(rows)
     assert data["meta"]["threads"] == 1 and data["meta"]["torch"]
     for cells, row in zip(rows, data["rows"]):
@@ -120,6 +134,34 @@ def test_bench_smoke_json_matches_table(tiny_run):
         assert _number(cells[4]) == pytest.approx(row["ratio"], rel=1e-2)
 
 
+def test_bench_without_nanogpt_path_its_rows_read_not_installed(tiny_run):
+    _, rows = _table(tiny_run[0])
+    status = {r[1]: r[2] for r in rows if r[0] == "nanogpt"}
+    assert status == {"nanoGPT model.py GPT": "not installed (--nanogpt PATH)",
+                      "ours, full fine-tuning (r=0)": "no baseline"}
+
+
+def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
+    """With --nanogpt pointing at a folder holding a model.py of nanoGPT's interface, the row times
+    its GPT against ours at nanoGPT's CPU configuration; its construction message is not printed."""
+    (tmp_path / "model.py").write_text(NANOGPT_STANDIN, encoding="utf-8")
+    text, payload = _run(BENCH_TINY + ["--only", "nanogpt", "--nanogpt", str(tmp_path)])
+    assert "number of parameters" not in text
+    rows = {(r["comparison"], r["candidate"]): r for r in payload["rows"]}
+    theirs, ours = rows[("nanogpt", "nanoGPT model.py GPT")], rows[("nanogpt", "ours, full fine-tuning (r=0)")]
+    assert theirs["target"] == "baseline" and theirs["median"] > 0
+    assert ours["median"] > 0 and ours["ratio"] > 0 and ours["met"] in (True, False)
+    c = bench.NANOGPT_CPU
+    standin_params = c["vocab_size"] * c["n_embd"] * 2  # wte and an untied, bias-free lm_head
+    assert rows[("nanogpt: trainable params", "nanoGPT model.py GPT")]["median"] == standin_params
+    assert any(n.startswith(f"nanogpt: {tmp_path}") for n in payload["notes"])
+
+
+def test_bench_nanogpt_path_without_model_py_is_refused(tmp_path):
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        bench.main(BENCH_TINY + ["--only", "nanogpt", "--nanogpt", str(tmp_path)])
+
+
 def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeypatch):
     """With loralib, transformers and peft hidden, their rows read "not installed" and ours are
     still measured where they need no reference."""
@@ -127,12 +169,10 @@ def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeyp
     hidden = {"loralib", "transformers", "peft"}
     monkeypatch.setattr(bench.importlib.util, "find_spec",
                         lambda name, *a: None if name in hidden else real_find_spec(name, *a))
-    threads = torch.get_num_threads()
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        bench.main(BENCH_TINY + ["--only", "layer,hf"])
-    torch.set_num_threads(threads)
-    _, rows = _table(out.getvalue())
+    text, _ = _run(BENCH_TINY + ["--only", "layer,hf"])
+    _, rows = _table(text)
     status = {(r[0], r[1]): r[2] for r in rows}
     assert status[("layer C=32", "loralib.MergedLinear")] == "not installed (loralib)"
     assert _number(status[("layer C=32", "ours MergedLinear")]) > 0
-    assert status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")].startswith("not installed (transformers and peft")
+    assert status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")] == "not installed (transformers and peft)"
+    assert status[("hf", "ours LoRA r=4 (Q,V)")] == "no baseline"
