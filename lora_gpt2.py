@@ -49,13 +49,12 @@ __all__ = [
     "GPT2Config", "PRESETS", "HUB_MODELS", "LoRALayer", "Linear", "MergedLinear", "Conv1D",
     "Attention", "MLP", "Block", "GPT2Model", "GPT2LMHead", "GPT2LMModel",
     "mark_only_lora_as_trainable", "lora_state_dict", "lora_parameter_count", "merge_lora",
-    "unmerge_lora", "merged_state_dict", "base_fingerprint",
+    "unmerge_lora", "merged_state_dict", "base_fingerprint", "save_pretrained", "save_adapter",
+    "load_adapter",
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# 1. Configuration
-# --------------------------------------------------------------------------------------------
+# ---- 1. Configuration ----------------------------------------------------------------------------
 
 @dataclass
 class GPT2Config:
@@ -99,18 +98,16 @@ class GPT2Config:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head "
-                             f"({self.n_head}); choose an n_head that divides n_embd")
-        if self.n_ctx > self.n_positions:
-            raise ValueError(f"GPT2Config.n_ctx ({self.n_ctx}) must not exceed n_positions "
-                             f"({self.n_positions}): there is no position embedding beyond it")
-        if not (_is_real(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
-            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a finite number > 0, "
-                             f"got {self.layer_norm_epsilon!r}")
-        if not (_is_real(self.initializer_range) and self.initializer_range >= 0):
-            raise ValueError(f"GPT2Config.initializer_range must be a finite number >= 0, "
-                             f"got {self.initializer_range!r}")
+        for bad, message in [
+                (self.n_embd % self.n_head, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
+                (self.n_ctx > self.n_positions, f"n_ctx ({self.n_ctx}) must not exceed n_positions "
+                                                f"({self.n_positions}): no position embedding lies beyond"),
+                (not (_is_real(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0),
+                 f"layer_norm_epsilon must be a finite number > 0, got {self.layer_norm_epsilon!r}"),
+                (not (_is_real(self.initializer_range) and self.initializer_range >= 0),
+                 f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")]:
+            if bad:
+                raise ValueError(f"GPT2Config.{message}")
         _check_lora(self.lora_attn_dim, self.lora_attn_alpha, self.lora_dropout, self.lora_r_dropout,
                     "GPT2Config.lora_attn_dim (the LoRA rank r)", "GPT2Config.lora_attn_alpha (α)")
         _check_dropout(self.fix_dropout, "GPT2Config.fix_dropout")
@@ -172,66 +169,68 @@ def _check_lora(r, alpha, dropout, r_dropout, r_name="LoRA rank r", alpha_name="
     _check_dropout(r_dropout, "lora_r_dropout")
 
 
-def _check_id_range(ids: torch.Tensor, vocab_size: int, what: str, fix: str,
-                    negative_ok: bool = False) -> None:
-    """A clear error instead of an embedding/gather index error. Only on the CPU: on an
-    accelerator the check would stall the launch queue with a device→host copy at every step
-    (there the kernel's own device-side assert reports it)."""
+def _check_id_range(ids: torch.Tensor, n: int, what: str, fix: str, negative_ok: bool = False) -> None:
+    """A clear error instead of an index error deep inside. Only on the CPU: on an accelerator the
+    check would stall the launch queue with a device→host copy at every step (there the kernel's
+    own device-side assert reports it)."""
     if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())
-    if (lo < 0 and not negative_ok) or hi >= vocab_size:
-        raise ValueError(f"{what} must lie in [0, vocab_size = {vocab_size}), got values in "
-                         f"[{lo}, {hi}]; {fix}")
+    if (lo < 0 and not negative_ok) or hi >= n:
+        bound = f"vocab_size = {n}" if what in ("token ids", "lm_labels") else n
+        raise ValueError(f"{what} must lie in [0, {bound}), got values in [{lo}, {hi}]; {fix}")
 
 
-# --------------------------------------------------------------------------------------------
-# 2. LoRA layers (compatible with loralib: same constructor arguments, parameter names, shapes)
-# --------------------------------------------------------------------------------------------
+def _is_tensor(x, dim: int, dtypes=None) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == dim and (dtypes is None or x.dtype in dtypes)
+
+
+def _describe(x) -> str:
+    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+# ---- 2. LoRA layers: loralib's arguments, parameter names and shapes ------------------------------
 
 class LoRALayer(nn.Linear):
-    """A dense layer W0 (with bias b) plus m low-rank updates, the base of Linear and MergedLinear.
+    """A dense layer W0 (with bias b) whose output is split into k equal groups of d = out/k rows,
+    with a low-rank update on each of the m groups that `enable_lora` names: the base of Linear
+    (k = m = 1) and MergedLinear. `lora_A` stacks the A_g as (r·m, in), `lora_B` the B_g as
+    (d·m, r), as in loralib. `weight` is W0 as (out, in), or (in, out) with `fan_in_fan_out=True`
+    (GPT-2's Conv1D layout). With an adapter, W0 and only W0 is frozen. `merged` says whether scaling·ΔW sits inside `weight`;
+    merge() and unmerge() move it in and out (each idempotent). With `merge_weights=True`, eval()
+    merges (inference at the cost of the plain layer) and train() unmerges.
 
-    Holds the rank r, α, the scaling α/r, the dropouts and the merge flag. `lora_A` stacks the m
-    matrices A_g as (r·m, in); `lora_B` stacks the B_g as (d·m, r), d being the rows each update
-    writes. `weight` is W0 as (out, in), or (in, out) with `fan_in_fan_out=True` (GPT-2's Conv1D
-    layout). With an adapter, the pretrained W0, and only it, is frozen.
-
-    `merged` records whether scaling·ΔW currently sits inside `weight`. `merge()` and `unmerge()`
-    move it in and out, and each does nothing when already in the requested state. With
-    `merge_weights=True`, `eval()` merges (inference at the cost of the plain layer) and `train()`
-    unmerges (the gradient must reach A and B, not a merged W).
-
-    Three promises that loralib does not keep:
-    - A state dict always holds W0 in `weight`, merged or not, and loading a state dict into a
-      merged layer re-merges with the loaded A and B: a merged checkpoint never counts ΔW twice.
-    - Merging and unmerging write a new tensor instead of adding in place, so a tensor that
-      someone else holds (an earlier state dict, the source of load_state_dict(assign=True))
-      never changes. Each adds or subtracts in the weight's own dtype: W0 comes back up to a few
-      ulps in float32, about one ulp per cycle in bfloat16/float16.
-    - The forward pass never forms the (out × in) matrix ΔW; only merging does.
+    Three promises loralib does not keep. A state dict always holds W0, merged or not, and
+    loading into a merged layer re-merges with the loaded A and B: ΔW is never counted twice.
+    Merging writes a new tensor instead of adding in place, so a tensor someone else holds (an
+    earlier state dict, the source of load_state_dict(assign=True)) never changes; W0 comes back
+    up to rounding in the weight's dtype (about one ulp per cycle in bfloat16). The forward pass
+    never forms the (out × in) ΔW; only merging does.
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float,
-                 lora_dropout: float, lora_r_dropout: float, fan_in_fan_out: bool,
-                 merge_weights: bool, bias: bool, groups: int, group_size: int,
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
+                 lora_r_dropout: float, enable_lora: Sequence[bool], fan_in_fan_out: bool,
+                 merge_weights: bool, bias: bool, device=None, dtype=None):
         nn.Module.__init__(self)  # not nn.Linear's: it would draw W0 once in the wrong layout
         _check_lora(r, lora_alpha, lora_dropout, lora_r_dropout)
         new = dict(device=device, dtype=dtype)
+        self.enable_lora = [bool(e) for e in enable_lora]
+        self.group_size = d = out_features // len(enable_lora)
+        self.lora_groups = [g for g, on in enumerate(self.enable_lora) if on]   # plain ints
+        m = len(self.lora_groups)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha = r, lora_alpha
         self.scaling = lora_alpha / r if r > 0 else 0.0
         self.fan_in_fan_out = fan_in_fan_out
         self.merge_weights = merge_weights
         self.merged = False
-        self.has_lora = r > 0 and groups > 0
+        self.has_lora = r > 0 and m > 0
         w_shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(w_shape, **new), requires_grad=not self.has_lora)
         self.bias = nn.Parameter(torch.empty(out_features, **new)) if bias else None
         if self.has_lora:
-            self.lora_A = nn.Parameter(torch.empty(r * groups, in_features, **new))   # (r·m, in)
-            self.lora_B = nn.Parameter(torch.empty(group_size * groups, r, **new))    # (d·m, r)
+            self.lora_A = nn.Parameter(torch.empty(r * m, in_features, **new))       # (r·m, in)
+            self.lora_B = nn.Parameter(torch.empty(d * m, r, **new))                 # (d·m, r)
         # Dropout modules hold no parameters, so they leave the state dict untouched.
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_r_dropout = nn.Dropout(lora_r_dropout) if lora_r_dropout > 0 else nn.Identity()
@@ -252,7 +251,28 @@ class LoRALayer(nn.Linear):
         """Move between (out, in), the layout of ΔW, and the layout `weight` is stored in."""
         return w.transpose(0, 1) if self.fan_in_fan_out else w
 
-    # Subclasses implement delta_weight() -> scaling·ΔW in weight's layout, and forward().
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · ΔW, laid out like `weight`; rows of disabled groups are zero."""
+        r, d = self.r, self.group_size
+        delta = self.lora_A.new_zeros((self.out_features, self.in_features))  # (out, in)
+        for j, g in enumerate(self.lora_groups):
+            delta[g * d:(g + 1) * d] = self.lora_B[j * d:(j + 1) * d] @ self.lora_A[j * r:(j + 1) * r]
+        return self._T(delta) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self._T(self.weight), self.bias)                  # (..., out)
+        if not self.has_lora or self.merged:
+            return result
+        r, d = self.r, self.group_size
+        # x Aᵀ once for all groups, scaled on the thin side: r·m multiplications per token, not out
+        h = self.lora_r_dropout(self.lora_dropout(x) @ self.lora_A.t()) * self.scaling  # (..., r·m)
+        parts = list(result.split(d, dim=-1))                                  # k × (..., d)
+        for j, g in enumerate(self.lora_groups):
+            # group g gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
+            parts[g] = parts[g] + h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t()
+        # One concatenation: in-place slice adds would make autograd clone the whole output's
+        # gradient once per group.
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]       # (..., out)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -287,55 +307,27 @@ class LoRALayer(nn.Linear):
         if was_merged:
             self.merge()  # ... then W0 (old or loaded) + ΔW of the loaded A, B
 
-    def _thin(self, x: torch.Tensor) -> torch.Tensor:
-        """scaling · x Aᵀ, (..., r·m): the input pushed through every A at once. Scaling the
-        thin side costs r·m multiplications per token instead of out."""
-        return self.lora_r_dropout(self.lora_dropout(x) @ self.lora_A.t()) * self.scaling
-
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
+        return nn.Linear.extra_repr(self) + f", r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}"
 
 
 class Linear(LoRALayer):
-    """A dense layer with a LoRA update: y = x W0ᵀ + b + scaling · (x Aᵀ) Bᵀ.
-
-    Parameters as in loralib: `weight` W0, `lora_A` A (r, in), `lora_B` B (out, r). The update is
-    applied as two thin matrix products, x → r numbers → out.
-    """
+    """A dense layer with a LoRA update: y = x W0ᵀ + b + scaling · (x Aᵀ) Bᵀ, in two thin matrix
+    products, x → r numbers → out. Parameters as in loralib: `lora_A` A (r, in), `lora_B` B (out, r)."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
                  bias: bool = True, lora_r_dropout: float = 0.0, device=None, dtype=None):
-        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, lora_r_dropout,
-                         fan_in_fan_out, merge_weights, bias, groups=1, group_size=out_features,
-                         device=device, dtype=dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · B A, laid out like `weight`."""
-        return self._T(self.lora_B @ self.lora_A) * self.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._T(self.weight), self.bias)                  # (..., out)
-        if self.has_lora and not self.merged:
-            result = result + self._thin(x) @ self.lora_B.t()                  # (..., r) @ (r, out)
-        return result
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, lora_r_dropout, [True],
+                         fan_in_fan_out, merge_weights, bias, device, dtype)
 
 
 class MergedLinear(LoRALayer):
     """One dense layer that is k projections side by side (GPT-2's fused Q,K,V: k = 3), with a
-    separate LoRA update on each group whose `enable_lora` flag is True.
-
-    Output features are split into k equal groups of d = out/k. For the m enabled groups,
-    `lora_A` stacks their A_g as (r·m, in) and `lora_B` stacks their B_g as (d·m, r), exactly as
-    in loralib. Group g receives scaling · x A_gᵀ B_gᵀ; disabled groups receive nothing.
-
-    The forward pass computes x Aᵀ once for all groups, (..., r·m), then each group's thin
-    product with B_g, and joins the output slices with one concatenation. loralib instead
-    rebuilds the full (out × in) ΔW with a grouped convolution on every call. No index tensor
-    is kept, so nothing is left behind when the module changes device.
-    """
+    separate LoRA update on each group whose `enable_lora` flag is True: group g receives
+    scaling · x A_gᵀ B_gᵀ, disabled groups nothing. loralib instead rebuilds the full (out × in)
+    ΔW with a grouped convolution on every call, and keeps an index tensor that stays behind when
+    the module changes device; here there is none."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
@@ -350,39 +342,11 @@ class MergedLinear(LoRALayer):
         if not _is_int(out_features) or out_features % len(enable_lora):
             raise ValueError(f"len(enable_lora) = {len(enable_lora)} must divide out_features = "
                              f"{out_features}: each flag stands for an equal slice of the output")
-        self.enable_lora = [bool(e) for e in enable_lora]
-        self.group_size = out_features // len(enable_lora)                      # d
-        self.lora_groups = [g for g, on in enumerate(self.enable_lora) if on]   # plain ints
-        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, lora_r_dropout,
-                         fan_in_fan_out, merge_weights, bias, groups=len(self.lora_groups),
-                         group_size=self.group_size, device=device, dtype=dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · ΔW, laid out like `weight`; rows of disabled groups are zero."""
-        r, d = self.r, self.group_size
-        delta = self.lora_A.new_zeros((self.out_features, self.in_features))  # (out, in)
-        for j, g in enumerate(self.lora_groups):
-            delta[g * d:(g + 1) * d] = self.lora_B[j * d:(j + 1) * d] @ self.lora_A[j * r:(j + 1) * r]
-        return self._T(delta) * self.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._T(self.weight), self.bias)                  # (..., out)
-        if not self.has_lora or self.merged:
-            return result
-        r, d = self.r, self.group_size
-        h = self._thin(x)                                                      # (..., r·m), once
-        parts = list(result.split(d, dim=-1))                                  # k × (..., d)
-        for j, g in enumerate(self.lora_groups):
-            # group g gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
-            parts[g] = parts[g] + h[..., j * r:(j + 1) * r] @ self.lora_B[j * d:(j + 1) * d].t()
-        # One concatenation: in-place slice adds would make autograd clone the whole output's
-        # gradient once per group.
-        return torch.cat(parts, dim=-1)                                        # (..., out)
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, lora_r_dropout, enable_lora,
+                         fan_in_fan_out, merge_weights, bias, device, dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# 3. Conv1D: GPT-2's linear layer, weight stored (in, out)
-# --------------------------------------------------------------------------------------------
+# ---- 3. Conv1D: GPT-2's linear layer, weight stored (in, out) ------------------------------------
 
 class Conv1D(nn.Module):
     """GPT-2's "Conv1D", which is a linear layer whose weight is stored transposed: y = x W + b
@@ -398,9 +362,7 @@ class Conv1D(nn.Module):
         return F.linear(x, self.weight.t(), self.bias)                         # (..., in) -> (..., out)
 
 
-# --------------------------------------------------------------------------------------------
-# 4. Attention, with LoRA on Q and V
-# --------------------------------------------------------------------------------------------
+# ---- 4. Attention, with LoRA on Q and V ----------------------------------------------------------
 
 class Attention(nn.Module):
     """Causal multi-head self-attention.
@@ -433,10 +395,7 @@ class Attention(nn.Module):
                 len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)                               # 3 × (B, T, C)
-        q = q.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
         mask = None
         if len_past is not None:     # fixed-size cache: write row len_past[b], out of place
             row = len_past.view(B, 1, 1, 1).expand(B, nh, 1, hs)
@@ -459,9 +418,7 @@ class Attention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), present
 
 
-# --------------------------------------------------------------------------------------------
-# 5. MLP and Block
-# --------------------------------------------------------------------------------------------
+# ---- 5. MLP and Block ----------------------------------------------------------------------------
 
 class MLP(nn.Module):
     """Position-wise feed-forward: C → 4C, GELU (GPT-2's tanh approximation), 4C → C."""
@@ -495,9 +452,7 @@ class Block(nn.Module):
         return x, present
 
 
-# --------------------------------------------------------------------------------------------
-# 6. GPT2Model: embeddings, n_layer blocks, final LayerNorm
-# --------------------------------------------------------------------------------------------
+# ---- 6. GPT2Model: embeddings, n_layer blocks, final LayerNorm -----------------------------------
 
 class GPT2Model(nn.Module):
     """The GPT-2 trunk: token + position embeddings, the blocks, a final LayerNorm.
@@ -520,10 +475,8 @@ class GPT2Model(nn.Module):
                 len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
         past_length = self._check_inputs(input_ids, past, len_past)
         B, T = input_ids.shape
-        if len_past is None:
-            pos = torch.arange(past_length, past_length + T, device=input_ids.device)   # (T,)
-        else:
-            pos = len_past.view(B, 1)                                          # (B, 1)
+        pos = torch.arange(past_length, past_length + T, device=input_ids.device) if len_past is None \
+            else len_past.view(B, 1)                                           # (T,) or (B, 1)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))                     # (B, T, C)
         presents = []
         for i, block in enumerate(self.h):
@@ -534,56 +487,37 @@ class GPT2Model(nn.Module):
     def _check_inputs(self, input_ids, past, len_past) -> int:
         """Clear errors for inputs that would otherwise fail deep inside; returns the past length."""
         cfg = self.config
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0 \
-                or input_ids.dtype not in (torch.long, torch.int32):
-            got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
-                   else type(input_ids).__name__)
-            raise ValueError(f"input_ids must be a non-empty integer tensor of shape (batch, time), got {got}")
+        if not _is_tensor(input_ids, 2, (torch.long, torch.int32)) or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty integer tensor of shape (batch, time), "
+                             f"got {_describe(input_ids)}")
         B, T = input_ids.shape
         _check_id_range(input_ids, cfg.vocab_size, "token ids", "check that the tokenizer matches the model")
-        if past is None:
-            if len_past is not None:
-                raise ValueError("len_past needs past: make a first call without len_past to get the cache")
-            past_length = 0
-        else:
-            if not isinstance(past, Sequence) or len(past) != cfg.n_layer or not all(
-                    isinstance(p, torch.Tensor) and p.dim() == 5 and p.shape[:3] == past[0].shape[:3]
-                    for p in past):
-                raise ValueError(f"past must be the list of {cfg.n_layer} caches (2, B, nh, T, hs) that "
-                                 f"a previous call returned")
-            if past[0].shape[1] != B:
-                raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed "
-                                 f"the same batch that produced it")
-            past_length = past[0].shape[-2]
-        if len_past is not None:
-            self._check_len_past(len_past, B, T, past_length)
-        elif past_length + T > cfg.n_ctx:
-            raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must "
-                             f"lie in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last "
-                             f"{cfg.n_ctx} tokens")
+        if past is None and len_past is not None:
+            raise ValueError("len_past needs past: make a first call without len_past to get the cache")
+        if past is not None and (not isinstance(past, Sequence) or len(past) != cfg.n_layer
+                                 or not all(_is_tensor(p, 5) and p.shape == past[0].shape for p in past)):
+            raise ValueError(f"past must be the list of {cfg.n_layer} caches (2, B, nh, T, hs) that a "
+                             f"previous call returned")
+        if past is not None and past[0].shape[1] != B:
+            raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed the "
+                             f"same batch that produced it")
+        past_length = 0 if past is None else past[0].shape[-2]
+        if len_past is None and past_length + T > cfg.n_ctx:
+            raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must lie "
+                             f"in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last {cfg.n_ctx} tokens")
+        if len_past is None:
+            return past_length
+        if not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,):
+            raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), the number "
+                             f"of real tokens before the new one in each row; got {_describe(len_past)}")
+        if T != 1:
+            raise ValueError(f"with len_past, feed exactly one new token per row, shape ({B}, 1); got {T}")
+        _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
+                        "pad the prompts to leave room for the tokens to generate")
         return past_length
 
-    @staticmethod
-    def _check_len_past(len_past, B: int, T: int, cache_length: int) -> None:
-        if not isinstance(len_past, torch.Tensor) or len_past.shape != (B,) or len_past.dtype != torch.long:
-            got = (f"{tuple(len_past.shape)} {len_past.dtype}" if isinstance(len_past, torch.Tensor)
-                   else type(len_past).__name__)
-            raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), the "
-                             f"number of real tokens before the new one in each row; got {got}")
-        if T != 1:
-            raise ValueError(f"with len_past, feed exactly one new token per row (input_ids of shape "
-                             f"({B}, 1)), got {T}")
-        if len_past.device.type == "cpu" and not torch.compiler.is_compiling():  # no sync elsewhere
-            lo, hi = int(len_past.min()), int(len_past.max())
-            if lo < 0 or hi >= cache_length:
-                raise ValueError(f"len_past values must lie in [0, {cache_length}), the rows of the "
-                                 f"cache, got values in [{lo}, {hi}]; pad the prompts to leave room "
-                                 f"for the tokens to generate")
 
-
-# --------------------------------------------------------------------------------------------
-# 7. The language-model head, tied to the token embedding
-# --------------------------------------------------------------------------------------------
+# ---- 7. The language-model head, tied to the token embedding -------------------------------------
 
 class GPT2LMHead(nn.Module):
     """logits = h wteᵀ. `decoder.weight` is the very Parameter `wte.weight` (shared storage, one
@@ -599,9 +533,7 @@ class GPT2LMHead(nn.Module):
         return self.decoder(hidden_state)                                      # (B, T, V)
 
 
-# --------------------------------------------------------------------------------------------
-# 8. GPT2LMModel: the full model, its loss, accuracy and generation
-# --------------------------------------------------------------------------------------------
+# ---- 8. GPT2LMModel: the full model, its loss, accuracy and generation ---------------------------
 
 class GPT2LMModel(nn.Module):
     """GPT-2 language model with optional LoRA adapters on Q and V (rank config.lora_attn_dim).
@@ -625,8 +557,7 @@ class GPT2LMModel(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2's init. Only `weight` and `bias` are touched: LoRA's A keeps its kaiming init
-        # and B stays zero.
+        # GPT-2's init. Only `weight` and `bias` are touched: LoRA's A keeps its init, B stays zero.
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, Conv1D, nn.Embedding)) and module is not self.lm_head.decoder:
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -651,16 +582,12 @@ class GPT2LMModel(nn.Module):
 
     def _target_mask(self, input_ids, lm_labels, lm_mask, label_smooth) -> torch.Tensor:
         """lm_mask (ones when None) with the positions of negative labels set to 0, as float."""
-        if not isinstance(lm_labels, torch.Tensor) or lm_labels.shape != input_ids.shape \
-                or lm_labels.dtype not in (torch.long, torch.int32):
-            got = (f"{tuple(lm_labels.shape)} {lm_labels.dtype}" if isinstance(lm_labels, torch.Tensor)
-                   else type(lm_labels).__name__)
+        if not _is_tensor(lm_labels, 2, (torch.long, torch.int32)) or lm_labels.shape != input_ids.shape:
             raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {got}")
-        if lm_mask is not None and (not isinstance(lm_mask, torch.Tensor) or lm_mask.shape != input_ids.shape):
-            got = tuple(lm_mask.shape) if isinstance(lm_mask, torch.Tensor) else type(lm_mask).__name__
+                             f"{tuple(input_ids.shape)}, got {_describe(lm_labels)}")
+        if lm_mask is not None and not (_is_tensor(lm_mask, 2) and lm_mask.shape == input_ids.shape):
             raise ValueError(f"lm_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {got}")
+                             f"got {_describe(lm_mask)}")
         if not (_is_real(label_smooth) and 0.0 <= label_smooth < 1.0):
             raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
         _check_id_range(lm_labels, self.config.vocab_size, "lm_labels",
@@ -692,33 +619,36 @@ class GPT2LMModel(nn.Module):
         all_acc = (hit | ~counted).all(dim=1)
         return t1_acc.float(), all_acc.float()
 
-    # ---- checkpoint formats (the code is in section 11) --------------------------------------
+    # ---- checkpoint formats, thin methods over section 11 -------------------------------------
 
     def load_weight(self, state_dict: Union[Mapping[str, torch.Tensor], str, os.PathLike]) -> "GPT2LMModel":
-        """Load GPT-2 and/or LoRA weights from a state dict or a file, in any of the usual forms:
-
-        Hugging Face GPT-2 (keys with or without `transformer.`), microsoft/LoRA checkpoints
-        (a {'model_state_dict': ...} wrapper, `module.` prefixes from DistributedDataParallel,
-        full or LoRA-only), and this module's own state dicts. The causal-mask buffers
-        `attn.bias` / `attn.masked_bias` and a head tied to wte are ignored; an untied head is
-        refused. The base weights must be all present or all absent (a LoRA-only file, which may
-        also carry trained biases, see lora_state_dict); the LoRA weights all present or all
-        absent. A shape that does not fit raises a ValueError naming the key and both shapes.
-        """
+        """Load GPT-2 and/or LoRA weights from a state dict or a file: Hugging Face GPT-2,
+        microsoft/LoRA checkpoints (full or LoRA-only, DDP's `module.` prefixes) or our own.
+        Base weights must be all present or all absent (a LoRA-only file may carry biases), and
+        so must LoRA weights; a shape that does not fit raises a ValueError naming the key."""
         return _load_weight(self, state_dict)
 
     @classmethod
     def from_pretrained(cls, source: Union[str, os.PathLike], **config_overrides) -> "GPT2LMModel":
-        """GPT-2 weights from a Hugging Face checkpoint folder (config.json with model.safetensors
-        or pytorch_model.bin), a single weights file (.safetensors, .bin, .pt), or a hub name
-        (gpt2, gpt2-medium, gpt2-large, gpt2-xl; needs `pip install huggingface_hub`).
-
-        The sizes come from config.json, or else from the tensor shapes (n_head from the matching
-        GPT-2 preset, or from `n_head=`). `config_overrides` set the rest, typically the LoRA
-        rank: `GPT2LMModel.from_pretrained("gpt2", lora_attn_dim=4, lora_attn_alpha=32)`. A file
-        with LoRA weights sets the rank from their shape unless `lora_attn_dim` is given.
-        """
+        """A model from a Hugging Face folder (config.json with model.safetensors or
+        pytorch_model.bin), one weights file (.safetensors, .bin, .pt), or a hub name (gpt2,
+        gpt2-medium, gpt2-large, gpt2-xl; needs huggingface_hub). Sizes come from config.json or
+        from the tensor shapes; `config_overrides` set the rest, typically the LoRA rank:
+        from_pretrained("gpt2", lora_attn_dim=4, lora_attn_alpha=32). LoRA weights in the file
+        set the rank, and then α must be given: no checkpoint records it."""
         return _from_pretrained(cls, source, config_overrides)
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
+        """Write a Hugging Face GPT-2 folder, ΔW merged in."""
+        save_pretrained(self, folder)
+
+    def save_adapter(self, folder: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None) -> None:
+        """Write the adapters as a PEFT LoRA folder: one rank-2r LoRA on c_attn."""
+        save_adapter(self, folder, base_model_name_or_path)
+
+    def load_adapter(self, folder: Union[str, os.PathLike]) -> "GPT2LMModel":
+        """Read a PEFT LoRA folder written by save_adapter onto this base."""
+        return load_adapter(self, folder)
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -726,14 +656,10 @@ class GPT2LMModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Append `max_new_tokens` tokens to `input_ids` (B, T) and return (B, T + max_new_tokens).
-
-        temperature 0 picks the most likely token (greedy); otherwise tokens are sampled from
-        softmax(logits / temperature), restricted to the `top_k` most likely when given. With the
-        cache each step feeds only the newest token; once the context would exceed n_ctx the
-        model re-reads the last n_ctx tokens, exactly as the uncached loop does. Call eval()
-        first unless dropout is wanted.
-        """
+        """Append `max_new_tokens` tokens to `input_ids` (B, T), returning (B, T + max_new_tokens):
+        the most likely (temperature 0), or sampled from softmax(logits / temperature) among the
+        `top_k` most likely. With the cache each step feeds only the newest token; past n_ctx the
+        model re-reads the last n_ctx tokens, as the uncached loop does. Call eval() first."""
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if not (_is_real(temperature) and temperature >= 0):
@@ -762,9 +688,7 @@ class GPT2LMModel(nn.Module):
         return idx
 
 
-# --------------------------------------------------------------------------------------------
-# 9. Presets: the four published GPT-2 sizes
-# --------------------------------------------------------------------------------------------
+# ---- 9. Presets: the four published GPT-2 sizes --------------------------------------------------
 
 # n_embd / n_layer / n_head of the four published GPT-2 sizes.
 PRESETS: Dict[str, Dict[str, int]] = {
@@ -783,9 +707,7 @@ HUB_MODELS: Dict[str, Tuple[str, str]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# 10. Helpers: what to train, what to save, merging
-# --------------------------------------------------------------------------------------------
+# ---- 10. Helpers: what to train, what to save, merging -------------------------------------------
 
 _BIAS_MODES = ("none", "all", "lora_only")
 
@@ -794,38 +716,32 @@ def _lora_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, LoRALayer)]
 
 
-def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Make lora_A / lora_B trainable and freeze everything else, except biases as `bias` says:
-    'none' (all frozen), 'all' (every bias trains), 'lora_only' (biases of LoRA layers train)."""
+def _is_lora_name(model: nn.Module, name: str, bias: str) -> bool:
+    """Whether a parameter name belongs to LoRA's part: lora_A / lora_B, and biases as `bias` says:
+    'none' (no bias), 'all' (every bias), 'lora_only' (biases of layers with an adapter)."""
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
+    if "lora_" in name or (bias == "all" and name.endswith("bias")):
+        return True
+    adapted = {f"{n}.bias" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
+    return bias == "lora_only" and name in adapted
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Make lora_A / lora_B (and biases, as `bias` says) trainable and freeze everything else."""
     for name, p in model.named_parameters():
-        p.requires_grad = "lora_" in name or (bias == "all" and name.endswith("bias"))
-    if bias == "lora_only":
-        for m in _lora_layers(model):
-            if m.has_lora and m.bias is not None:
-                m.bias.requires_grad = True
+        p.requires_grad = _is_lora_name(model, name, bias)
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Tensor]:
-    """The LoRA tensors of `model.state_dict()` (plus biases, per `bias` as above): a checkpoint
-    of a few hundred kilobytes to a few megabytes instead of the whole model."""
-    if bias not in _BIAS_MODES:
-        raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
-    sd = model.state_dict()
-    keep = {k for k in sd if "lora_" in k}
-    if bias == "all":
-        keep |= {k for k in sd if k.endswith("bias")}
-    elif bias == "lora_only":
-        lora_prefixes = {n + "." for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
-        keep |= {k for k in sd if k.endswith("bias") and any(k.startswith(p) for p in lora_prefixes)}
-    return {k: sd[k] for k in sd if k in keep}
+    """The LoRA tensors of `model.state_dict()` (plus biases, as `bias` says): a checkpoint of a few
+    hundred kilobytes to a few megabytes instead of the whole model."""
+    return {k: v for k, v in model.state_dict().items() if _is_lora_name(model, k, bias)}
 
 
 def lora_parameter_count(config: GPT2Config) -> int:
-    """Trainable LoRA parameters: n_layer × 2 (Q and V) × (n_embd + n_embd) × r.
-
-    Per adapted projection, A is (r, C) and B is (C, r): 2·C·r numbers."""
+    """Trainable LoRA parameters: n_layer × 2 (Q and V) × (n_embd + n_embd) × r, since per adapted
+    projection A is (r, C) and B is (C, r)."""
     return config.n_layer * 2 * (config.n_embd + config.n_embd) * config.lora_attn_dim
 
 
@@ -855,24 +771,41 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """A SHA-256 of the frozen base: every non-LoRA tensor of the trunk, by name, shape and value
-    (as float32, so the same numbers stored in another dtype give the same fingerprint). An
-    adapter records it, so that it can refuse a base it was not trained on."""
+    """A SHA-256 of the frozen base, which an adapter records so that it can refuse another base:
+    every tensor of the trunk by name, shape and value (as float32: the same numbers stored in
+    another dtype give the same fingerprint), except LoRA tensors and the weights they adapt,
+    which a merge/unmerge cycle moves by rounding."""
     h = hashlib.sha256()
     sd = model.state_dict()
-    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k):
+    adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
+    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and k not in adapted):
         v = sd[k].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{k}:{tuple(v.shape)};".encode())
         h.update(v.numpy().tobytes())
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------
-# 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out
-# --------------------------------------------------------------------------------------------
+# ---- 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out -------------------
 
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of HF / microsoft
 _HEAD_KEYS = ("lm_head.weight", "lm_head.decoder.weight")  # tied to wte
+
+
+def _safetensors():
+    try:  # imported here only: safetensors stays optional
+        import safetensors.torch
+    except ImportError:
+        raise ValueError("Hugging Face and PEFT files need the safetensors package: pip install safetensors") from None
+    return safetensors
+
+
+def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    with_metadata = _safetensors()
+    try:
+        with with_metadata.safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # truncated or foreign files
+        raise ValueError(f"cannot read {path} as a safetensors file ({type(e).__name__}: {e})") from None
 
 
 def _read_weights(path: Union[str, os.PathLike]) -> Mapping[str, torch.Tensor]:
@@ -880,19 +813,23 @@ def _read_weights(path: Union[str, os.PathLike]) -> Mapping[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ValueError(f"no weights file at {path!r}")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f"reading {path} needs the safetensors package: pip install safetensors") from None
-        try:
-            return load_file(path)
-        except Exception as e:  # truncated or foreign files
-            raise ValueError(f"cannot read {path} as a safetensors file ({type(e).__name__}: {e})") from None
+        return _read_safetensors(path)[0]
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
     except Exception as e:  # pickle errors, truncated files, non-torch files
         reason = str(e).split("\n")[0].strip().rstrip(".")  # not torch's advice to drop weights_only
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {reason})") from None
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path} as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
@@ -906,21 +843,14 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} is not a name mapped to a tensor")
-        k = key
-        for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
-            k = k[len(prefix):] if k.startswith(prefix) else k
+        k = key.removeprefix("module.").removeprefix("_orig_mod.")  # DDP, torch.compile
         if k in _HEAD_KEYS:
             head = value
-            continue
-        if k.endswith(_IGNORED_SUFFIXES):
-            continue
-        k = k[len("transformer."):] if k.startswith("transformer.") else k
-        # Old OpenAI-style names, as microsoft/LoRA's loader also accepts.
-        if k.endswith((".g", ".w")):
-            k = k[:-2] + ".weight"
-        elif k.endswith(".b"):
-            k = k[:-2] + ".bias"
-        out[k] = value
+        elif not k.endswith(_IGNORED_SUFFIXES):
+            k = k.removeprefix("transformer.")
+            # Old OpenAI-style names, as microsoft/LoRA's loader also accepts.
+            k = k[:-2] + ".weight" if k.endswith((".g", ".w")) else k[:-2] + ".bias" if k.endswith(".b") else k
+            out[k] = value
     if head is not None and "wte.weight" in out and not torch.equal(head, out["wte.weight"]):
         raise ValueError("the checkpoint's lm_head differs from its token embedding (an untied head, "
                          "tie_word_embeddings=false): GPT-2 ties them, and this model cannot hold both")
@@ -930,7 +860,7 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
 def _load_weight(model: GPT2LMModel, state_dict) -> GPT2LMModel:
     sd = _normalize_state_dict(_read_weights(state_dict) if isinstance(state_dict, (str, os.PathLike))
                                else state_dict)
-    own = {k[len("transformer."):]: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
+    own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k.startswith("transformer.")}
     if not sd:
         raise ValueError("the checkpoint holds no GPT-2 or LoRA weights")
     unexpected = sorted(set(sd) - set(own))
@@ -940,11 +870,10 @@ def _load_weight(model: GPT2LMModel, state_dict) -> GPT2LMModel:
             hint = " (the checkpoint holds LoRA weights: build the model with lora_attn_dim = r > 0)"
         raise ValueError(f"checkpoint keys this model does not have: {_short(unexpected)}{hint}")
     for k, v in sd.items():
-        if tuple(v.shape) != tuple(own[k].shape):
+        if v.shape != own[k].shape:
             raise ValueError(f"checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model "
                              f"expects {tuple(own[k].shape)}; the config does not fit this checkpoint")
-    for kind, keys in (("base", [k for k in own if "lora_" not in k]),
-                       ("LoRA", [k for k in own if "lora_" in k])):
+    for kind, keys in (("base", [k for k in own if "lora_" not in k]), ("LoRA", [k for k in own if "lora_" in k])):
         present = [k for k in keys if k in sd]
         adapter_biases = kind == "base" and all(k.endswith(".bias") for k in present)
         if present and len(present) != len(keys) and not adapter_biases:
@@ -955,69 +884,48 @@ def _load_weight(model: GPT2LMModel, state_dict) -> GPT2LMModel:
 
 
 def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
-    name = source = os.fspath(source)
-    if not os.path.exists(source) and source in HUB_MODELS:
-        source = _download_from_hub(HUB_MODELS[source][0])
-    folder_config = None
-    if os.path.isdir(source):
-        weights_path = next((os.path.join(source, f) for f in ("model.safetensors", "pytorch_model.bin")
-                             if os.path.isfile(os.path.join(source, f))), None)
-        if weights_path is None:
-            raise ValueError(f"{source} holds neither model.safetensors nor pytorch_model.bin")
-        cfg_path = os.path.join(source, "config.json")
-        if os.path.isfile(cfg_path):
-            folder_config = _config_from_hf_json(_read_json(cfg_path), cfg_path)
-    elif os.path.isfile(source):
-        weights_path = source
-    else:
-        raise ValueError(f"no checkpoint at {source!r}: give a folder, a weights file, or one of "
-                         f"{', '.join(HUB_MODELS)}")
-    sd = _normalize_state_dict(_read_weights(weights_path))
+    name = path = os.fspath(source)
+    if not os.path.exists(path) and path in HUB_MODELS:
+        path = _download_from_hub(HUB_MODELS[path][0])
+    values = None
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            values = _config_from_hf_json(_read_json(os.path.join(path, "config.json")), path)
+        path = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")
+                     if os.path.isfile(os.path.join(path, f))), path + "/model.safetensors")
+    elif not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of {', '.join(HUB_MODELS)}")
+    sd = _normalize_state_dict(_read_weights(path))
     if "wte.weight" not in sd or sd["wte.weight"].dim() != 2:
-        raise ValueError(f"{weights_path} holds no GPT-2 base weights (no 2-D wte.weight); if it is a "
-                         f"LoRA-only checkpoint, load a base model first, then model.load_weight(path)")
-    values = folder_config if folder_config is not None else _config_from_shapes(sd, config_overrides)
+        raise ValueError(f"{path} holds no GPT-2 base weights (no 2-D wte.weight); if it is a LoRA-only "
+                         f"checkpoint, load a base model first, then model.load_weight(path)")
+    values = _config_from_shapes(sd, config_overrides) if values is None else values
     if "h.0.attn.c_attn.lora_A" in sd:
-        if "lora_attn_dim" not in config_overrides:
-            values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
-        # No checkpoint records α, and a guessed α would silently rescale ΔW.
-        if "lora_attn_alpha" not in config_overrides:
-            raise ValueError(f"{weights_path} holds LoRA weights, whose scaling α/r depends on "
-                             f"α: pass lora_attn_alpha=... (the α they were trained with)")
-    values.update(config_overrides)
-    model = cls(GPT2Config.from_dict(values)).load_weight(sd)
+        values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
+        if "lora_attn_alpha" not in config_overrides:  # a guessed α would silently rescale ΔW
+            raise ValueError(f"{path} holds LoRA weights, whose scaling α/r depends on α: pass "
+                             f"lora_attn_alpha=... (the α they were trained with)")
+    model = cls(GPT2Config.from_dict({**values, **config_overrides})).load_weight(sd)
     model.name_or_path = name  # where the base came from, recorded in exported adapters
     return model
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path} as JSON ({type(e).__name__}: {e})") from None
-
-
-def _config_from_hf_json(cfg, path: str) -> dict:
+def _config_from_hf_json(cfg: dict, where: str) -> dict:
     """The GPT2Config fields of a Hugging Face GPT-2 config.json; refuses variants we don't build."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
-    if cfg.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not gpt2")
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        raise ValueError(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if cfg.get(flag):
-            raise ValueError(f"{path}: {flag}=true is not supported by this GPT-2")
-    if cfg.get("scale_attn_weights", True) is False:
-        raise ValueError(f"{path}: scale_attn_weights=false is not supported by this GPT-2")
-    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
-            "initializer_range")
+    unsupported = {"model_type": cfg.get("model_type", "gpt2") != "gpt2",
+                   "activation_function": cfg.get("activation_function", "gelu_new") not in
+                   ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # GPT-2's tanh GELU
+                   "scale_attn_by_inverse_layer_idx": cfg.get("scale_attn_by_inverse_layer_idx"),
+                   "reorder_and_upcast_attn": cfg.get("reorder_and_upcast_attn"),
+                   "scale_attn_weights": cfg.get("scale_attn_weights", True) is False}
+    for key, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"{where}: {key} = {cfg[key]!r} is not supported by this GPT-2")
+    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon", "initializer_range")
     values = {k: cfg[k] for k in keys if k in cfg}
     GPT2Config.from_dict({**values, "n_ctx": 1})  # a ValueError naming a bad field, before arithmetic
     if cfg.get("n_inner") not in (None, 4 * values.get("n_embd", 768)):
-        raise ValueError(f"{path}: n_inner={cfg['n_inner']} is not 4·n_embd, which this GPT-2 assumes")
+        raise ValueError(f"{where}: n_inner = {cfg['n_inner']} is not 4·n_embd, which this GPT-2 assumes")
     n_ctx = cfg.get("n_ctx", values.get("n_positions", 1024))
     values["n_ctx"] = min(n_ctx, values.get("n_positions", 1024)) if _is_int(n_ctx) else n_ctx
     return values
@@ -1027,15 +935,12 @@ def _config_from_shapes(sd: Mapping[str, torch.Tensor], overrides: Mapping) -> d
     V, C = sd["wte.weight"].shape
     n_pos = sd["wpe.weight"].shape[0] if "wpe.weight" in sd else 1024
     layers = {int(k.split(".")[1]) for k in sd if k.startswith("h.") and k.split(".")[1].isdigit()}
-    values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos,
-                  n_layer=max(layers) + 1 if layers else 0)
+    values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos, n_layer=max(layers, default=-1) + 1)
     heads = [p["n_head"] for p in PRESETS.values() if p["n_embd"] == C]
-    if heads:
-        values["n_head"] = heads[0]
-    elif "n_head" not in overrides:
+    if not heads and "n_head" not in overrides:
         raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size); "
                          f"pass n_head=... to from_pretrained")
-    return values
+    return {**values, "n_head": heads[0]} if heads else values
 
 
 def _download_from_hub(repo_id: str) -> str:
@@ -1055,6 +960,124 @@ def _download_from_hub(repo_id: str) -> str:
         raise ValueError(f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}: "
                          f"{e}); check the network, or pass a local checkpoint folder") from None
     return os.path.dirname(cfg)
+
+
+def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str, config: dict):
+    """Write weights and config so that an interruption never leaves a folder that loads wrong: both
+    go to temporary names; then the old config goes (new weights must never meet it), the weights
+    move into place, the config last, as loaders look for it. No temporary file stays behind."""
+    save_file = _safetensors().torch.save_file
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
+    os.makedirs(folder, exist_ok=True)
+    names = (weights_name, config_name)
+    temps = [os.path.join(folder, f".{name}.{os.getpid()}.tmp") for name in names]
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    try:
+        save_file(tensors, temps[0], metadata)
+        with open(temps[1], "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if os.path.exists(os.path.join(folder, config_name)):
+            os.remove(os.path.join(folder, config_name))
+        for name, temp in zip(names, temps):
+            os.replace(temp, os.path.join(folder, name))
+    finally:
+        for temp in filter(os.path.exists, temps):
+            os.remove(temp)
+
+
+def save_pretrained(model: GPT2LMModel, folder) -> None:
+    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, no LoRA
+    tensors, the tied head stored once (as wte): transformers' GPT2LMHeadModel.from_pretrained and
+    ours give this model's logits from it. The model itself is left as it was, merged or not."""
+    cfg, p = model.config, model.config.fix_dropout
+    tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
+    eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
+    hf_config = dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+        n_positions=cfg.n_positions, n_ctx=cfg.n_ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=p, embd_pdrop=p,
+        attn_pdrop=p, layer_norm_epsilon=cfg.layer_norm_epsilon, initializer_range=cfg.initializer_range,
+        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot,
+        torch_dtype=str(model.transformer.wte.weight.dtype).replace("torch.", ""))
+    _write_folder(folder, "model.safetensors", tensors, {"format": "pt"}, "config.json", hf_config)
+
+
+_PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
+
+
+def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the LoRA weights as a PEFT adapter folder: peft.PeftModel.from_pretrained(hf_gpt2,
+    folder) gives this model's logits on the Hugging Face base, and load_adapter reads it back exactly.
+
+    PEFT puts one LoRA on the whole fused c_attn, ΔW = B'A' on Q, K and V; we have two, B_q A_q on
+    Q and B_v A_v on V. They are the same update with A' = [A_q; A_v] (2r × C, our lora_A as it is)
+    and B' (3C × 2r) block-diagonal: Q rows hold B_q against A_q's half, K rows are zero, V rows hold
+    B_v against A_v's half; so B'A' stacks B_q A_q, 0, B_v A_v. A rank-2r LoRA: r' = 2r, α' = 2α,
+    α'/r' = α/r. The base fingerprint goes in the safetensors metadata (PEFT warns of unknown keys)."""
+    cfg, r, C = model.config, model.config.lora_attn_dim, model.config.n_embd
+    if r == 0:
+        raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained saves it whole")
+    tensors = {}
+    for i, block in enumerate(model.transformer.h):
+        A, B = block.attn.c_attn.lora_A.detach(), block.attn.c_attn.lora_B.detach()  # (2r, C), (2C, r)
+        B2 = B.new_zeros(3 * C, 2 * r)                                        # (3C, 2r), K rows stay 0
+        B2[:C, :r], B2[2 * C:, r:] = B[:C], B[C:]                             # B_q on A_q, B_v on A_v
+        tensors[_PEFT_KEY.format(i, "A")], tensors[_PEFT_KEY.format(i, "B")] = A, B2
+    adapter_config = dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * cfg.lora_attn_alpha,
+        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias="none",
+        use_rslora=False, use_dora=False,
+        base_model_name_or_path=base_model_name_or_path or getattr(model, "name_or_path", None))
+    metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model)}
+    _write_folder(folder, "adapter_model.safetensors", tensors, metadata, "adapter_config.json", adapter_config)
+
+
+def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
+    """Set the LoRA weights from a PEFT adapter folder as save_adapter writes it (its identity read
+    backwards); the model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses what it
+    cannot represent: K rows in B', a B' not block-diagonal, other modules, rsLoRA, DoRA, per-layer
+    r or α, a rank that does not fit, another base (by fingerprint). Nothing changes unless all fit."""
+    cfg_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    if not (os.path.isfile(cfg_path) and os.path.isfile(weights_path)):
+        raise ValueError(f"{folder} is no PEFT adapter: it lacks adapter_config.json or adapter_model.safetensors")
+    ac = _read_json(cfg_path)
+    sd, metadata = _read_safetensors(weights_path)
+    cfg, r2, alpha2 = model.config, ac.get("r"), ac.get("lora_alpha")
+    r, C = cfg.lora_attn_dim, cfg.n_embd
+    unsupported = {"peft_type": ac.get("peft_type") != "LORA",
+                   "target_modules": ac.get("target_modules") not in ("c_attn", ["c_attn"]),
+                   **{flag: ac.get(flag) for flag in ("use_rslora", "use_dora", "lora_bias", "rank_pattern",
+                                                      "alpha_pattern")}}
+    for key, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds plain LoRA "
+                             f"on c_attn (Q and V), one r and α")
+    if not (r > 0 and r2 == 2 * r and _is_real(alpha2)   # r' even: A' stacks A_q and A_v
+            and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r, rel_tol=1e-9)):
+        raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with lora_attn_dim = r'/2 "
+                         f"(r' even) and lora_attn_alpha = α'/2; this one has {r} and {cfg.lora_attn_alpha}")
+    expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"}
+    if set(sd) != expected:
+        raise ValueError(f"{weights_path}: weights this model cannot hold: {_short(sorted(set(sd) - expected))}; "
+                         f"missing: {_short(sorted(expected - set(sd)))}")
+    new = {}
+    for i in range(cfg.n_layer):
+        A2, B2 = sd[_PEFT_KEY.format(i, "A")], sd[_PEFT_KEY.format(i, "B")]   # (2r, C), (3C, 2r)
+        if A2.shape != (2 * r, C) or B2.shape != (3 * C, 2 * r):
+            raise ValueError(f"layer {i}: A' {tuple(A2.shape)}, B' {tuple(B2.shape)} are not {(2 * r, C)}, "
+                             f"{(3 * C, 2 * r)}: the adapter is for another model size")
+        if B2[C:2 * C].any():
+            raise ValueError(f"layer {i}: B' has non-zero K rows; this model keeps W_k frozen (LoRA on Q, V only)")
+        if B2[:C, r:].any() or B2[2 * C:, :r].any():
+            raise ValueError(f"layer {i}: B' is not block-diagonal (Q rows read A_v's half of A', or V rows "
+                             f"A_q's); this model gives Q and V separate A's")
+        new[f"h.{i}.attn.c_attn.lora_A"] = A2                                 # [A_q; A_v] (2r, C)
+        new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B2[:C, :r], B2[2 * C:, r:]))  # [B_q; B_v] (2C, r)
+    if metadata.get("base_fingerprint") not in (None, base_fingerprint(model)):
+        raise ValueError(f"{folder} was saved on another base model (its base_fingerprint differs); "
+                         f"load it onto the base it was trained on")
+    return model.load_weight(new)  # copies in place, and keeps a merged model merged
 
 
 def _short(keys: List[str], n: int = 6) -> str:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_gpt2 as L
-import wip_formats as fmt
+fmt = L
 
 settings.register_profile("dev", max_examples=20, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +70,7 @@ def no_temp_files(folder):
 
 # ---- the oracles: transformers and peft ------------------------------------------------------
 
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(dtype=st.sampled_from([torch.float32, torch.float64]), n_head=st.integers(1, 2),
        head_size=st.integers(4, 8), n_layer=st.integers(1, 2), r=st.integers(1, 3),
        alpha=st.floats(0.5, 32.0), seed=st.integers(0, 2**16))
@@ -201,7 +201,7 @@ UNSUPPORTED = {  # name: (edit of the saved adapter, model to load into, error m
     "rsLoRA": (dict(config=lambda c: c.update(use_rslora=True)), {}, "use_rslora"),
     "DoRA": (dict(config=lambda c: c.update(use_dora=True)), {}, "use_dora"),
     "rank pattern": (dict(config=lambda c: c.update(rank_pattern={"h.0": 8})), {}, "rank_pattern"),
-    "not LoRA": (dict(config=lambda c: c.update(peft_type="IA3")), {}, "peft_type 'IA3'"),
+    "not LoRA": (dict(config=lambda c: c.update(peft_type="IA3")), {}, "peft_type = 'IA3'"),
     "odd rank": (dict(config=lambda c: c.update(r=3)), {}, r"r' = 3, .*lora_attn_dim = r'/2 \(r' even\)"),
     "other rank": ({}, dict(r=1, alpha=3.0), r"r' = 4, α' = 12.0 .*this one has 1 and 3.0"),
     "rank 0": ({}, dict(r=0), r"lora_attn_dim = r'/2 .*lora_attn_alpha = α'/2; this one has 0"),
@@ -242,8 +242,6 @@ def test_load_adapter_keeps_a_merged_model_merged_with_the_new_update(tmp_path):
     torch.testing.assert_close(logits(model)[0], logits(saver)[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="base_fingerprint hashes c_attn.weight, which a merge/unmerge "
-                                       "cycle changes by rounding; it should leave LoRA layers' weights out")
 def test_an_adapter_saved_after_a_merge_cycle_loads_onto_its_untouched_base(tmp_path):
     """merge_lora then unmerge_lora (an evaluation, say) before save_adapter: the adapter still
     loads onto the very base it was trained on."""
