@@ -1,1172 +1,685 @@
 #!/usr/bin/env python
 """LoRA fine-tuning of GPT-2 on Tiny Shakespeare, from a laptop CPU to several GPUs.
 
-    python train_shakespeare.py --rank 4                   # offline: char-level base, then LoRA
-    python train_shakespeare.py --rank 0                   # the same run, fine-tuning every weight
+    python train_shakespeare.py --rank 4                   # char-level base, then LoRA (offline)
+    python train_shakespeare.py --rank 0                   # the same, fine-tuning every weight
     python train_shakespeare.py --init-from gpt2 --rank 8  # adapt pretrained GPT-2 (BPE tokens)
-    torchrun --nproc_per_node=4 train_shakespeare.py ...   # DistributedDataParallel, same options
+    python train_shakespeare.py --resume                   # continue the run in --out-dir
+    torchrun --nproc_per_node=4 train_shakespeare.py ...   # DistributedDataParallel
 
-Two starting points:
+With `--init-from scratch` (the default) there is no pretrained character-level GPT-2 to
+download, so the script makes one: it pretrains a small base on the first half of the training
+text, caches it in --out-dir, freezes it and trains rank-r LoRA on Q and V over the other half.
+The last 10% of the text is held out throughout. `--init-from gpt2|gpt2-medium|...|PATH` starts
+from pretrained weights (a hub name, a Hugging Face folder or a weights file) and adapts on the
+whole training split, in GPT-2's BPE tokens (pip install tiktoken, or transformers).
 
-* `--init-from scratch` (default). There is no pretrained character-level GPT-2 to download, so
-  the script makes one: it pretrains a small base on the first part of the training text (all
-  weights trainable), caches it in --out-dir, then freezes it and trains rank-r LoRA adapters on
-  Q and V over the rest of the training text. The last 10% of the text is held out throughout.
-  The base has only seen half the training text and is still improving, so adapting it on new
-  text lowers the held-out loss; `--rank 0` runs the same adaptation with every weight trainable,
-  for comparison.
-* `--init-from gpt2|gpt2-medium|gpt2-large|gpt2-xl|PATH`: pretrained GPT-2 weights (a hub name, a
-  Hugging Face folder or weights file, or a checkpoint this script wrote), adapted on the whole
-  training split. Hub weights and GPT-2's BPE tokenizer need optional packages (tiktoken or
-  transformers, huggingface_hub), imported only on this path.
+Files in --out-dir, each a dict of tensors, numbers and strings that torch.load reads with
+weights_only=True, written to a temporary file that then replaces the old one:
 
-Files in --out-dir:
+    base-<key>.pt  the scratch base, reused by every later run with the same base recipe <key>
+    ckpt.pt        the run: settings, trained weights (only LoRA's with --rank > 0), optimizer,
+                   step, and the fingerprint of its base. --resume continues it; load_model()
+                   rebuilds the model from it.
 
-    base-<key>.pt   the pretrained scratch base (full weights), reused while its settings and the
-                    data stay the same (<key> hashes them)
-    adapter.pt      the result of a LoRA run: only the LoRA tensors, plus the model config, the
-                    tokenizer and where the base came from (`load_model` rebuilds the model)
-    full.pt         the result of a --rank 0 run: every weight
-    resume.pt       the training state for --resume: trainable weights, optimizer, schedule
-                    step, RNG states, settings, history
-    merged.pt       with --merge: ΔW folded into the weights, a plain GPT-2 (`export_merged`)
-
-Every checkpoint is a dict of tensors, numbers, strings, lists and dicts, loadable with
-torch.load(..., weights_only=True), and is written to a temporary file that then replaces the
-old one, so an interrupted run never leaves a half-written checkpoint.
+A crash loses at most the work since the last checkpoint (every --eval-interval steps, base
+pretraining included). Adapters refuse a base whose weights differ from the one they were
+trained on. Nothing executes code on load.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
-import io
 import json
 import math
 import os
 import signal
 import sys
 import time
-import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from lora_gpt2 import (HUB_MODELS, GPT2Config, GPT2LMModel, lora_state_dict,
-                       mark_only_lora_as_trainable, merged_state_dict)
+from lora_gpt2 import (HUB_MODELS, GPT2Config, GPT2LMModel, base_fingerprint, lora_state_dict,
+                       mark_only_lora_as_trainable)
 
-# The corpus. Tests point these at a loopback server (the size check goes with the URL).
+try:
+    import fcntl  # locks --out-dir; Windows has none, and runs there go unlocked
+except ImportError:
+    fcntl = None
+
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATA_BYTES = 1_115_394
-DATA_FILE = "tinyshakespeare.txt"
-
-FORMAT = "lora-gpt2-shakespeare/1"  # stamped into every checkpoint this script writes
-VAL_FRACTION = 0.1                   # the last 10% of the text is held out
-
-# Sizes of the character-level base of the scratch path. "small" is the default: big enough to
-# learn real structure, small enough that base + LoRA take about three minutes on a 2-core CPU.
-SCRATCH_PRESETS: Dict[str, Dict[str, int]] = {
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),      # tests, smoke runs
-    "small": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),    # ~0.8M params, CPU
-    "medium": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256),   # ~10.7M params, a GPU
-}
-
-# Defaults of every option. Options left out of the command line are None after parsing, which
-# lets --resume tell what the user asked for from what was merely defaulted.
-DEFAULTS = dict(
-    init_from="scratch", data=None, cache_dir=None, out_dir="out-shakespeare", resume=None,
-    rank=4, alpha=16.0, lora_dropout=0.0,
-    preset="small", n_layer=None, n_head=None, n_embd=None,
-    base_iters=1500, base_lr=2e-3, base_split=0.5,
-    block_size=128, batch_size=16, grad_accum=1, max_iters=1000, lr=None, warmup=50,
-    weight_decay=0.01, grad_clip=1.0, eval_interval=100, eval_iters=8, log_interval=50,
-    device="auto", dtype="auto", compile=False, seed=1337, sample=400, prompt="\n", merge=False,
-)
+DATA_BYTES = 1_115_394  # a cached file of another size is fetched again
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+FORMAT = "lora-gpt2-shakespeare/2"  # stamped into every checkpoint this script writes
 LORA_LR, FULL_LR = 5e-3, 5e-4  # --lr defaults: adapters tolerate (and need) a larger step
-
-# Options whose value defines the run: a --resume must keep them. All others may change.
-# (Model sizes are checked on the config they produce, see check_resume_fits.)
-RUN_DEFINING = ("init_from", "rank", "alpha", "lora_dropout", "base_iters", "base_lr", "base_split",
-                "block_size", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
-                "grad_clip", "seed")
+# Options about this machine or this invocation rather than the run: --resume takes them from
+# the new command line, and every other setting from ckpt.pt unless it is given again.
+FRESH = ("resume", "out_dir", "device", "dtype", "compile", "log_interval", "sample", "prompt",
+         "save_pretrained", "save_adapter")
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line naming the problem and the fix, exit status 2."""
-
-
-class TrainingError(Exception):
-    """The run cannot go on (a non-finite loss): one line, exit status 1."""
+class TrainingError(RuntimeError):
+    """A non-finite loss or gradient: the run cannot go on."""
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: says which checkpoint survived, exit status 130."""
+    """Ctrl-C or SIGTERM; the message says what --resume continues from."""
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Settings. Ranges are left to argparse, GPT2Config and torch: cli() makes their errors one line.
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, except that a bad argument is one line (raised, so main() callers see it)."""
-
     def error(self, message):
-        raise UsageError(f"{message} (see --help)")
+        raise ValueError(f"{message} (see --help)")
+
+
+def _integer(low, high=2 ** 62):
+    def integer(text):
+        if not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {text}")
+        return int(text)
+    return integer
 
 
 def build_parser() -> _Parser:
-    d = DEFAULTS
-    p = _Parser(description="LoRA fine-tuning of GPT-2 on Tiny Shakespeare (see the module "
-                            "docstring for the files written to --out-dir).",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data and model")
-    g.add_argument("--init-from", help=f"scratch (pretrain a char-level base here), "
-                   f"{', '.join(HUB_MODELS)}, or a PATH to a Hugging Face folder/weights file or a "
-                   f"checkpoint of this script (default: {d['init_from']})")
-    g.add_argument("--data", help="a UTF-8 text file (default: Tiny Shakespeare, downloaded once "
-                   "into --cache-dir)")
-    g.add_argument("--cache-dir", help="where the downloaded corpus is kept (default: data/ next "
-                   "to this script)")
-    g.add_argument("--out-dir", help=f"checkpoints and the cached base (default: {d['out_dir']})")
-    g.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                   help="continue from --out-dir/resume.pt, or from PATH")
-    g.add_argument("--preset", help=f"size of the scratch base: {', '.join(SCRATCH_PRESETS)} "
-                   f"(default: {d['preset']})")
-    g.add_argument("--n-layer", type=int, help="override the preset's number of layers")
-    g.add_argument("--n-head", type=int, help="override the preset's number of heads")
-    g.add_argument("--n-embd", type=int, help="override the preset's width")
-    g.add_argument("--base-iters", type=int, help=f"pretraining steps of the scratch base "
-                   f"(default: {d['base_iters']})")
-    g.add_argument("--base-lr", type=float, help=f"peak learning rate of the base pretraining "
-                   f"(default: {d['base_lr']})")
-    g.add_argument("--base-split", type=float, help=f"fraction of the training split the scratch "
-                   f"base is pretrained on; the adapters train on the rest (default: {d['base_split']})")
-
-    g = p.add_argument_group("adaptation")
-    g.add_argument("--rank", type=int, help=f"LoRA rank r on Q and V; 0 fine-tunes every weight "
-                   f"instead (default: {d['rank']})")
-    g.add_argument("--alpha", type=float, help=f"LoRA alpha; the update is scaled by alpha/r "
-                   f"(default: {d['alpha']})")
-    g.add_argument("--lora-dropout", type=float, help=f"dropout on the adapters' input "
-                   f"(default: {d['lora_dropout']})")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--block-size", type=int, help=f"context length in tokens (default: {d['block_size']})")
-    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch, per process "
-                   f"(default: {d['batch_size']})")
-    g.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step "
-                   f"(default: {d['grad_accum']})")
-    g.add_argument("--max-iters", type=int, help=f"adaptation steps (default: {d['max_iters']})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate of the adaptation (default: "
-                   f"{LORA_LR} with LoRA, {FULL_LR} with --rank 0)")
-    g.add_argument("--warmup", type=int, help=f"linear warmup steps before the cosine decay "
-                   f"(default: {d['warmup']})")
-    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on matrices "
-                   f"(default: {d['weight_decay']})")
-    g.add_argument("--grad-clip", type=float, help=f"clip the gradient norm to this; 0 disables "
-                   f"(default: {d['grad_clip']})")
-    g.add_argument("--eval-interval", type=int, help=f"evaluate and checkpoint every N steps "
-                   f"(default: {d['eval_interval']})")
-    g.add_argument("--eval-iters", type=int, help=f"held-out batches per evaluation "
-                   f"(default: {d['eval_iters']})")
-    g.add_argument("--log-interval", type=int, help=f"print progress every N steps "
-                   f"(default: {d['log_interval']})")
-    g.add_argument("--seed", type=int, help=f"random seed (default: {d['seed']})")
-
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
-                   "(default: auto)")
-    g.add_argument("--dtype", help="auto (bfloat16 autocast where the GPU supports it, float16 "
-                   "with a gradient scaler on other GPUs, float32 elsewhere), float32, bfloat16, "
-                   "float16 (default: auto)")
-    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model "
-                   "for training")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--sample", type=int, help=f"characters/tokens to generate at the end; 0 "
-                   f"skips (default: {d['sample']})")
-    g.add_argument("--prompt", help="text the sample starts from (default: a newline)")
-    g.add_argument("--merge", action="store_const", const=True, help="also write merged.pt, the "
-                   "adapters folded into a plain GPT-2 checkpoint")
+    p = _Parser(description="LoRA fine-tuning of GPT-2 on Tiny Shakespeare (see the top of the file)")
+    a = p.add_argument
+    a("--init-from", default="scratch", help=f"scratch, {', '.join(HUB_MODELS)} or a PATH")
+    a("--data", help="a UTF-8 text file (default: Tiny Shakespeare, downloaded once into data/)")
+    a("--out-dir", default="out-shakespeare", help="checkpoints and the cached base")
+    a("--resume", action="store_true", help="continue the run in --out-dir (options given override it)")
+    a("--n-layer", type=int, help="layers of the scratch base (default 4)")
+    a("--n-head", type=int, help="heads of the scratch base (default 4)")
+    a("--n-embd", type=int, help="width of the scratch base (default 128; on a GPU try 6/6/384)")
+    a("--base-iters", type=_integer(0), default=1500, help="pretraining steps of the scratch base")
+    a("--base-lr", type=float, default=2e-3, help="peak learning rate of the base pretraining")
+    a("--rank", type=int, default=4, help="LoRA rank r on Q and V; 0 fine-tunes every weight")
+    a("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha/r")
+    a("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    a("--block-size", type=_integer(1), default=128, help="context length in tokens")
+    a("--batch-size", type=_integer(1), default=16, help="sequences per micro-batch, all processes together")
+    a("--grad-accum", type=_integer(1), default=1, help="micro-batches per optimizer step")
+    a("--max-iters", type=_integer(0), default=1000, help="adaptation steps")
+    a("--lr", type=float, help=f"peak learning rate of the adaptation ({LORA_LR}; {FULL_LR} with --rank 0)")
+    a("--warmup", type=_integer(0), default=50, help="linear warmup steps before the cosine decay")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0 disables")
+    a("--eval-interval", type=_integer(1), default=100, help="evaluate and checkpoint every N steps")
+    a("--eval-iters", type=_integer(1), default=8, help="held-out batches per evaluation")
+    a("--log-interval", type=_integer(1), default=50, help="print progress every N steps")
+    a("--seed", type=_integer(0, 2 ** 32), default=1337)
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="autocast "
+      "precision; auto: bfloat16 on GPUs that have it, float16 (scaled) on others, else float32")
+    a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--sample", type=_integer(0), default=400, help="tokens to generate at the end")
+    a("--prompt", default="\n", help="text the sample starts from")
+    a("--save-pretrained", metavar="DIR", help="also write a Hugging Face GPT-2 folder, ΔW merged")
+    a("--save-adapter", metavar="DIR", help="also write the adapters as a PEFT adapter folder")
     return p
 
 
-def parse_settings(argv: Optional[Sequence[str]]) -> dict:
-    """The options given on the command line (None for those left out), checked for range."""
-    args = vars(build_parser().parse_args(argv))
-    _check_ranges({k: v for k, v in args.items() if v is not None})
-    return args
+def parse_settings(argv=None) -> tuple:
+    """(settings, the checkpoint to resume or None). As in nanoGPT, ckpt.pt holds the settings
+    of its run: --resume reads them as if they came first on the command line."""
+    parser, argv = build_parser(), sys.argv[1:] if argv is None else list(argv)
+    s, resume = parser.parse_args(argv), None
+    if s.resume:
+        resume = read_checkpoint(os.path.join(s.out_dir, "ckpt.pt"), "ckpt")
+        s = parser.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in resume["settings"].items()
+                               if k not in FRESH and v is not None] + argv)
+    s.lr = s.lr if s.lr is not None else LORA_LR if s.rank > 0 else FULL_LR
+    return s, resume
 
 
-def _check_ranges(s: dict) -> None:
-    """Errors that need nothing but the option values. Each names the option and the fix."""
-    def need(cond, msg):
-        if not cond:
-            raise UsageError(msg)
+# ---- Data: the corpus, tokenizers, splits, batches
 
-    if "rank" in s:
-        need(s["rank"] >= 0, f"--rank must be >= 0 (LoRA rank, or 0 to fine-tune every weight), "
-                             f"got {s['rank']}")
-    if "alpha" in s:
-        need(math.isfinite(s["alpha"]) and s["alpha"] > 0, f"--alpha must be a finite number > 0 "
-                                                           f"(the update is scaled by alpha/rank), got {s['alpha']}")
-    if "lora_dropout" in s:
-        need(0 <= s["lora_dropout"] < 1, f"--lora-dropout must lie in [0, 1), got {s['lora_dropout']}")
-    if "preset" in s:
-        need(s["preset"] in SCRATCH_PRESETS, f"unknown --preset {s['preset']!r}; choose one of "
-                                            f"{', '.join(SCRATCH_PRESETS)}")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "eval_interval", "eval_iters", "log_interval"):
-        if name in s:
-            need(s[name] >= 1, f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    for name in ("max_iters", "base_iters", "warmup", "sample"):
-        if name in s:
-            need(s[name] >= 0, f"--{name.replace('_', '-')} must be >= 0, got {s[name]}")
-    for name in ("lr", "base_lr"):
-        if name in s:
-            need(s[name] > 0 and math.isfinite(s[name]), f"--{name.replace('_', '-')} must be a "
-                                                         f"positive number, got {s[name]}")
-    for name in ("weight_decay", "grad_clip"):
-        if name in s:
-            need(s[name] >= 0, f"--{name.replace('_', '-')} must be >= 0, got {s[name]}")
-    if "base_split" in s:
-        need(0 < s["base_split"] < 1, f"--base-split must lie strictly between 0 and 1, got {s['base_split']}")
-    if "dtype" in s:
-        need(s["dtype"] in ("auto", "float32", "bfloat16", "float16"),
-             f"unknown --dtype {s['dtype']!r}; choose auto, float32, bfloat16 or float16")
-
-
-def resolve_settings(given: dict) -> tuple:
-    """Defaults + command line, or, with --resume, the saved run + the options that may change.
-
-    Returns (settings, resume_state or None)."""
-    explicit = {k: v for k, v in given.items() if v is not None}
-    state = None
-    if given["resume"] is not None:
-        path = given["resume"] or os.path.join(explicit.get("out_dir", DEFAULTS["out_dir"]), "resume.pt")
-        state = read_checkpoint(path, "--resume", kinds=("resume",))
-        saved = state["settings"]
-        for name in RUN_DEFINING:
-            if name in explicit and explicit[name] != saved[name]:
-                raise UsageError(f"--{name.replace('_', '-')} {explicit[name]} does not fit the run in "
-                                 f"{path}, which has {saved[name]}; drop the option to resume, or "
-                                 f"start a new run in another --out-dir")
-        # Where and how to run, and what to print, come from this command line, not the old run.
-        fresh = ("device", "dtype", "compile", "sample", "prompt", "merge", "log_interval", "cache_dir")
-        settings = {**DEFAULTS, **{k: v for k, v in saved.items() if k not in fresh}, **explicit}
-        if "out_dir" not in explicit and given["resume"]:
-            settings["out_dir"] = os.path.dirname(os.path.abspath(path))
-        settings["resume"] = path
-    else:
-        settings = {**DEFAULTS, **explicit}
-    if settings["lr"] is None:
-        settings["lr"] = LORA_LR if settings["rank"] > 0 else FULL_LR
-    return settings, state
-
-
-# --------------------------------------------------------------------------------------------
-# Data: the corpus, tokenizers, splits, batches
-# --------------------------------------------------------------------------------------------
-
-def default_cache_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-
-
-def download(url: str, dest: str, expected_bytes: Optional[int] = None, timeout: float = 30.0) -> None:
-    """Fetch `url` into `dest` through a temporary file, so `dest` is whole or absent."""
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = f"{dest}.part-{os.getpid()}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 16):
-                f.write(chunk)
-        size = os.path.getsize(tmp)
-        if expected_bytes is not None and size != expected_bytes:
-            raise OSError(f"got {size} bytes, expected {expected_bytes}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def shakespeare_path(cache_dir: str, log=print) -> str:
-    """The cached corpus, downloaded first unless a file of the right size is already there."""
-    path = os.path.join(cache_dir, DATA_FILE)
+def fetch_corpus(path: str, log=print) -> None:
+    """Download Tiny Shakespeare to `path` unless it is there whole."""
     if os.path.isfile(path) and os.path.getsize(path) == DATA_BYTES:
-        return path
+        return
     log(f"downloading Tiny Shakespeare from {DATA_URL} to {path}")
     try:
-        download(DATA_URL, path, DATA_BYTES)
-    except (OSError, urllib.error.URLError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise UsageError(f"cannot download Tiny Shakespeare from {DATA_URL} ({reason}); pass "
-                         f"--data PATH to a local UTF-8 text file") from None
-    return path
+        with urllib.request.urlopen(DATA_URL, timeout=30) as response:
+            body = response.read()
+        if len(body) != DATA_BYTES:
+            raise OSError(f"got {len(body)} bytes, expected {DATA_BYTES}")
+    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+        raise OSError(f"cannot download Tiny Shakespeare from {DATA_URL} ({getattr(e, 'reason', e)}); "
+                      f"pass --data PATH to a local UTF-8 text file") from None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".part", "wb") as f:  # under its real name, the file is whole or absent
+        f.write(body)
+    os.replace(path + ".part", path)
 
 
 def read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise UsageError(f"--data {path}: no such file; pass --data PATH to an existing UTF-8 text file")
+    if not os.path.isfile(path):  # never open a FIFO or a device: reading one may block for ever
+        raise ValueError(f"--data {path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
     with open(path, "rb") as f:
         raw = f.read()
+    if not raw:
+        raise ValueError(f"--data {path} is empty")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"--data {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+        raise ValueError(f"--data {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
                          f"{e.start}); convert it to UTF-8") from None
 
 
 class CharTokenizer:
-    """One token per character, over a fixed alphabet (the sorted characters of the corpus)."""
+    """One token per character of a fixed alphabet: the sorted characters of the corpus."""
 
     def __init__(self, chars: str):
-        self.chars = chars
-        self.vocab_size = len(chars)
-        self._ids = {c: i for i, c in enumerate(chars)}
+        self.chars, self.vocab_size, self.ids = chars, len(chars), {c: i for i, c in enumerate(chars)}
 
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
-    def encode(self, text: str) -> List[int]:
-        missing = sorted(set(text) - set(self._ids))
+    def encode(self, text: str, what: str = "the text") -> list:
+        missing = sorted(set(text) - set(self.ids))
         if missing:
-            shown = "".join(missing[:10])
-            raise UsageError(f"the text has {len(missing)} character(s) outside the model's "
-                             f"vocabulary ({shown!r}); use a text in the same alphabet, or --init-from scratch")
-        return [self._ids[c] for c in text]
+            raise ValueError(f"{what} has {len(missing)} character(s) outside the alphabet of the "
+                             f"corpus: {''.join(missing[:10])!r}")
+        return [self.ids[c] for c in text]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
 
     def describe(self) -> dict:
         return {"type": "char", "chars": self.chars}
 
 
-class GPT2Tokenizer:
-    """GPT-2's byte-level BPE, from tiktoken or else from transformers (both optional)."""
-
-    vocab_size = 50257
+class BPETokenizer:
+    """GPT-2's byte-level BPE, from tiktoken or else transformers, imported only when needed."""
 
     def __init__(self):
         try:
             import tiktoken
             enc = tiktoken.get_encoding("gpt2")
-            self.encode = lambda text: enc.encode_ordinary(text)
-            self.decode = lambda ids: enc.decode(list(ids))
-            return
+            self._encode, self.decode, self.vocab_size = enc.encode_ordinary, enc.decode, enc.n_vocab
         except ImportError:
-            pass
-        except Exception as e:  # tiktoken fetches its BPE files on first use
-            raise UsageError(f"tiktoken could not load the GPT-2 BPE files ({_first_line(e)}); "
-                             f"connect once to the network, or use --init-from scratch") from None
-        try:
-            from transformers import GPT2TokenizerFast
+            try:
+                from transformers import GPT2TokenizerFast
+            except ImportError:
+                raise ValueError("GPT-2's tokenizer needs a package: pip install tiktoken") from None
             tok = GPT2TokenizerFast.from_pretrained("gpt2")
-        except ImportError:
-            raise UsageError("--init-from GPT-2 needs its BPE tokenizer: pip install tiktoken "
-                             "(or transformers)") from None
-        except Exception as e:
-            raise UsageError(f"transformers could not load the GPT-2 tokenizer ({_first_line(e)}); "
-                             f"pip install tiktoken, or use --init-from scratch") from None
-        self.encode = lambda text: tok.encode(text)
-        self.decode = lambda ids: tok.decode(list(ids))
+            self._encode, self.decode, self.vocab_size = tok.encode, tok.decode, len(tok)
+
+    def encode(self, text: str, what: str = "the text") -> list:
+        return list(self._encode(text))
 
     def describe(self) -> dict:
         return {"type": "gpt2-bpe"}
 
 
-def load_gpt2_tokenizer():
-    """GPT-2's BPE tokenizer (a function of its own so tests can stand in a fake one)."""
-    return GPT2Tokenizer()
+def split(ids: torch.Tensor, s, scratch: bool) -> tuple:
+    """(base, adapt, val, windows): val is the last 10%; a scratch base pretrains on the first
+    half of the rest and the adaptation trains on the second (without one, on all of it).
+    `windows` start the held-out windows every evaluation of the run sees, so figures compare."""
+    n_train = len(ids) - len(ids) // 10
+    cut = n_train // 2 if scratch else 0
+    parts = {"base": ids[:cut], "adapt": ids[cut:n_train], "val": ids[n_train:]}
+    for name, part in parts.items():
+        if (scratch or name != "base") and len(part) < s.block_size + 1:
+            raise ValueError(f"the text is too short: its {name} part has {len(part)} tokens, but "
+                             f"--block-size {s.block_size} needs {s.block_size + 1}")
+    last = len(parts["val"]) - s.block_size - 1
+    n = min(s.eval_iters * s.batch_size, last // s.block_size + 1)  # windows do not overlap
+    return parts["base"], parts["adapt"], parts["val"], torch.linspace(0, last, n).round().long()
 
 
-def tokenizer_from(description: dict):
-    if description.get("type") == "char":
-        return CharTokenizer(description["chars"])
-    if description.get("type") == "gpt2-bpe":
-        return load_gpt2_tokenizer()
-    raise UsageError(f"unknown tokenizer {description!r} in the checkpoint")
-
-
-@dataclass
-class Splits:
-    """Token ids of the parts of the text. `adapt` is what the adapters (or --rank 0) train on;
-    `base` is what the scratch base is pretrained on; `val` is the held-out last 10%."""
-    adapt: torch.Tensor
-    val: torch.Tensor
-    base: Optional[torch.Tensor] = None
-
-
-def split_tokens(ids: torch.Tensor, block_size: int, base_split: Optional[float]) -> Splits:
-    n_val = int(len(ids) * VAL_FRACTION)
-    train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
-    if base_split is None:
-        splits = Splits(adapt=train, val=val)
-    else:
-        cut = int(len(train) * base_split)
-        splits = Splits(base=train[:cut], adapt=train[cut:], val=val)
-    for name in ("base", "adapt", "val"):
-        part = getattr(splits, name)
-        if part is not None and len(part) < block_size + 1:
-            raise UsageError(f"the text is too short: its {name} part has {len(part)} tokens, but "
-                             f"--block-size {block_size} needs {block_size + 1} in each part "
-                             f"({len(ids)} tokens in all); use a longer text or a smaller --block-size")
-    return splits
-
-
-def make_batch(ids: torch.Tensor, starts: torch.Tensor, block_size: int, device) -> tuple:
-    """Inputs and next-token targets (B, T) from windows of T + 1 tokens beginning at `starts`."""
-    windows = ids[starts[:, None] + torch.arange(block_size + 1)]              # (B, T + 1)
-    windows = windows.to(device, non_blocking=True)
+def batch(ids: torch.Tensor, starts: torch.Tensor, s, rt) -> tuple:
+    """Inputs and next-token targets (B, T) from the windows of T + 1 tokens at `starts`."""
+    windows = ids[starts[:, None] + torch.arange(s.block_size + 1)].to(rt.device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
 
 
-def eval_starts(n_tokens: int, block_size: int, n_windows: int) -> torch.Tensor:
-    """Fixed, evenly spread windows of the held-out split: every evaluation (base, adapted,
-    merged, reloaded) sees exactly the same tokens, so their losses compare exactly."""
-    last = n_tokens - block_size - 1
-    n = min(n_windows, last // block_size + 1)  # no more windows than fit without overlapping
-    return torch.linspace(0, last, n).round().long()
-
-
-# --------------------------------------------------------------------------------------------
-# Where and how the run executes: device, precision, processes
-# --------------------------------------------------------------------------------------------
+# ---- Where the run executes: device, precision, processes. Process 0 alone prints and writes.
 
 @dataclass
 class Runtime:
     device: torch.device
-    dtype: torch.dtype          # autocast dtype; float32 means no autocast
+    dtype: torch.dtype  # of autocast; float32 means none
     rank: int = 0
     world: int = 1
 
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
+    @classmethod
+    def setup(cls, s) -> "Runtime":
+        """Pick device and precision; under torchrun, join the process group (NCCL or Gloo)."""
+        world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        if s.batch_size % world:
+            raise ValueError(f"--batch-size {s.batch_size} does not split evenly over {world} processes")
+        mps = torch.backends.mps.is_available()
+        dev = torch.device(s.device if s.device != "auto" else
+                           "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        if {"cpu": False, "cuda": not torch.cuda.is_available(), "mps": not mps}.get(dev.type, True):
+            raise ValueError(f"--device {s.device} is not available here; use auto or cpu")
+        if world > 1:
+            if dev.type == "cuda":
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # a GPU per process
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        auto = torch.float32 if dev.type != "cuda" else (  # MPS too: its autocast still varies
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return cls(dev, auto if s.dtype == "auto" else getattr(torch, s.dtype), rank, world)
 
     def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return (contextlib.nullcontext() if self.dtype == torch.float32
+                else torch.autocast(self.device.type, dtype=self.dtype))
 
-    def log(self, *args, **kwargs) -> None:
-        if self.master:
-            print(*args, **kwargs, flush=True)
+    def log(self, *args) -> None:
+        if self.rank == 0:
+            print(*args, flush=True)
 
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def all_sum(self, values: Sequence[float]) -> List[float]:
-        """Sum `values` over processes (the identity in a single process)."""
-        if not self.distributed:
+    def all_sum(self, values: list) -> list:
+        if self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
+        dist.all_reduce(t)
         return t.tolist()
 
 
-def setup_runtime(device: str, dtype: str) -> Runtime:
-    """Pick the device and precision; join the process group when torchrun started several."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank if world > 1 else None)
-    if world > 1:
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        torch.distributed.init_process_group(backend=backend, init_method="env://")
-    return Runtime(device=dev, dtype=_pick_dtype(dtype, dev), rank=rank, world=world)
+# ---- Checkpoints
 
+REQUIRED = {"base": ("config", "tokenizer", "weights"),
+            "ckpt": ("phase", "settings", "data_sha", "config", "tokenizer", "base", "weights",
+                     "optimizer", "scaler", "step", "history")}
 
-def _pick_device(name: str, local_rank: Optional[int]) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}; choose auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
-        if local_rank is not None:  # torchrun: one GPU per process
-            dev = torch.device("cuda", local_rank)
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps, but MPS is not available; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unsupported --device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def _pick_dtype(name: str, dev: torch.device) -> torch.dtype:
-    if name == "auto":
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPU, and MPS where autocast support still varies by release
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
 
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save into a temporary file in the same folder, then rename it over `path`: readers
-    see the old file or the new one, never a partial write, even if the process is killed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    """torch.save into `path`.tmp, then rename that over `path`: readers see the old file or the
+    new one, never part of one. A killed save leaves the .tmp, for the next save or claim()."""
     try:
-        with open(tmp, "wb") as f:
+        with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(path + ".tmp", path)
+    except RuntimeError as e:  # torch's own write errors, e.g. of a full disk
+        raise OSError(f"cannot write {path}: {one_line(e)}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
 
 
-def check_out_dir(path: str) -> None:
-    """Fail at once, not after minutes of training, when --out-dir cannot take checkpoints."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--out-dir {path} cannot hold checkpoints ({e.strerror or e}); pass "
-                         f"--out-dir PATH to a writable folder") from None
-
-
-def read_checkpoint(path: str, what: str, kinds: Sequence[str]) -> dict:
-    """A checkpoint of this script, of one of `kinds`, or a one-line UsageError saying why not."""
+def read_checkpoint(path: str, *kinds: str) -> dict:
+    """A checkpoint of this script of one of `kinds`, read as plain data (weights_only)."""
     if not os.path.isfile(path):
-        raise UsageError(f"{what} {path}: no such checkpoint; check the path (or --out-dir)")
+        raise ValueError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{what} {path} is not a readable checkpoint ({_first_line(e)}); "
-                         f"give a checkpoint this script wrote") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UsageError(f"{what} {path} was not written by this script; give one of its checkpoints")
-    if ckpt.get("kind") not in kinds:
-        hint = " (continue a LoRA run with --resume)" if ckpt.get("kind") == "adapter" else ""
-        raise UsageError(f"{what} {path} is a {ckpt.get('kind')!r} checkpoint, but a "
-                         f"{' or '.join(map(repr, kinds))} one is needed here{hint}")
+    except Exception as e:  # unpickling and zip errors come in many types
+        raise ValueError(f"{path} is not a readable checkpoint ({one_line(e)})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("kind") not in kinds:
+        raise ValueError(f"{path} is not a {' or '.join(kinds)} checkpoint of this script")
+    missing = [k for k in REQUIRED[ckpt["kind"]] if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is damaged: it lacks {', '.join(missing)}")
     return ckpt
 
 
-def trainable_weights(model: GPT2LMModel) -> Dict[str, torch.Tensor]:
-    """What a run changes: the LoRA tensors, or every weight when there are no adapters."""
-    if model.config.lora_attn_dim > 0:
-        return _to_cpu(lora_state_dict(model))
-    return _to_cpu(model.state_dict())
-
-
-def _to_cpu(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    # lm_head.decoder.weight is wte.weight under another name; storing it again would double
-    # the embedding once the tensors are copied off a GPU, and every loader ignores it.
-    return {k: v.detach().cpu() for k, v in state_dict.items() if not k.startswith("lm_head.")}
-
-
-def model_checkpoint(model: GPT2LMModel, kind: str, tokenizer, base: dict, **extra) -> dict:
-    weights = (merged_state_dict(model) if kind == "merged" else
-               lora_state_dict(model) if kind == "adapter" else model.state_dict())
-    config = model.config.to_dict()
-    if kind == "merged":
-        config.update(lora_attn_dim=0)
-    return {"format": FORMAT, "kind": kind, "config": config, "tokenizer": tokenizer.describe(),
-            "base": base, "weights": _to_cpu(weights), **extra}
-
-
-def checkpoint_bytes(obj: dict) -> int:
-    """The size `obj` takes on disk, without writing it."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.tell()
+@contextlib.contextmanager
+def claim(out_dir: str, rt: Runtime):
+    """Hold --out-dir for this run, so that a second run into it is refused rather than let
+    overwrite it. The kernel drops a flock when its process ends, however it ends."""
+    if rt.rank > 0:
+        yield
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "w")
+    except OSError as e:
+        raise OSError(f"--out-dir {out_dir} cannot hold checkpoints ({e.strerror or e})") from None
+    with lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another run is using --out-dir {out_dir}; wait for it to end, "
+                                 f"or pass another --out-dir") from None
+            for leftover in glob.glob(os.path.join(out_dir, "*.tmp")):  # of a killed save
+                os.remove(leftover)
+        yield
 
 
 def load_model(path: str, device="cpu") -> tuple:
-    """(model, tokenizer) from any checkpoint this script writes. An adapter is put back on its
-    base: the cached scratch base next to it, or the pretrained weights it names."""
-    ckpt = read_checkpoint(path, "checkpoint", kinds=("adapter", "full", "merged", "base", "resume"))
-    config = GPT2Config.from_dict(ckpt["config"])
-    model = GPT2LMModel(config)
-    if config.lora_attn_dim > 0:
-        base_weights = _base_weights(ckpt["base"], os.path.dirname(os.path.abspath(path)))
-        model.load_weight(base_weights)
-    model.load_weight(ckpt["weights"])
-    return model.to(device).eval(), tokenizer_from(ckpt["tokenizer"])
+    """(model, tokenizer) from a ckpt.pt or base-*.pt of this script, in eval mode. Adapters go
+    back onto their base, which must be the very one they were trained on."""
+    ckpt = read_checkpoint(path, "ckpt", "base")
+    model = GPT2LMModel(GPT2Config.from_dict(ckpt["config"]))
+    if model.config.lora_attn_dim > 0:
+        info = ckpt["base"]
+        base = (pretrained(info["source"]) if info["source"] != "scratch" else
+                load_model(os.path.join(os.path.dirname(os.path.abspath(path)), info["file"]))[0])
+        check_base(base, info, f"the base of {path}")
+        model.load_weight(base.state_dict())
+    tokenizer = CharTokenizer(ckpt["tokenizer"]["chars"]) if ckpt["tokenizer"]["type"] == "char" else BPETokenizer()
+    return model.load_weight(ckpt["weights"]).to(device).eval(), tokenizer
 
 
-def _base_weights(base: dict, folder: str) -> Dict[str, torch.Tensor]:
-    source = base["init_from"]
-    if source == "scratch":
-        return read_checkpoint(os.path.join(folder, base["file"]), "base", kinds=("base",))["weights"]
-    if os.path.isfile(source):
-        with contextlib.suppress(UsageError):
-            return read_checkpoint(source, "base", kinds=("base", "full", "merged"))["weights"]
-    return GPT2LMModel.from_pretrained(source).state_dict()
+def check_base(base: GPT2LMModel, info: dict | None, what: str) -> str:
+    """The fingerprint of `base`, refused if `info` (a checkpoint's record of its base) has another."""
+    fingerprint = base_fingerprint(base)
+    if info is not None and info["fingerprint"] != fingerprint:
+        raise ValueError(f"{what} ({info.get('file') or info['source']}) is not the base the checkpoint "
+                         f"was trained on (the weights differ); restore that base, or train anew")
+    return fingerprint
 
 
-def export_merged(adapter_path: str, out_path: str) -> str:
-    """Write the adapted model of `adapter_path` as one plain GPT-2 checkpoint (rank 0, ΔW folded
-    into W): inference then costs exactly what the base costs. Loads with load_model(), or with
-    GPT2LMModel(GPT2Config.from_dict(c["config"])).load_weight(c["weights"])."""
-    model, tokenizer = load_model(adapter_path)
-    ckpt = model_checkpoint(model, "merged", tokenizer, base={"init_from": adapter_path})
-    save_atomic(ckpt, out_path)
-    return out_path
+def trainable_weights(model: nn.Module) -> dict:
+    """What training changes: the LoRA tensors, or every weight without adapters. (lm_head is wte
+    under another name: copied off a GPU, it would be stored twice.)"""
+    sd = lora_state_dict(model) if model.config.lora_attn_dim > 0 else model.state_dict()
+    return {k: v.detach().cpu() for k, v in sd.items() if not k.startswith("lm_head.")}
 
 
-# --------------------------------------------------------------------------------------------
-# Models: the scratch base, pretrained GPT-2, the adapted model
-# --------------------------------------------------------------------------------------------
+# ---- Models: the scratch base's recipe, a pretrained base, the model to train
 
-def scratch_config(s: dict, vocab_size: int) -> GPT2Config:
-    """The base's config. Its context n_ctx is the block size it trains on: generate() then
-    never reaches position embeddings that training did not touch."""
-    sizes = dict(SCRATCH_PRESETS[s["preset"]])
-    sizes.update({k: s[k] for k in ("n_layer", "n_head", "n_embd") if s[k] is not None})
-    if s["block_size"] > sizes["n_positions"]:
-        raise UsageError(f"--block-size {s['block_size']} is larger than the model's n_positions "
-                         f"({sizes['n_positions']}); pass --block-size {sizes['n_positions']} or less")
-    sizes["n_ctx"] = s["block_size"]
-    try:
-        return GPT2Config(vocab_size=vocab_size, **sizes)
-    except ValueError as e:
-        raise UsageError(f"the base model sizes do not fit: {e} (check --preset/--n-layer/--n-head/--n-embd)") from None
-
-
-def base_key(config: GPT2Config, s: dict, data_sha: str, world: int) -> str:
-    """A hash of everything the scratch base depends on; a change means a new base."""
-    recipe = dict(config=config.to_dict(), data=data_sha, base_split=s["base_split"],
-                  iters=s["base_iters"], lr=s["base_lr"], warmup=s["warmup"],
-                  block_size=s["block_size"], batch_size=s["batch_size"],
-                  micro_batches=s["grad_accum"] * world,  # the same samples per step
-                  weight_decay=s["weight_decay"], grad_clip=s["grad_clip"], seed=s["seed"])
+def base_key(config: GPT2Config, s, data_sha: str, dtype: torch.dtype) -> str:
+    """A hash of all the scratch base's weights depend on, precision included. Not the number of
+    processes: a step's samples do not depend on it (see train_step)."""
+    recipe = dict(config=config.to_dict(), data=data_sha, dtype=str(dtype), **{
+        k: getattr(s, k) for k in ("base_iters", "base_lr", "warmup", "block_size", "batch_size",
+                                   "grad_accum", "weight_decay", "grad_clip", "seed")})
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def with_lora(base: GPT2LMModel, s: dict) -> GPT2LMModel:
-    """The model to train: the base with rank-r adapters on Q and V and everything else frozen,
-    or, with --rank 0, the base itself with every weight trainable."""
-    if s["rank"] == 0:
-        for p in base.parameters():
-            p.requires_grad = True
-        return base
-    config = GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": s["rank"],
-                                   "lora_attn_alpha": s["alpha"], "lora_dropout": s["lora_dropout"]})
-    model = GPT2LMModel(config).to(next(base.parameters()).device)
+def pretrained(source: str) -> GPT2LMModel:
+    """GPT-2 weights for --init-from other than scratch: a hub name, a folder or a file."""
+    hub = source in HUB_MODELS and not os.path.exists(source)
+    if not hub and not os.path.exists(source):
+        raise ValueError(f"--init-from {source}: no such file or folder; give scratch, "
+                         f"{', '.join(HUB_MODELS)} or a path")
     try:
-        model.load_weight(base.state_dict())
-    except ValueError as e:  # e.g. a base that already holds adapters of another rank
-        raise UsageError(f"--init-from {s['init_from']} does not fit --rank {s['rank']}: "
-                         f"{_first_line(e)}") from None
+        return GPT2LMModel.from_pretrained(source)
+    except ValueError:
+        raise
+    except Exception as e:  # the hub download (network, a missing package), or damaged files
+        hint = "check the network, or give a local folder" if hub else "is the folder whole?"
+        raise ValueError(f"--init-from {source}: cannot load the weights ({one_line(e)}); {hint}") from None
+
+
+def with_lora(base: GPT2LMModel, lora_config) -> GPT2LMModel:
+    """The base with adapters on Q and V and all else frozen; with --rank 0 (no lora_config),
+    the base itself with every weight trainable."""
+    if lora_config is None:
+        return base.requires_grad_(True)
+    model = GPT2LMModel(lora_config).to(next(base.parameters()).device)
+    model.load_weight(base.state_dict())
     mark_only_lora_as_trainable(model)
     return model
 
 
-def pretrained_base(s: dict) -> tuple:
-    """(model, tokenizer description or None, base info) for --init-from other than scratch."""
-    source = s["init_from"]
-    if os.path.isfile(source):
-        try:
-            ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception:
-            ckpt = None  # not ours: a plain weights file, for from_pretrained
-        if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-            ckpt = read_checkpoint(source, "--init-from", kinds=("base", "full", "merged"))
-            try:
-                model = GPT2LMModel(GPT2Config.from_dict(ckpt["config"])).load_weight(ckpt["weights"])
-            except ValueError as e:
-                raise UsageError(f"--init-from {source} is damaged: {_first_line(e)}") from None
-            return model, ckpt["tokenizer"], {"init_from": os.path.abspath(source)}
-    elif not os.path.isdir(source) and source not in HUB_MODELS:
-        raise UsageError(f"--init-from {source}: no such file or folder; give scratch, "
-                         f"{', '.join(HUB_MODELS)}, or the path of a checkpoint")
-    try:
-        model = GPT2LMModel.from_pretrained(source)
-    except ValueError as e:
-        raise UsageError(f"--init-from {source}: {_first_line(e)}") from None
-    except Exception as e:  # the hub download: network, authentication, missing files
-        raise UsageError(f"--init-from {source}: cannot fetch the weights ({_first_line(e)}); "
-                         f"check the network, or give a local folder") from None
-    info = {"init_from": source if source in HUB_MODELS and not os.path.exists(source)
-            else os.path.abspath(source)}
-    return model, None, info
-
-
-def check_sizes_fit(config: GPT2Config, s: dict, given: dict) -> None:
-    """Sizes asked for on the command line must match a pretrained model's."""
-    if given.get("preset") is not None:
-        raise UsageError(f"--preset sizes a scratch base only; drop it with --init-from {s['init_from']}")
-    for name in ("n_layer", "n_head", "n_embd"):
-        if given.get(name) is not None and given[name] != getattr(config, name):
-            raise UsageError(f"--{name.replace('_', '-')} {given[name]} does not fit --init-from "
-                             f"{s['init_from']}, whose {name} is {getattr(config, name)}; drop the option")
-    if s["block_size"] > config.n_ctx:
-        limit = (f"n_positions ({config.n_positions})" if config.n_ctx == config.n_positions
-                 else f"context n_ctx ({config.n_ctx}, of n_positions {config.n_positions})")
-        raise UsageError(f"--block-size {s['block_size']} is larger than the model's {limit}; "
-                         f"pass --block-size {config.n_ctx} or less")
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
+# ---- Training
 
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
     """Linear warmup to `peak`, then a cosine down to peak/10 at step `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    floor = peak / 10
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; matrices decay, vectors (biases, norms) don't."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.99))
+    return peak / 10 + 0.45 * peak * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
-def evaluate(model: GPT2LMModel, ids: torch.Tensor, starts: torch.Tensor, s: dict, rt: Runtime) -> float:
-    """Mean next-token loss over the fixed held-out windows, shared out among the processes."""
-    was_training = model.training
+def evaluate(model: GPT2LMModel, val, windows, s, rt: Runtime) -> tuple:
+    """(loss, accuracy) of next-token prediction on the held-out windows, which the processes
+    share out among themselves."""
     model.eval()
-    total, count = 0.0, 0
-    for chunk in starts[rt.rank::rt.world].split(s["batch_size"]):
-        x, y = make_batch(ids, chunk, s["block_size"], rt.device)
+    loss_sum = hits = n = 0.0
+    for starts in windows[rt.rank::rt.world].split(s.batch_size):
+        x, y = batch(val, starts, s, rt)
         with rt.autocast():
-            _, loss = model(x, y)
-        total += loss.item() * len(chunk)
-        count += len(chunk)
-    total, count = rt.all_sum([total, count])
-    model.train(was_training)
-    return total / count
+            logits, loss = model(x, y)[:2]
+        loss_sum, hits, n = loss_sum + loss.item() * len(starts), hits + (logits.argmax(-1) == y).sum().item(), n + len(starts)
+    loss_sum, hits, n = rt.all_sum([loss_sum, hits, n])
+    return loss_sum / n, hits / (n * s.block_size)
 
 
-@dataclass
-class TrainState:
-    """Everything a run needs to continue exactly: restored by --resume."""
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    batches: torch.Generator            # draws the batch positions, the same on every process
-    step: int = 0
-    history: List[dict] = field(default_factory=list)
+def train(model: GPT2LMModel, ids, val, windows, s, rt: Runtime, *, phase: str, iters: int, lr: float,
+          save, resume: dict | None = None) -> list:
+    """Train the weights of `model` that require grad up to step `iters`, continuing checkpoint
+    `resume` if given. Every --eval-interval steps and at the end, evaluate and save(state).
+    Returns the history of evaluations.
 
-    def snapshot(self, rt: Runtime) -> dict:
-        torch_rng = torch.get_rng_state()  # dropout masks: one stream per process
-        if rt.distributed:
-            gathered = [None] * rt.world
-            torch.distributed.all_gather_object(gathered, torch_rng)
-            torch_rng = gathered
-        else:
-            torch_rng = [torch_rng]
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "history": self.history,
-                "rng": {"batches": self.batches.get_state(), "torch": torch_rng,
-                        "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None},
-                "world_size": rt.world}
-
-    def restore(self, saved: dict, rt: Runtime) -> None:
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scaler.load_state_dict(saved["scaler"])
-        self.step, self.history = saved["step"], list(saved["history"])
-        self.batches.set_state(saved["rng"]["batches"])
-        if saved["world_size"] == rt.world:
-            torch.set_rng_state(saved["rng"]["torch"][rt.rank])
-            if saved["rng"]["cuda"] is not None and rt.device.type == "cuda":
-                torch.cuda.set_rng_state(saved["rng"]["cuda"])
-        else:
-            rt.log(f"note: resuming with {rt.world} process(es) instead of {saved['world_size']}: "
-                   f"batches are split differently from here on")
-
-
-def train_step(model: nn.Module, state: TrainState, params: List[nn.Parameter], ids: torch.Tensor,
-               s: dict, rt: Runtime, lr: float) -> float:
-    """One optimizer step over grad_accum micro-batches per process; returns the mean loss.
-
-    The positions of all micro-batches of all processes are drawn at once from a generator that
-    every process holds in the same state; process r takes its own share. So one process with
-    --grad-accum 2 sees the same samples per step as two processes with --grad-accum 1."""
-    T, accum = s["block_size"], s["grad_accum"]
-    starts = torch.randint(len(ids) - T, (accum, rt.world, s["batch_size"]), generator=state.batches)
-    total = torch.zeros((), device=rt.device)
-    for i in range(accum):
-        x, y = make_batch(ids, starts[i, rt.rank], T, rt.device)
-        # DDP averages gradients across processes on backward; only the last micro-batch needs it.
-        sync = i == accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with rt.autocast():
-                _, loss = model(x, y)
-            state.scaler.scale(loss / accum).backward()
-        total += loss.detach()
-    loss_value = rt.all_sum([total.item() / accum])[0] / rt.world
-    if not math.isfinite(loss_value):
-        raise TrainingError(f"the loss became {loss_value} at step {state.step + 1}; lower --lr "
-                            f"(it was {lr:.2e}) or use --dtype float32, then --resume or start over")
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    if s["grad_clip"] > 0:
-        state.scaler.unscale_(state.optimizer)
-        torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    state.optimizer.zero_grad(set_to_none=True)
-    return loss_value
-
-
-def train(model: GPT2LMModel, ids: torch.Tensor, val: torch.Tensor, starts: torch.Tensor, s: dict,
-          rt: Runtime, *, phase: str, iters: int, lr: float, saved: Optional[dict] = None,
-          on_eval=None) -> TrainState:
-    """Train the parameters of `model` that require grad for `iters` steps; evaluate (and call
-    `on_eval(state, val_loss)`, the checkpoint hook) every --eval-interval steps and at the end."""
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    state = TrainState(optimizer=make_optimizer(model, lr, s["weight_decay"]),
-                       scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16),
-                       batches=torch.Generator().manual_seed(s["seed"]))
-    if saved is not None:
-        state.restore(saved, rt)
-    runner = torch.compile(model) if s["compile"] else model
-    if rt.distributed:  # frozen weights have requires_grad=False, so DDP leaves them alone
-        runner = nn.parallel.DistributedDataParallel(
-            runner, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    tokens_per_step = s["batch_size"] * s["grad_accum"] * rt.world * s["block_size"]
-    recent, step_times = [], []
-    while state.step < iters:
-        t0 = time.perf_counter()
-        step_lr = learning_rate(state.step, lr, s["warmup"], iters)
-        recent.append(train_step(runner, state, params, ids, s, rt, step_lr))
-        state.step += 1
-        step_times.append(time.perf_counter() - t0)
-        is_eval = state.step % s["eval_interval"] == 0 or state.step == iters
-        if is_eval or state.step % s["log_interval"] == 0:
-            val_loss = evaluate(model, val, starts, s, rt) if is_eval else None
-            train_loss = sum(recent) / len(recent)
-            sec = sum(step_times[-20:]) / len(step_times[-20:])
-            rt.log(f"[{phase}] step {state.step:>5}/{iters} | train {train_loss:.4f} | val "
-                   + (f"{val_loss:.4f}" if val_loss is not None else "  -   ")
-                   + f" | lr {step_lr:.2e} | {1000 * sec:6.0f} ms/step | {tokens_per_step / sec:7.0f} tok/s"
-                   f" | {_duration((iters - state.step) * sec)} left")
-            recent = []
-            if is_eval:
-                state.history.append({"step": state.step, "train_loss": train_loss, "val_loss": val_loss})
-                if on_eval is not None:
-                    on_eval(state, val_loss)
-    return state
+    Each step seeds its random draws from (seed, step), and dropout's also from the process, so
+    a resumed run draws what the uninterrupted one drew. The processes draw the same batch
+    positions and each takes its share: a step's samples do not depend on their number."""
+    params = [p for p in model.parameters() if p.requires_grad]  # matrices decay, vectors do not
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.99))
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    step, history = 0, []
+    if resume is not None:
+        try:
+            model.load_weight(resume["weights"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scaler.load_state_dict(resume["scaler"])
+            step, history = int(resume["step"]), list(resume["history"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{s.out_dir}/ckpt.pt does not fit this run ({one_line(e)}); start "
+                             f"a new run in another --out-dir") from None
+    runner = torch.compile(model) if s.compile else model
+    if rt.world > 1:  # frozen weights do not require grad, so DDP leaves them alone
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    losses, t0 = [], time.perf_counter()
+    while step < iters:
+        model.train()
+        step_lr = learning_rate(step, lr, s.warmup, iters)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        starts = torch.randint(len(ids) - s.block_size, (s.grad_accum, s.batch_size),
+                               generator=torch.Generator().manual_seed(s.seed + step))
+        torch.manual_seed(s.seed + step + 1_000_003 * (rt.rank + 1))
+        total = torch.zeros((), device=rt.device)
+        for i in range(s.grad_accum):
+            x, y = batch(ids, starts[i, rt.rank::rt.world], s, rt)
+            # DDP averages gradients over the processes on backward: only the last micro-batch needs it.
+            with runner.no_sync() if rt.world > 1 and i < s.grad_accum - 1 else contextlib.nullcontext():
+                with rt.autocast():
+                    loss = runner(x, y)[1] / s.grad_accum
+                scaler.scale(loss).backward()
+            total += loss.detach()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf).item()
+        loss = rt.all_sum([total.item()])[0] / rt.world
+        if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # float16's scaler skips overflows
+            knobs = [f"--{'base-lr' if phase == 'base' else 'lr'} ({step_lr:.1e} at this step)", f"--weight-decay ({s.weight_decay:g})"]
+            knobs += [f"--alpha ({s.alpha:g}; the adapters' output is scaled by alpha/rank)"] if phase == "adapt" and s.rank else []
+            knobs += [f"--dtype ({str(rt.dtype)[6:]}; float32 has more range)"] if rt.dtype != torch.float32 else []
+            raise TrainingError(f"the {'loss' if not math.isfinite(loss) else 'gradient norm'} became "
+                                f"{loss if not math.isfinite(loss) else norm} at step {step + 1} of the {phase} "
+                                f"phase; check {', '.join(knobs)}; then --resume or start over")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss)
+        if step % s.eval_interval == 0 or step == iters or step % s.log_interval == 0:
+            sec, train_loss = (time.perf_counter() - t0) / len(losses), sum(losses) / len(losses)
+            val_loss = evaluate(model, val, windows, s, rt)[0] if step % s.eval_interval == 0 or step == iters else None
+            rt.log(f"[{phase}] step {step:>5}/{iters} | train {train_loss:.4f} | val " + (f"{val_loss:.4f}" if val_loss else "  -   ")
+                   + f" | {1000 * sec:5.0f} ms/step | {duration((iters - step) * sec)} left")
+            if val_loss is not None:
+                history.append(dict(step=step, train_loss=train_loss, val_loss=val_loss))
+                save({"step": step, "history": history, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
+            losses, t0 = [], time.perf_counter()
+    if iters == 0:
+        save({"step": 0, "history": history, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
+    return history
 
 
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
+# ---- The run
 
-@dataclass
-class Progress:
-    """Where the last intact checkpoint is, for the message after an interruption."""
-    resume_path: Optional[str] = None
-    step: Optional[int] = None
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the script; returns the numbers of the final report (for tests and notebooks).
-
-    Raises UsageError (bad input), TrainingError (non-finite loss) or Interrupted."""
-    given = parse_settings(argv)
-    s, resume_state = resolve_settings(given)
-    rt = setup_runtime(s["device"], s["dtype"])
-    progress = Progress()
+def main(argv=None) -> dict:
+    """Run the script and return the figures of its report. Raises ValueError (bad input),
+    OSError, TrainingError or Interrupted."""
+    s, resume = parse_settings(argv)
+    rt = Runtime.setup(s)
+    last = {"phase": resume.get("phase"), "step": resume.get("step")} if resume else {}
     try:
-        return run(s, given, resume_state, rt, progress)
+        with claim(s.out_dir, rt):
+            return run(s, resume, rt, last)
     except KeyboardInterrupt:
-        where = (f"the checkpoint of step {progress.step} in {progress.resume_path} is intact; "
-                 f"continue with --resume" if progress.step is not None else "no checkpoint was written yet")
-        raise Interrupted(f"interrupted: {where}") from None
+        raise Interrupted("interrupted: " + (f"{os.path.join(s.out_dir, 'ckpt.pt')} holds step {last['step']} of the "
+                          f"{last['phase']} phase; continue with --resume" if last else "nothing was saved yet")) from None
     finally:
-        if rt.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run(s: dict, given: dict, resume_state: Optional[dict], rt: Runtime, progress: Progress) -> dict:
+def run(s, resume, rt: Runtime, last: dict) -> dict:
     t_start = time.perf_counter()
-    torch.manual_seed(s["seed"])
-    out_dir = s["out_dir"]
-    check_out_dir(out_dir)
-    text, data_path = load_corpus(s, rt)
-    data_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if resume_state is not None and resume_state["settings"]["data_sha"] != data_sha:
-        raise UsageError(f"the text differs from the one the run in {s['resume']} trained on; pass "
-                         f"the same --data (it was {resume_state['settings']['data']})")
-    s = {**s, "data": data_path, "data_sha": data_sha}
+    path = s.data or os.path.join(CACHE_DIR, "tinyshakespeare.txt")
+    if s.data is None and rt.rank == 0:
+        fetch_corpus(path, rt.log)
+    if rt.world > 1:
+        dist.barrier()  # the others wait for the download
+    text = read_text(path)
+    data_sha = hashlib.sha256(text.encode()).hexdigest()
+    if resume and resume["data_sha"] != data_sha:
+        raise ValueError(f"--data is not the text the run in {s.out_dir} trained on; give that text")
 
-    # The base model and its tokenizer.
-    if s["init_from"] == "scratch":
-        tokenizer = CharTokenizer.from_text(text)
-        config = scratch_config(s, tokenizer.vocab_size)
-        if resume_state is not None:
-            check_resume_fits(resume_state, config, s)
-        splits = split_tokens(torch.tensor(tokenizer.encode(text)), s["block_size"], s["base_split"])
-        starts = eval_starts(len(splits.val), s["block_size"], s["eval_iters"] * s["batch_size"])
-        base, base_info, base_seconds = scratch_base(config, tokenizer, splits, starts, s, data_sha, rt)
+    # Everything that can be refused is refused here, before the first step.
+    scratch, adapting = s.init_from == "scratch", resume is not None and resume["phase"] == "adapt"
+    if not scratch and (s.n_layer or s.n_head or s.n_embd):
+        raise ValueError("--n-layer, --n-head and --n-embd size a scratch base; drop them with --init-from")
+    base = None if scratch else pretrained(s.init_from)
+    tokenizer = CharTokenizer("".join(sorted(set(text)))) if scratch else BPETokenizer()
+    # A scratch base has exactly --block-size positions: sampling meets no untrained one.
+    config = base.config if base else GPT2Config(vocab_size=tokenizer.vocab_size, n_layer=s.n_layer or 4, n_head=s.n_head or 4,
+                                                 n_embd=s.n_embd or 128, n_positions=s.block_size, n_ctx=s.block_size)
+    ids = torch.tensor(tokenizer.encode(text, "--data"))
+    if int(ids.max()) >= config.vocab_size:  # checked once here, not on every batch
+        raise ValueError(f"the tokenizer makes token ids up to {int(ids.max())}, beyond the model's "
+                         f"vocabulary of {config.vocab_size}")
+    base_ids, adapt_ids, val, windows = split(ids, s, scratch)
+    prompt = tokenizer.encode(s.prompt, "--prompt") or [0]
+    if s.block_size > config.n_ctx:
+        raise ValueError(f"--block-size {s.block_size} exceeds the model's context of {config.n_ctx}")
+    lora_config = None if s.rank == 0 else GPT2Config.from_dict(
+        {**config.to_dict(), "lora_attn_dim": s.rank, "lora_attn_alpha": s.alpha, "lora_dropout": s.lora_dropout})
+    for option in ("save_pretrained", "save_adapter"):
+        if getattr(s, option) and not hasattr(GPT2LMModel, option):
+            raise ValueError(f"--{option.replace('_', '-')} needs GPT2LMModel.{option}, which this lora_gpt2 lacks")
+    if s.save_adapter and s.rank == 0:
+        raise ValueError("--save-adapter needs adapters (--rank > 0); use --save-pretrained")
+    torch.manual_seed(s.seed)
+
+    def save(phase, model, state):
+        if rt.rank == 0:
+            save_atomic({"format": FORMAT, "kind": "ckpt", "phase": phase, "settings": vars(s), "data_sha": data_sha,
+                         "config": model.config.to_dict(), "base": base_info, "tokenizer": tokenizer.describe(),
+                         "weights": trainable_weights(model), **state}, os.path.join(s.out_dir, "ckpt.pt"))
+        last.update(phase=phase, step=state["step"])
+
+    # The base: pretrained; for scratch the cached one, or one pretrained now (and checkpointed).
+    if scratch:
+        name = resume["base"]["file"] if adapting else f"base-{base_key(config, s, data_sha, rt.dtype)}.pt"
+        base_info, path = {"source": "scratch", "file": name}, os.path.join(s.out_dir, name)
+        if os.path.isfile(path):
+            rt.log(f"using the cached base {path}")
+            base = GPT2LMModel(config).load_weight(read_checkpoint(path, "base")["weights"])
+        elif adapting:
+            raise ValueError(f"{path}, the base of the run to resume, is missing")
+        else:
+            torch.manual_seed(s.seed)
+            base = GPT2LMModel(config).to(rt.device)
+            rt.log(f"pretraining a char-level base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M "
+                   f"parameters) on {len(base_ids):,} tokens for {s.base_iters} steps")
+            train(base, base_ids, val, windows, s, rt, phase="base", iters=s.base_iters, lr=s.base_lr,
+                  save=lambda state: save("base", base, state), resume=resume)
+            if rt.rank == 0:
+                save_atomic({"format": FORMAT, "kind": "base", "config": config.to_dict(),
+                             "tokenizer": tokenizer.describe(), "weights": trainable_weights(base)}, path)
     else:
-        base, tok_description, base_info = pretrained_base(s)
-        tokenizer = tokenizer_from(tok_description) if tok_description else load_gpt2_tokenizer()
-        check_sizes_fit(base.config, s, given)
-        if resume_state is not None:
-            check_resume_fits(resume_state, base.config, s)
-        if tokenizer.vocab_size > base.config.vocab_size:
-            raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but --init-from "
-                             f"{s['init_from']} only {base.config.vocab_size}; use a model with GPT-2's vocabulary")
-        splits = split_tokens(torch.tensor(tokenizer.encode(text)), s["block_size"], None)
-        starts = eval_starts(len(splits.val), s["block_size"], s["eval_iters"] * s["batch_size"])
-        base, base_seconds = base.to(rt.device), 0.0
+        base_info = {"source": s.init_from if s.init_from in HUB_MODELS and not os.path.exists(s.init_from)
+                     else os.path.abspath(s.init_from)}
+    base_seconds = time.perf_counter() - t_start
+    base = base.to(rt.device)
+    base_info["fingerprint"] = check_base(base, resume["base"] if adapting else None, "the base now")
 
-    # The model to adapt; before any training it computes exactly what the base computes.
-    torch.manual_seed(s["seed"])  # the same adapter init on every process
-    model = with_lora(base, s)
-    if resume_state is not None:
-        model.load_weight(resume_state["weights"])
-        base_loss = resume_state["base_val_loss"]
-    else:
-        base_loss = evaluate(model, splits.val, starts, s, rt)
-    torch.manual_seed(s["seed"] + rt.rank)  # dropout: its own stream per process
-    describe_run(model, splits, base_info, s, rt)
-    rt.log(f"held-out loss of the base before adaptation: {base_loss:.4f}")
-
-    kind = "adapter" if s["rank"] > 0 else "full"
-    result_path = os.path.join(out_dir, "adapter.pt" if kind == "adapter" else "full.pt")
-    resume_path = os.path.join(out_dir, "resume.pt")
-
-    def checkpoint(state: TrainState, val_loss: float) -> None:
-        snapshot = state.snapshot(rt)  # a collective: every process takes part
-        if rt.master:
-            weights = trainable_weights(model)
-            save_atomic({"format": FORMAT, "kind": "resume", "settings": s, "config": model.config.to_dict(),
-                         "tokenizer": tokenizer.describe(), "base": base_info, "weights": weights,
-                         "base_val_loss": base_loss, **snapshot}, resume_path)
-            save_atomic(model_checkpoint(model, kind, tokenizer, base_info, step=state.step,
-                                         val_loss=val_loss), result_path)
-        progress.resume_path, progress.step = resume_path, state.step
-
+    # The adaptation. The base is measured now, on the windows of the report.
+    base_loss, base_acc = evaluate(base, val, windows, s, rt)
+    torch.manual_seed(s.seed)  # the same adapter init on every process
+    model = with_lora(base, lora_config)
+    rt.log(f"adapting {base_info['source']} with " + (f"LoRA rank {s.rank} (alpha {s.alpha:g}) on Q and V" if s.rank
+           else "every weight trainable (--rank 0)") + f" on {len(adapt_ids):,} tokens; held-out loss of the "
+           f"base {base_loss:.4f}; {rt.device}, {str(rt.dtype)[6:]}, {rt.world} process(es)")
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    t_adapt = time.perf_counter()
-    state = train(model, splits.adapt, splits.val, starts, s, rt, phase="lora" if kind == "adapter" else "full",
-                  iters=s["max_iters"], lr=s["lr"],
-                  saved=resume_state, on_eval=checkpoint)
-    adapt_seconds = time.perf_counter() - t_adapt
-    if state.step == 0 or not state.history or state.history[-1]["step"] != state.step:
-        checkpoint(state, evaluate(model, splits.val, starts, s, rt))  # --max-iters 0, or nothing new
-    rt.barrier()
-
-    report = final_report(model, tokenizer, base_loss, splits, starts, s, rt, result_path, kind,
-                          timings=dict(base=base_seconds, adapt=adapt_seconds,
-                                       total=time.perf_counter() - t_start))
-    report["history"] = state.history
-    return report
-
-
-def load_corpus(s: dict, rt: Runtime) -> tuple:
-    """(text, path): --data, or Tiny Shakespeare from the cache, downloaded by process 0 only."""
-    path = s["data"]
-    if path is None:
-        cache_dir = s["cache_dir"] or default_cache_dir()
-        error = None
-        if rt.master:
-            try:
-                path = shakespeare_path(cache_dir, log=rt.log)
-            except UsageError as e:
-                error = str(e)
-        if rt.distributed:  # the others wait for the download, and fail with process 0
-            box = [error]
-            torch.distributed.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise UsageError(error)
-        path = os.path.join(cache_dir, DATA_FILE)
-    return read_text(path), os.path.abspath(path)
-
-
-def scratch_base(config: GPT2Config, tokenizer: CharTokenizer, splits: Splits, starts: torch.Tensor,
-                 s: dict, data_sha: str, rt: Runtime) -> tuple:
-    """The pretrained char-level base: from its cache file, or pretrained now and cached."""
-    key = base_key(config, s, data_sha, rt.world)
-    name = f"base-{key}.pt"
-    path = os.path.join(s["out_dir"], name)
-    info = {"init_from": "scratch", "file": name, "key": key}
-    if os.path.isfile(path):
-        ckpt = read_checkpoint(path, "cached base", kinds=("base",))
-        model = GPT2LMModel(config).load_weight(ckpt["weights"]).to(rt.device)
-        rt.log(f"using the cached base {path} (pretrained for {s['base_iters']} steps; delete it to redo)")
-        return model, info, 0.0
-
     t0 = time.perf_counter()
-    torch.manual_seed(s["seed"])
-    model = GPT2LMModel(config).to(rt.device)
-    rt.log(f"pretraining a char-level base ({_sizes(config)}, {_millions(model)} parameters) on "
-           f"{len(splits.base):,} tokens for {s['base_iters']} steps")
-    train(model, splits.base, splits.val, starts, s, rt, phase="base", iters=s["base_iters"], lr=s["base_lr"])
-    if rt.master:
-        save_atomic(model_checkpoint(model, "base", tokenizer, info, settings=s), path)
-        rt.log(f"saved the base to {path}")
-    rt.barrier()
-    return model, info, time.perf_counter() - t0
+    history = train(model, adapt_ids, val, windows, s, rt, phase="adapt", iters=s.max_iters, lr=s.lr,
+                    save=lambda state: save("adapt", model, state), resume=resume if adapting else None)
+    loss, acc = evaluate(model, val, windows, s, rt)
+    figures = dict(base_loss=base_loss, adapted_loss=loss, base_accuracy=base_acc, adapted_accuracy=acc,
+                   trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   total=sum(p.numel() for p in model.parameters()), history=history,
+                   timings=dict(base=base_seconds, adapt=time.perf_counter() - t0, total=time.perf_counter() - t_start))
+    if rt.rank == 0:
+        report(model, tokenizer, prompt, figures, s, rt)
+    return figures
 
 
-def check_resume_fits(saved: dict, config: GPT2Config, s: dict) -> None:
-    """The base built now must be the one the checkpoint trained on (sizes, vocabulary). Checked
-    before any pretraining; the adapter options were compared with RUN_DEFINING already."""
-    now = {k: v for k, v in config.to_dict().items() if not k.startswith("lora_")}
-    diff = [f"{k} {saved['config'].get(k)} vs {v}" for k, v in now.items() if saved["config"].get(k) != v]
-    if diff:
-        raise UsageError(f"the checkpoint {s['resume']} does not fit the model asked for "
-                         f"({', '.join(diff)}: checkpoint vs now); resume with the sizes of the run "
-                         f"(drop --preset/--n-layer/--n-head/--n-embd), or start a new --out-dir")
-
-
-def describe_run(model: GPT2LMModel, splits: Splits, base_info: dict, s: dict, rt: Runtime) -> None:
-    c = model.config
-    what = (f"LoRA rank {c.lora_attn_dim} (alpha {c.lora_attn_alpha:g}) on Q and V"
-            if c.lora_attn_dim > 0 else "full fine-tuning (--rank 0)")
-    source = "the scratch base" if base_info["init_from"] == "scratch" else base_info["init_from"]
-    rt.log(f"adapting {source} ({_sizes(c)}) with {what} on {len(splits.adapt):,} "
-           f"tokens; held out: {len(splits.val):,} tokens; device {rt.device}, "
-           f"{str(rt.dtype).replace('torch.', '')}, {rt.world} process(es)")
-
-
-def final_report(model, tokenizer, base_loss, splits, starts, s, rt, result_path, kind, timings) -> dict:
-    """The numbers that show what LoRA did, printed by process 0 and returned."""
-    adapted_loss = evaluate(model, splits.val, starts, s, rt)
-    n_total = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    # A merged, plain GPT-2 must compute what base + adapters compute.
-    merged_ckpt = model_checkpoint(model, "merged", tokenizer, {"init_from": result_path})
-    merged_model = GPT2LMModel(GPT2Config.from_dict(merged_ckpt["config"])).to(rt.device)
-    merged_model.load_weight(merged_ckpt["weights"])
-    merged_loss = evaluate(merged_model, splits.val, starts, s, rt)
-    del merged_model
-    full_bytes = checkpoint_bytes(merged_ckpt)
-    if s["merge"] and rt.master:
-        save_atomic(merged_ckpt, os.path.join(s["out_dir"], "merged.pt"))
-    result_bytes = os.path.getsize(result_path) if rt.master else 0
-
-    report = dict(trainable=n_trainable, total=n_total, result_path=result_path,
-                  result_bytes=result_bytes, full_bytes=full_bytes, base_loss=base_loss,
-                  adapted_loss=adapted_loss, merged_loss=merged_loss, timings=timings,
-                  peak_memory=torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None)
-    if not rt.master:
-        return report
-
-    tolerance = 1e-4 if rt.dtype == torch.float32 else 2e-2
-    merged_ok = abs(merged_loss - adapted_loss) <= tolerance
-    lines = [
-        "",
-        "=" * 72,
-        f"trainable parameters   {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.2f}% of the model)",
-        f"checkpoint             {os.path.basename(result_path)} {_bytes(result_bytes)}; a full checkpoint "
-        f"{_bytes(full_bytes)} ({100 * result_bytes / full_bytes:.2f}%)",
-        f"held-out loss          base {base_loss:.4f} -> {'adapted' if kind == 'adapter' else 'fine-tuned'} "
-        f"{adapted_loss:.4f} ({adapted_loss - base_loss:+.4f})",
-        f"merged model           held-out loss {merged_loss:.4f}, |merged - unmerged| = "
-        f"{abs(merged_loss - adapted_loss):.1e} ({'OK' if merged_ok else 'MISMATCH'})",
-        "peak accelerator mem   " + (_bytes(report["peak_memory"]) if report["peak_memory"] is not None
-                                      else f"n/a ({rt.device.type})"),
-        f"time                   base {_duration(timings['base'])}"
-        f"{' (cached)' if timings['base'] == 0 else ''}, adaptation {_duration(timings['adapt'])}, "
-        f"total {_duration(timings['total'])}",
-        "=" * 72,
-    ]
-    rt.log("\n".join(lines))
-    if s["sample"] > 0:
-        report["sample"] = sample_text(model, tokenizer, s, rt)
-        rt.log(f"sample ({s['sample']} tokens):\n{report['sample']}")
-    return report
-
-
-@torch.no_grad()
-def sample_text(model: GPT2LMModel, tokenizer, s: dict, rt: Runtime) -> str:
+def report(model: GPT2LMModel, tokenizer, prompt: list, f: dict, s, rt: Runtime) -> None:
+    """Print what the adaptation did and a sample; write the exports. (Process 0.)"""
+    t = f["timings"]
+    memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(rt.device) / 2 ** 30:.2f} GB" if rt.device.type == "cuda" else ""
+    print("\n".join([
+        "", "=" * 72,
+        f"trainable parameters   {f['trainable']:,} of {f['total']:,} ({100 * f['trainable'] / f['total']:.2f}%)",
+        f"held-out loss          base {f['base_loss']:.4f} -> {'adapted' if s.rank else 'fine-tuned'} "
+        f"{f['adapted_loss']:.4f} ({f['adapted_loss'] - f['base_loss']:+.4f})",
+        f"accuracy               {100 * f['base_accuracy']:.1f}% -> {100 * f['adapted_accuracy']:.1f}% (next token, held out)",
+        f"time                   base {duration(t['base'])}, adaptation {duration(t['adapt'])}, total {duration(t['total'])}{memory}",
+        "=" * 72]), flush=True)
     model.eval()
-    prompt = tokenizer.encode(s["prompt"]) or [0]
-    x = torch.tensor([prompt[-model.config.n_ctx:]], device=rt.device)
-    generator = torch.Generator(device=rt.device).manual_seed(s["seed"])
-    out = model.generate(x, s["sample"], temperature=0.8, top_k=200, generator=generator)
-    return tokenizer.decode(out[0].tolist())
+    if s.sample:
+        x = torch.tensor([prompt[-model.config.n_ctx:]], device=rt.device)
+        g = torch.Generator(device=rt.device).manual_seed(s.seed)
+        f["sample"] = tokenizer.decode(model.generate(x, s.sample, temperature=0.8, top_k=200, generator=g)[0].tolist())
+        print(f"sample ({s.sample} tokens):\n{f['sample']}", flush=True)
+    for option in ("save_pretrained", "save_adapter"):
+        if getattr(s, option):
+            getattr(model, option)(getattr(s, option))
+            print(f"wrote {getattr(s, option)}", flush=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
+# ---- Helpers and the command line
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+def duration(seconds: float) -> str:
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{seconds:.0f}s"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def one_line(e: BaseException) -> str:
+    """The first line of an error, without torch's advice to load with weights_only=False (which
+    would let the file run code)."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return text.split("Weights only load failed")[0] + "it holds more than tensors and plain data" \
+        if "Weights only load failed" in text else text
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def _sizes(c: GPT2Config) -> str:
-    return f"{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}"
-
-
-def _millions(model: nn.Module) -> str:
-    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """The command: one line and an exit status for every expected failure."""
-    # `kill` (SIGTERM) ends the run the way Ctrl-C does, between two atomic checkpoint writes.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+def cli(argv=None) -> int:
+    """The command: one line on stderr and a non-zero exit status for every expected failure."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)  # `kill` stops a run as Ctrl-C does
     try:
         main(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (TrainingError, OSError) as e:  # OSError: e.g. the disk filled up mid-run
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 0
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
 
 
 if __name__ == "__main__":

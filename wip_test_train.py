@@ -1,11 +1,12 @@
-"""Tests of train_shakespeare.py (to be merged back into test_lora_gpt2.py, section 8)."""
+"""Tests of train_shakespeare.py (to be merged back into test_lora_gpt2.py as its section 8).
 
-import contextlib
-import copy
+Tiny end-to-end runs on a text the tests write themselves: in-process through main() and cli(),
+in a subprocess only where the exit status, the absence of a traceback or several processes
+matter."""
+
+import argparse
+import glob
 import http.server
-import io
-import json
-import math
 import os
 import random
 import shutil
@@ -17,18 +18,9 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 
-import bench_lora_gpt2 as bench
 import lora_gpt2 as L
 import train_shakespeare as ts
-
-settings.register_profile("dev", max_examples=20, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True,
-                          print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 # Every model here is tiny: one thread is faster, and leaves a shared CI machine's cores alone.
 torch.set_num_threads(1)
@@ -41,11 +33,13 @@ torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "train_shakespeare.py")
 
-# A tiny model and a short schedule: a full base + LoRA run takes about a second.
-TRAIN_TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "8", "--base-iters", "30",
-        "--base-lr", "3e-3", "--max-iters", "20", "--warmup", "2", "--eval-interval", "5",
-        "--eval-iters", "4", "--log-interval", "5", "--rank", "2", "--alpha", "8",
-        "--lora-dropout", "0.1", "--lr", "1e-2", "--sample", "16", "--device", "cpu", "--seed", "7"]
+# A tiny model and a short schedule: a whole base + LoRA run takes about a second.
+SIZES = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64"]  # of the scratch base
+SCHEDULE = ["--block-size", "32", "--batch-size", "8", "--base-iters", "30", "--base-lr", "3e-3", "--max-iters", "20",
+            "--warmup", "2", "--eval-interval", "5", "--eval-iters", "4", "--log-interval", "5",
+            "--rank", "2", "--alpha", "8", "--lora-dropout", "0.1", "--lr", "1e-2", "--sample", "16",
+            "--device", "cpu", "--seed", "7"]
+TRAIN_TINY = SIZES + SCHEDULE
 
 
 def without(args, option, n_values=1):
@@ -82,126 +76,165 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, text_file):
-    """One complete LoRA run (with --merge), shared read-only by several tests."""
+    """One complete scratch base + LoRA run, shared read-only by several tests."""
     out = str(tmp_path_factory.mktemp("run"))
-    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--merge"])
+    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out])
     return report, out
 
 
-def held_out_loss(model, text_file, block_size=32, eval_iters=4, batch_size=8):
-    """The script's own held-out evaluation, for a model loaded from a checkpoint."""
-    s = dict(ts.DEFAULTS, block_size=block_size, batch_size=batch_size)
+def copy_run(run_dir, dest, everything=False):
+    """The cached base of a run (or all its files) in another folder, to start from without
+    pretraining again."""
+    os.makedirs(dest, exist_ok=True)
+    for f in os.listdir(run_dir):
+        if everything or f.startswith("base-"):
+            shutil.copy(os.path.join(run_dir, f), dest)
+    return str(dest)
+
+
+def held_out(model, text_file, eval_iters=4):
+    """(loss, accuracy) on the script's held-out windows, computed here from the logits."""
+    s = argparse.Namespace(block_size=32, batch_size=8, eval_iters=eval_iters)
     text = open(text_file, encoding="utf-8").read()
-    ids = torch.tensor(ts.CharTokenizer.from_text(text).encode(text))
-    val = ts.split_tokens(ids, block_size, 0.5).val
-    starts = ts.eval_starts(len(val), block_size, eval_iters * batch_size)
-    return ts.evaluate(model, val, starts, s, ts.Runtime(torch.device("cpu"), torch.float32))
+    ids = torch.tensor(ts.CharTokenizer("".join(sorted(set(text)))).encode(text))
+    _, _, val, windows = ts.split(ids, s, scratch=True)
+    windows = val[windows[:, None] + torch.arange(33)]
+    with torch.no_grad():
+        logits = model.eval()(windows[:, :-1])[0]
+    loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    return loss, (logits.argmax(-1) == windows[:, 1:]).double().mean().item()
+
+
+def one_line_error(argv, capsys, code=1):
+    """Run the command in-process; it must fail with one line on stderr. Returns that line."""
+    assert ts.cli(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "weights_only" not in err, err  # never the advice to load unsafely
+    return err
 
 
 # ---- an end-to-end run ------------------------------------------------------------------------
 
-def test_lora_run_lowers_held_out_loss(finished_run):
-    report, _ = finished_run
+def test_lora_run_lowers_held_out_loss_and_reports_accuracy(finished_run, text_file):
+    report, out = finished_run
     assert report["adapted_loss"] < report["base_loss"] - 0.01
-    train_losses = [h["train_loss"] for h in report["history"]]
-    assert train_losses[-1] < train_losses[0]
     assert [h["step"] for h in report["history"]] == [5, 10, 15, 20]
+    assert report["history"][-1]["train_loss"] < report["history"][0]["train_loss"]
     # rank 2 on Q and V of 2 layers of width 64: 2 layers x 2 projections x (64 + 64) x 2
     assert report["trainable"] == 2 * 2 * (64 + 64) * 2
     assert report["sample"].startswith("\n") and len(report["sample"]) == 1 + 16
+    # accuracy: the share of held-out positions whose most likely next token is the right one
+    base, _ = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])
+    adapted, _ = ts.load_model(os.path.join(out, "ckpt.pt"))
+    for model, loss, accuracy in ((base, "base_loss", "base_accuracy"), (adapted, "adapted_loss", "adapted_accuracy")):
+        assert held_out(model, text_file) == pytest.approx((report[loss], report[accuracy]), rel=1e-5)
+    assert 0 < report["base_accuracy"] < report["adapted_accuracy"] < 1
 
 
-def test_adapter_checkpoint_holds_only_lora_tensors(finished_run):
-    report, out = finished_run
-    ckpt = torch.load(os.path.join(out, "adapter.pt"), weights_only=True)
-    assert ckpt["kind"] == "adapter" and ckpt["format"] == ts.FORMAT
+def test_checkpoint_holds_the_trained_tensors_and_the_fingerprint_of_its_base(finished_run):
+    _, out = finished_run
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["kind"] == "ckpt" and ckpt["format"] == ts.FORMAT and ckpt["phase"] == "adapt"
     assert ckpt["weights"] and all("lora_" in k for k in ckpt["weights"])
     assert ckpt["config"]["lora_attn_dim"] == 2 and ckpt["tokenizer"]["type"] == "char"
-    # the context is the trained block size, so sampling never uses untrained positions
-    assert ckpt["config"]["n_ctx"] == 32 and ckpt["config"]["n_positions"] == 256
-    assert ckpt["base"]["init_from"] == "scratch" and os.path.isfile(os.path.join(out, ckpt["base"]["file"]))
-    assert report["result_bytes"] == os.path.getsize(os.path.join(out, "adapter.pt"))
-    assert report["result_bytes"] < 0.1 * report["full_bytes"]
-    # the full-size figure is what a merged checkpoint really takes on disk
-    assert abs(os.path.getsize(os.path.join(out, "merged.pt")) - report["full_bytes"]) < 1024
-    assert not [f for f in os.listdir(out) if ".tmp" in f]  # no temporary file left behind
+    # the context is the trained block size, so sampling never uses an untrained position
+    assert ckpt["config"]["n_ctx"] == ckpt["config"]["n_positions"] == 32
+    assert ckpt["settings"]["rank"] == 2 and ckpt["step"] == 20
+    base_file = os.path.join(out, ckpt["base"]["file"])
+    assert ckpt["base"]["source"] == "scratch" and os.path.isfile(base_file)
+    assert ckpt["base"]["fingerprint"] == L.base_fingerprint(ts.load_model(base_file)[0])
+    assert sorted(os.listdir(out)) == [".lock", ckpt["base"]["file"], "ckpt.pt"]  # no temporary file left
 
 
-def test_reloaded_adapter_and_merged_export_reproduce_the_held_out_loss(finished_run, text_file, tmp_path):
-    report, out = finished_run
-    model, tokenizer = ts.load_model(os.path.join(out, "adapter.pt"))
-    assert isinstance(tokenizer, ts.CharTokenizer)
-    assert held_out_loss(model, text_file) == pytest.approx(report["adapted_loss"], abs=1e-6)
-    assert report["merged_loss"] == pytest.approx(report["adapted_loss"], abs=1e-5)
-
-    merged_path = ts.export_merged(os.path.join(out, "adapter.pt"), str(tmp_path / "merged.pt"))
-    ckpt = torch.load(merged_path, weights_only=True)
-    assert ckpt["config"]["lora_attn_dim"] == 0 and not any("lora_" in k for k in ckpt["weights"])
-    plain = L.GPT2LMModel(L.GPT2Config.from_dict(ckpt["config"])).load_weight(ckpt["weights"]).eval()
-    assert held_out_loss(plain, text_file) == pytest.approx(report["adapted_loss"], abs=1e-5)
-
-
-def test_base_is_cached_and_reused(finished_run, text_file):
+def test_base_is_cached_and_stays_frozen(finished_run):
     _, out = finished_run
-    bases = [f for f in os.listdir(out) if f.startswith("base-")]
+    bases = glob.glob(os.path.join(out, "base-*.pt"))
     assert len(bases) == 1
-    base = torch.load(os.path.join(out, bases[0]), weights_only=True)
+    base = torch.load(bases[0], weights_only=True)
     assert base["kind"] == "base" and not any("lora_" in k for k in base["weights"])
-    # The frozen weights of the adapted model are the cached base's, untouched by training.
-    model, _ = ts.load_model(os.path.join(out, "adapter.pt"))
-    sd = model.state_dict()
+    sd = ts.load_model(os.path.join(out, "ckpt.pt"))[0].state_dict()
     for k, v in base["weights"].items():
         assert torch.equal(sd[k], v), k
 
 
-def test_full_fine_tuning_with_rank_0(text_file, tmp_path, finished_run):
-    _, run_dir = finished_run
-    for f in os.listdir(run_dir):  # start from the same base, without pretraining it again
-        if f.startswith("base-"):
-            shutil.copy(os.path.join(run_dir, f), tmp_path)
-    report = ts.main(without(TRAIN_TINY, "--lr") + ["--data", text_file, "--out-dir", str(tmp_path),
-                                              "--rank", "0", "--sample", "0"])
-    assert report["timings"]["base"] == 0  # the cached base was used
+def test_full_fine_tuning_with_rank_0(text_file, tmp_path, finished_run, capsys):
+    out = copy_run(finished_run[1], tmp_path)
+    report = ts.main(without(TRAIN_TINY, "--lr") + ["--data", text_file, "--out-dir", out,
+                                                    "--rank", "0", "--sample", "0"])
+    assert "using the cached base" in capsys.readouterr().out
     assert report["trainable"] == report["total"]
     assert report["adapted_loss"] < report["base_loss"]
-    ckpt = torch.load(tmp_path / "full.pt", weights_only=True)
-    assert ckpt["kind"] == "full" and "transformer.wte.weight" in ckpt["weights"]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["config"]["lora_attn_dim"] == 0 and "transformer.wte.weight" in ckpt["weights"]
+
+
+@pytest.mark.skipif(not hasattr(L.GPT2LMModel, "save_adapter"), reason="lora_gpt2 has no save_adapter yet")
+def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run):
+    out = copy_run(finished_run[1], tmp_path / "out")
+    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5", "--sample", "0",
+                                   "--save-pretrained", str(tmp_path / "hf"), "--save-adapter", str(tmp_path / "peft")])
+    figures = (report["adapted_loss"], report["adapted_accuracy"])
+    assert held_out(L.GPT2LMModel.from_pretrained(tmp_path / "hf"), text_file) == pytest.approx(figures, rel=1e-5)
+    base = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])[0]
+    adapted = L.GPT2LMModel(L.GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": 2, "lora_attn_alpha": 8}))
+    adapted.load_weight(base.state_dict()).load_adapter(tmp_path / "peft")
+    assert held_out(adapted, text_file) == pytest.approx(figures, rel=1e-5)
 
 
 # ---- resume -------------------------------------------------------------------------------------
 
-def test_resume_after_interrupt_reproduces_the_uninterrupted_run(finished_run, text_file, tmp_path, monkeypatch):
+def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(finished_run, text_file, tmp_path,
+                                                                            monkeypatch):
+    """A crash loses at most the work since the last checkpoint, in the base pretraining as in
+    the adaptation; and the message after an interrupted resumed run names the checkpoint."""
     uninterrupted, run_dir = finished_run
-    for f in os.listdir(run_dir):
-        if f.startswith("base-"):
-            shutil.copy(os.path.join(run_dir, f), tmp_path)
-    args = TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path)]
+    out = str(tmp_path)
+    real_lr, calls = ts.learning_rate, []
 
-    real_step, calls = ts.train_step, []
+    def interrupt_at(n):  # Ctrl-C during the n-th step of the next run
+        calls.clear()
 
-    def interrupted_step(*a, **k):  # Ctrl-C during step 13; the last checkpoint is step 10
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
+        def lr(*a):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real_lr(*a)
+        monkeypatch.setattr(ts, "learning_rate", lr)
 
-    monkeypatch.setattr(ts, "train_step", interrupted_step)
-    with pytest.raises(ts.Interrupted, match="step 10"):
-        ts.main(args)
-    monkeypatch.setattr(ts, "train_step", real_step)
-    assert torch.load(tmp_path / "resume.pt", weights_only=True)["step"] == 10
+    interrupt_at(13)  # base step 13; the last checkpoint is base step 10
+    with pytest.raises(ts.Interrupted, match="step 10 of the base phase"):
+        ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out])
+    assert not glob.glob(os.path.join(out, "base-*.pt"))
+    interrupt_at(2)  # a resumed run interrupted before its first checkpoint
+    with pytest.raises(ts.Interrupted, match="step 10 of the base phase"):
+        ts.main(["--resume", "--out-dir", out])
+    interrupt_at(20 + 13)  # base steps 11-30, then adaptation step 13
+    with pytest.raises(ts.Interrupted, match="step 10 of the adapt phase"):
+        ts.main(["--resume", "--out-dir", out])
+    monkeypatch.setattr(ts, "learning_rate", real_lr)
+    resumed = ts.main(["--resume", "--out-dir", out, "--sample", "16"])
 
-    resumed = ts.main(["--resume", "--out-dir", str(tmp_path), "--sample", "16"])
-    for a, b in zip(resumed["history"], uninterrupted["history"], strict=True):
-        assert a["step"] == b["step"]
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
-    assert resumed["base_loss"] == uninterrupted["base_loss"]
-    assert resumed["sample"] == uninterrupted["sample"]
-    a = torch.load(tmp_path / "adapter.pt", weights_only=True)["weights"]
-    b = torch.load(os.path.join(run_dir, "adapter.pt"), weights_only=True)["weights"]
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert resumed["history"] == uninterrupted["history"]
+    for key in ("base_loss", "adapted_loss", "base_accuracy", "adapted_accuracy", "sample"):
+        assert resumed[key] == uninterrupted[key], key
+    for name in ["ckpt.pt"] + [f for f in os.listdir(run_dir) if f.startswith("base-")]:
+        a = torch.load(os.path.join(out, name), weights_only=True)["weights"]
+        b = torch.load(os.path.join(run_dir, name), weights_only=True)["weights"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_report_after_resume_measures_base_and_adapted_on_the_same_windows(finished_run, text_file, tmp_path):
+    """--resume with another --eval-iters: both figures come from the new windows."""
+    report, run_dir = finished_run
+    out = copy_run(run_dir, tmp_path, everything=True)
+    resumed = ts.main(["--resume", "--out-dir", out, "--eval-iters", "2", "--sample", "0"])
+    base = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])[0]
+    assert held_out(base, text_file, eval_iters=2) == pytest.approx(
+        (resumed["base_loss"], resumed["base_accuracy"]), rel=1e-5)
+    assert held_out(ts.load_model(os.path.join(out, "ckpt.pt"))[0], text_file, eval_iters=2) == pytest.approx(
+        (resumed["adapted_loss"], resumed["adapted_accuracy"]), rel=1e-5)
+    assert abs(resumed["base_loss"] - report["base_loss"]) > 1e-4  # the windows did change
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -219,66 +252,124 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ck.pt"]
 
 
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(finished_run, tmp_path):
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    for name in ("ckpt.pt.tmp", "base-0123456789ab.pt.tmp"):  # what kill -9 mid-save leaves
+        (tmp_path / name).write_bytes(b"partial")
+    ts.main(["--resume", "--out-dir", out, "--sample", "0"])
+    assert not glob.glob(os.path.join(out, "*.tmp"))
+
+
+@pytest.mark.skipif(ts.fcntl is None, reason="no fcntl: runs go unlocked")
+def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, capsys):
+    with open(tmp_path / ".lock", "w") as lock:  # as a run in progress holds it
+        ts.fcntl.flock(lock, ts.fcntl.LOCK_EX | ts.fcntl.LOCK_NB)
+        err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path)], capsys)
+    assert "another run is using --out-dir" in err
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+
+
 # ---- bad input ----------------------------------------------------------------------------------
-
-def _cli_error(argv, capsys):
-    code = ts.cli(argv)
-    err = capsys.readouterr().err
-    return code, err
-
 
 @pytest.mark.parametrize("extra, message", [
     (["--data", "{tmp}/missing.txt"], "no such file"),
+    (["--data", "{tmp}"], "not a regular file"),
+    (["--data", "{fifo}"], "not a regular file"),
+    (["--data", "{empty}"], "is empty"),
     (["--data", "{short}"], "too short"),
     (["--data", "{latin1}"], "not UTF-8"),
-    (["--block-size", "512"], "n_positions (256)"),
-    (["--rank", "-1"], "--rank must be >= 0"),
-    (["--alpha", "0"], "--alpha must be a finite number > 0"),
-    (["--alpha", "-2"], "--alpha must be a finite number > 0"),
-    (["--preset", "huge"], "unknown --preset 'huge'"),
-    (["--rank", "four"], "invalid int value"),
+    (["--rank", "-1"], "lora_attn_dim"),
+    (["--rank", "four"], "invalid"),
+    (["--alpha", "0"], "lora_attn_alpha"),
+    (["--alpha", "inf"], "lora_attn_alpha"),
+    (["--alpha", "1e25"], "α/r"),
     (["--n-embd", "63"], "divisible"),
-    (["--resume", "{tmp}/missing.pt"], "no such checkpoint"),
-    (["--init-from", "{tmp}/missing.pt"], "no such file or folder"),
-    (["--init-from", "{run}/adapter.pt"], "'adapter' checkpoint"),
-    (["--init-from", "{run}/merged.pt", "--n-embd", "32"], "--n-embd 32 does not fit"),
-    (["--resume", "{run}/resume.pt", "--rank", "4"], "--rank 4 does not fit"),
-    (["--resume", "{run}/resume.pt", "--n-embd", "32"], "n_embd 64 vs 32"),
-    (["--resume", "{run}/resume.pt", "--data", "{other}"], "text differs"),
+    (["--eval-interval", "0"], "must lie in [1, "),
+    (["--batch-size", "0"], "must lie in [1, "),
+    (["--seed", "99999999999999999999999"], "--seed"),
+    (["--prompt", "€"], "--prompt has 1 character(s) outside the alphabet"),
+    (["--resume"], "no such checkpoint"),
+    (["--init-from", "{tmp}/missing"], "no such file or folder"),
+    (["--init-from", "gpt2", "--n-embd", "32"], "size a scratch base"),
+    (["--save-adapter", "{tmp}/peft", "--rank", "0"], "--save-adapter"),
+    (["--resume", "--out-dir", "{run}", "--data", "{other}"], "not the text"),
+    (["--resume", "--out-dir", "{run}", "--rank", "4"], "does not fit this run"),
+    (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "shape"),
     (["--out-dir", "{short}/sub"], "cannot hold checkpoints"),
-    (["--alpha", "inf"], "--alpha must be"),
 ])
-def test_bad_input_is_one_line_and_nonzero(extra, message, finished_run, text_file, tmp_path, capsys):
-    _, run_dir = finished_run
+def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, finished_run, text_file,
+                                                               tmp_path, capsys):
+    if "{fifo}" in extra and not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
     (tmp_path / "short.txt").write_text("To be, or not to be.\n" * 2)
     (tmp_path / "latin1.txt").write_bytes("Sé bien\n".encode("latin-1") * 100)
     (tmp_path / "other.txt").write_text(make_text(seed=1))
-    subs = dict(tmp=tmp_path, run=run_dir, short=tmp_path / "short.txt",
-                latin1=tmp_path / "latin1.txt", other=tmp_path / "other.txt")
-    base_args = without(TRAIN_TINY, "--preset") if "--init-from" in extra else TRAIN_TINY  # --preset is for scratch
-    argv = base_args + ["--data", text_file, "--out-dir", str(tmp_path / "out")] + [e.format(**subs) for e in extra]
-    code, err = _cli_error(argv, capsys)
-    assert code != 0
-    assert message in err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert not os.path.exists(tmp_path / "out" / "adapter.pt")
+    (tmp_path / "empty.txt").write_text("")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")  # opening it for reading would block: it must not be opened
+    subs = dict(tmp=tmp_path, run=finished_run[1], short=tmp_path / "short.txt", fifo=tmp_path / "fifo",
+                latin1=tmp_path / "latin1.txt", other=tmp_path / "other.txt", empty=tmp_path / "empty.txt")
+    argv = (SCHEDULE if "--init-from" in extra else TRAIN_TINY) + ["--data", text_file, "--out-dir", str(tmp_path / "out")] + [e.format(**subs) for e in extra]
+    assert message in one_line_error(argv, capsys)
+    assert not glob.glob(str(tmp_path / "out" / "*.pt"))  # refused before any training step
 
 
 def test_bad_input_in_a_real_process_exits_nonzero_without_traceback(tmp_path):
-    for argv, message in ((["--data", str(tmp_path / "nope.txt")], "--data"),
-                          (["--rank", "-3"], "--rank")):
-        proc = subprocess.run([sys.executable, SCRIPT, *argv, "--out-dir", str(tmp_path)],
-                              capture_output=True, text=True, timeout=120, cwd=HERE)
-        assert proc.returncode == 2
-        assert "Traceback" not in proc.stderr and message in proc.stderr
-        assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--data", str(tmp_path / "nope.txt"), "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --data") and proc.stderr.count("\n") == 1, proc.stderr
 
 
-def test_non_finite_loss_stops_the_run(text_file, tmp_path, capsys):
-    code = ts.cli(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path), "--base-lr", "1e30",
-                          "--warmup", "0", "--grad-clip", "0"])
-    err = capsys.readouterr().err
-    assert code == 1 and "the loss became" in err and err.count("\n") == 1
+def _craft(ckpt):
+    """Ways to damage a ckpt.pt, each with what the one-line error must say."""
+    other_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict()
+    rank8 = L.GPT2LMModel(L.GPT2Config.from_dict({**ckpt["config"], "lora_attn_dim": 8, "lora_attn_alpha": 8}))
+    return [
+        ({**ckpt, "weights": {k: v.cpu() for k, v in L.lora_state_dict(rank8).items()}}, "does not fit this run"),
+        ({k: v for k, v in ckpt.items() if k != "settings"}, "lacks settings"),
+        ({**ckpt, "optimizer": other_optimizer}, "does not fit this run"),
+        ({**ckpt, "step": "ten"}, "does not fit this run"),
+        ({**ckpt, "base": {**ckpt["base"], "fingerprint": "0" * 64}}, "is not the base"),
+        ({**ckpt, "settings": {**ckpt["settings"], "bogus": 1}}, "unrecognized arguments"),
+        ({**ckpt, "settings": {**ckpt["settings"], "rank": "four"}}, "invalid"),
+        ({**ckpt, "format": "something else"}, "not a ckpt checkpoint of this script"),
+        ({**ckpt, "settings": argparse.Namespace()}, "not a readable checkpoint"),  # refused by weights_only
+    ]
+
+
+def test_damaged_checkpoints_are_one_line_errors(finished_run, text_file, tmp_path, capsys, monkeypatch):
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    for crafted, message in _craft(ckpt):
+        torch.save(crafted, path)
+        assert message in one_line_error(["--resume", "--out-dir", out, "--sample", "0"], capsys), message
+    with open(path, "wb") as f:
+        f.write(os.urandom(4096))
+    assert "not a readable checkpoint" in one_line_error(["--resume", "--out-dir", out], capsys)
+
+    # a cached base of another size under the name this run's base would have
+    torch.save(ckpt, path)
+    base_path = glob.glob(os.path.join(out, "base-*.pt"))[0]
+    small = L.GPT2LMModel(L.GPT2Config.from_dict({**ckpt["config"], "n_embd": 32, "lora_attn_dim": 0}))
+    torch.save({**torch.load(base_path, weights_only=True), "weights": small.state_dict()}, base_path)
+    assert "shape" in one_line_error(["--resume", "--out-dir", out], capsys)
+
+    # a full disk: torch.save raises its own RuntimeError, not an OSError
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4096 vs 0")
+    monkeypatch.setattr(torch, "save", full_disk)
+    err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path / "new")], capsys)
+    assert "cannot write" in err and "inline_container" in err
+
+
+def test_non_finite_loss_stops_the_run_with_a_message_about_the_settings_that_matter(text_file, tmp_path, capsys):
+    args = TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path), "--warmup", "0", "--grad-clip", "0"]
+    err = one_line_error(args + ["--base-lr", "1e30"], capsys)
+    assert "the loss became" in err and "--base-lr (1.0e+30" in err
+    err = one_line_error(args + ["--weight-decay", "1e9"], capsys)
+    assert "--weight-decay (1e+09)" in err and "float32" not in err  # the run is float32 already
 
 
 # ---- schedule -----------------------------------------------------------------------------------
@@ -293,10 +384,10 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 # ---- pretrained GPT-2 path, with a stand-in tokenizer ------------------------------------------
 
 class ByteTokenizer:
-    """Stands in for GPT-2's BPE (which needs network access to fetch its files)."""
+    """Stands in for GPT-2's BPE (which needs a package and network access to fetch its files)."""
     vocab_size = 256
 
-    def encode(self, text):
+    def encode(self, text, what="the text"):
         return list(text.encode("utf-8"))
 
     def decode(self, ids):
@@ -306,35 +397,46 @@ class ByteTokenizer:
         return {"type": "gpt2-bpe"}
 
 
-def test_init_from_a_hugging_face_folder(text_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(ts, "load_gpt2_tokenizer", ByteTokenizer)
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    torch.manual_seed(0)
+def _hf_folder(folder, seed):
+    folder.mkdir(exist_ok=True)
+    torch.manual_seed(seed)
     model = L.GPT2LMModel(L.GPT2Config(vocab_size=256, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=2))
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     (folder / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 256, "n_positions": 64, '
                                         '"n_embd": 32, "n_layer": 2, "n_head": 2}')
-    out = tmp_path / "out"
-    args = without(TRAIN_TINY, "--preset") + ["--data", text_file, "--init-from", str(folder)]
-    report = ts.main(args + ["--out-dir", str(out)])
+    return model
+
+
+def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ts, "BPETokenizer", ByteTokenizer)
+    folder, out = tmp_path / "hf", str(tmp_path / "out")
+    model = _hf_folder(folder, seed=0)
+    args = SCHEDULE + [
+        "--data", text_file, "--init-from", str(folder), "--max-iters", "10"]
+    report = ts.main(args + ["--out-dir", out])
     assert report["adapted_loss"] < report["base_loss"]
-    ckpt = torch.load(out / "adapter.pt", weights_only=True)
-    assert ckpt["base"] == {"init_from": str(folder)} and ckpt["tokenizer"] == {"type": "gpt2-bpe"}
-    reloaded, _ = ts.load_model(str(out / "adapter.pt"))
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["base"] == {"source": str(folder), "fingerprint": L.base_fingerprint(model)}
+    assert ckpt["tokenizer"] == {"type": "gpt2-bpe"}
+    reloaded, _ = ts.load_model(os.path.join(out, "ckpt.pt"))
     assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
-    # --block-size beyond the pretrained model's 64 positions is refused
-    with pytest.raises(ts.UsageError, match="n_positions"):
-        ts.main(args + ["--out-dir", str(tmp_path / "out2"), "--block-size", "65"])
-    with pytest.raises(ts.UsageError, match="--preset sizes a scratch base only"):
-        ts.main(args + ["--out-dir", str(tmp_path / "out2"), "--preset", "tiny"])
+
+    assert "exceeds the model's context of 64" in one_line_error(args + ["--out-dir", out, "--block-size", "65"], capsys)
+    (folder / "pytorch_model.bin").write_bytes(os.urandom(2048))  # damaged: says so, not "network"
+    err = one_line_error(args + ["--out-dir", str(tmp_path / "out2")], capsys)
+    assert "pytorch_model.bin" in err and "network" not in err
+
+    _hf_folder(folder, seed=1)  # another base under the same path: the adapters refuse it
+    with pytest.raises(ValueError, match="is not the base"):
+        ts.load_model(os.path.join(out, "ckpt.pt"))
+    assert "is not the base" in one_line_error(["--resume", "--out-dir", out], capsys)
 
 
 # ---- download -----------------------------------------------------------------------------------
 
 @pytest.fixture
 def loopback_server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving tmp_path/site; yields (base URL, request log)."""
+    """An HTTP server on 127.0.0.1 serving tmp_path/site; yields (site, base URL, request log)."""
     site = tmp_path / "site"
     site.mkdir()
     requests = []
@@ -366,60 +468,58 @@ def test_download_on_first_use_then_cached(loopback_server, tmp_path, monkeypatc
     (site / "input.txt").write_bytes(body)
     monkeypatch.setattr(ts, "DATA_URL", f"{url}/input.txt")
     monkeypatch.setattr(ts, "DATA_BYTES", len(body))
-    cache = tmp_path / "cache"
+    monkeypatch.setattr(ts, "CACHE_DIR", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "tinyshakespeare.txt"
 
-    report = ts.main(TRAIN_TINY + ["--cache-dir", str(cache), "--out-dir", str(tmp_path / "out"),
-                             "--base-iters", "2", "--max-iters", "2", "--sample", "0"])
-    assert requests == ["/input.txt"]
-    assert (cache / ts.DATA_FILE).read_bytes() == body
+    report = ts.main(TRAIN_TINY + ["--out-dir", str(tmp_path / "out"), "--base-iters", "2", "--max-iters", "2",
+                                   "--sample", "0"])
+    assert requests == ["/input.txt"] and cached.read_bytes() == body
     assert report["history"][-1]["step"] == 2
 
-    assert ts.shakespeare_path(str(cache), log=lambda *a: None) == str(cache / ts.DATA_FILE)
+    ts.fetch_corpus(str(cached), log=lambda *a: None)
     assert requests == ["/input.txt"]  # the right size is already there: no second download
-
-    (cache / ts.DATA_FILE).write_bytes(body[:100])  # a truncated file is fetched again
-    ts.shakespeare_path(str(cache), log=lambda *a: None)
-    assert len(requests) == 2 and (cache / ts.DATA_FILE).read_bytes() == body
+    cached.write_bytes(body[:100])  # a truncated file is fetched again
+    ts.fetch_corpus(str(cached), log=lambda *a: None)
+    assert len(requests) == 2 and cached.read_bytes() == body
 
 
 def test_download_failure_says_to_pass_data(loopback_server, tmp_path, monkeypatch, capsys):
     site, url, _ = loopback_server
     (site / "input.txt").write_bytes(b"too short\n")
     monkeypatch.setattr(ts, "DATA_BYTES", 1000)
+    monkeypatch.setattr(ts, "CACHE_DIR", str(tmp_path / "cache"))
     for target in (f"{url}/missing.txt", f"{url}/input.txt"):  # a 404, then a wrong size
         monkeypatch.setattr(ts, "DATA_URL", target)
-        code = ts.cli(TRAIN_TINY + ["--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")])
-        err = capsys.readouterr().err
-        assert code == 2 and "pass --data PATH" in err and err.count("\n") == 1, err
-        assert not os.listdir(tmp_path / "cache")  # no partial download left
+        assert "pass --data PATH" in one_line_error(TRAIN_TINY + ["--out-dir", str(tmp_path / "out")], capsys)
+        assert not os.path.exists(tmp_path / "cache" / "tinyshakespeare.txt")  # no partial download
 
 
 # ---- several processes ----------------------------------------------------------------------
 
-def _free_port():
+def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_file, tmp_path):
+    """Started as torchrun starts them (Gloo on CPUs): a step's samples, and so the cached base's
+    key and the adapters, do not depend on the number of processes."""
+    common = TRAIN_TINY + ["--data", text_file, "--lora-dropout", "0", "--sample", "8",
+                           "--out-dir", copy_run(finished_run[1], tmp_path)]
+    single = ts.main(common)
+    one = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_gloo_run_matches_one_process(text_file, tmp_path):
-    # One process with 2 micro-batches per step sees the same samples per step as two processes
-    # with one each, so the adapters must agree up to float rounding.
-    common = TRAIN_TINY + ["--data", text_file, "--lora-dropout", "0", "--sample", "8"]
-    single = ts.main(common + ["--out-dir", str(tmp_path / "one"), "--grad-accum", "2"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", SCRIPT, *common, "--out-dir", str(tmp_path / "two"),
-         "--grad-accum", "1"],
-        capture_output=True, text=True, timeout=180, cwd=HERE, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("trainable parameters") == 1  # only process 0 reports
-    assert "2 process(es)" in proc.stdout
-
-    two = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
-    one = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, SCRIPT, *common], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r),
+                                                  WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for _, e in outputs]
+    assert "using the cached base" in outputs[0][0] and "2 process(es)" in outputs[0][0]
+    assert outputs[0][0].count("trainable parameters") == 1 and outputs[1][0] == ""  # process 0 alone prints
+    two = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert two["weights"].keys() == one["weights"].keys()
     for k in one["weights"]:
         torch.testing.assert_close(two["weights"][k], one["weights"][k], rtol=1e-3, atol=1e-4)
-    assert two["val_loss"] == pytest.approx(single["adapted_loss"], abs=1e-4)
+    assert two["history"][-1]["val_loss"] == pytest.approx(single["adapted_loss"], abs=1e-4)
