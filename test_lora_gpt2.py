@@ -902,16 +902,17 @@ def test_hub_name_without_huggingface_hub_says_what_to_install(monkeypatch, tmp_
 
 
 def test_hub_name_downloads_config_and_weights_through_huggingface_hub(monkeypatch, tmp_path):
-    """A hub name asks huggingface_hub for config.json and the weights of the matching
+    """A hub name asks huggingface_hub for the safetensors weights and config.json of the matching
     openai-community repository, then loads the folder they landed in (a stand-in module here
     serves a tiny local checkpoint; no network)."""
     import types
+    save_file = pytest.importorskip("safetensors.torch").save_file
     folder = tmp_path / "snapshot"
     config = L.GPT2Config(vocab_size=19, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)
     model = tiny_model(config, 4)
     folder.mkdir()
-    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.decoder.weight"},
-               folder / "pytorch_model.bin")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.decoder.weight"},
+              folder / "model.safetensors")
     (folder / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 19, "n_positions": 8, '
                                         '"n_embd": 8, "n_layer": 1, "n_head": 2}')
     asked = []
@@ -925,9 +926,8 @@ def test_hub_name_downloads_config_and_weights_through_huggingface_hub(monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
     loaded = L.GPT2LMModel.from_pretrained("gpt2-medium", lora_attn_dim=2)
-    assert asked == [("openai-community/gpt2-medium", "config.json"),
-                     ("openai-community/gpt2-medium", "model.safetensors"),
-                     ("openai-community/gpt2-medium", "pytorch_model.bin")]
+    assert asked == [("openai-community/gpt2-medium", "model.safetensors"),
+                     ("openai-community/gpt2-medium", "config.json")]
     ids = token_batch(config, 0)
     torch.testing.assert_close(loaded.eval()(ids)[0], model.eval()(ids)[0], rtol=0, atol=0)
 
