@@ -660,13 +660,9 @@ PRESETS: Dict[str, Dict[str, int]] = {
     "gpt2.xl": dict(n_embd=1600, n_layer=48, n_head=25),   # 1558M, "gpt2-xl"
 }
 
-# Hugging Face hub names of the same checkpoints, and the preset each one is.
-HUB_MODELS: Dict[str, Tuple[str, str]] = {
-    "gpt2": ("openai-community/gpt2", "gpt2.sm"),
-    "gpt2-medium": ("openai-community/gpt2-medium", "gpt2.md"),
-    "gpt2-large": ("openai-community/gpt2-large", "gpt2.lg"),
-    "gpt2-xl": ("openai-community/gpt2-xl", "gpt2.xl"),
-}
+# Hugging Face hub names of the same checkpoints.
+HUB_MODELS: Dict[str, str] = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large",
+                                                                             "gpt2-xl")}
 
 
 # ---- 10. Helpers: what to train, what to save, merging -------------------------------------------
@@ -826,9 +822,7 @@ def _load_weight(model: GPT2LMModel, state_dict) -> GPT2LMModel:
         raise ValueError("the checkpoint holds no GPT-2 or LoRA weights")
     unexpected = sorted(set(sd) - set(own))
     if unexpected:
-        hint = ""
-        if any("lora_" in k for k in unexpected) and model.config.lora_attn_dim == 0:
-            hint = " (the checkpoint holds LoRA weights: build the model with lora_attn_dim = r > 0)"
+        hint = " (LoRA weights: build the model with lora_attn_dim = r > 0)" if "lora_" in unexpected[0] else ""
         raise ValueError(f"checkpoint keys this model does not have: {_short(unexpected)}{hint}")
     for k, v in sd.items():
         if v.shape != own[k].shape:
@@ -847,7 +841,7 @@ def _load_weight(model: GPT2LMModel, state_dict) -> GPT2LMModel:
 def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
     name = path = os.fspath(source)
     if not os.path.exists(path) and path in HUB_MODELS:
-        path = _download_from_hub(HUB_MODELS[path][0])
+        path = _download_from_hub(HUB_MODELS[path])
     values = None
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
@@ -899,14 +893,12 @@ def _config_from_shapes(sd: Mapping[str, torch.Tensor], overrides: Mapping) -> d
     values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos, n_layer=max(layers, default=-1) + 1)
     heads = [p["n_head"] for p in PRESETS.values() if p["n_embd"] == C]
     if not heads and "n_head" not in overrides:
-        raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size); "
-                         f"pass n_head=... to from_pretrained")
+        raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size): pass n_head=...")
     return {**values, "n_head": heads[0]} if heads else values
 
 
 def _download_from_hub(repo_id: str) -> str:
-    """Fetch config.json and the weights of a hub model; returns the local folder."""
-    try:
+    try:  # returns the local folder of the weights and config.json
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise ValueError(f"downloading {repo_id} needs the huggingface_hub package: "
@@ -920,9 +912,9 @@ def _download_from_hub(repo_id: str) -> str:
 
 
 def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str, config: dict):
-    """Write weights and config so that an interruption never leaves a folder that loads wrong: both
-    go to temporary names; then the old config goes (new weights must never meet it), the weights
-    move into place, the config last, as loaders look for it. No temporary file stays behind."""
+    """Write weights and config so that an interruption never leaves a folder that loads wrong: both go
+    to temporary names, the old config goes (new weights must never meet it), then the weights move
+    into place and the config last, as loaders look for it."""
     save_file = _safetensors().torch.save_file
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
@@ -965,13 +957,13 @@ _PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
 
 def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
     """Write the LoRA weights as a PEFT adapter folder: peft.PeftModel.from_pretrained(hf_gpt2,
-    folder) gives this model's logits on the Hugging Face base, and load_adapter reads it back exactly.
+    folder) gives this model's logits, and load_adapter reads it back exactly.
 
-    PEFT puts one LoRA on the whole fused c_attn, ΔW = B'A' on Q, K and V; we have two, B_q A_q on
-    Q and B_v A_v on V. They are the same update with A' = [A_q; A_v] (2r × C, our lora_A as it is)
-    and B' (3C × 2r) block-diagonal: Q rows hold B_q against A_q's half, K rows are zero, V rows hold
-    B_v against A_v's half; so B'A' stacks B_q A_q, 0, B_v A_v. A rank-2r LoRA: r' = 2r, α' = 2α,
-    α'/r' = α/r. The base fingerprint goes in the safetensors metadata (PEFT warns of unknown keys)."""
+    PEFT puts one LoRA on the whole fused c_attn, ΔW = B'A'; we have two, B_q A_q on Q and B_v A_v
+    on V. They are the same update with A' = [A_q; A_v] (2r × C, our lora_A as it is) and B'
+    (3C × 2r) block-diagonal: B_q against A_q's half in the Q rows, zero K rows, B_v against A_v's
+    half in the V rows. One rank-2r LoRA with α' = 2α, so α'/r' = α/r. The base fingerprint goes in
+    the safetensors metadata (PEFT warns of unknown config keys)."""
     cfg, r, C = model.config, model.config.lora_attn_dim, model.config.n_embd
     if r == 0:
         raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained saves it whole")
@@ -991,10 +983,9 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
 
 
 def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
-    """Set the LoRA weights from a PEFT adapter folder as save_adapter writes it (its identity read
-    backwards); the model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses what it
-    cannot represent: K rows in B', a B' not block-diagonal, other modules, rsLoRA, DoRA, per-layer
-    r or α, a rank that does not fit, another base (by fingerprint). Nothing changes unless all fit."""
+    """Set the LoRA weights from a PEFT adapter folder as save_adapter writes it; the model needs
+    lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses what this model cannot represent (K rows
+    in B', a B' not block-diagonal, other modules, rsLoRA, DoRA, another rank or base), changing nothing."""
     cfg_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     ac = _read_json(cfg_path)
     sd, metadata = _read_safetensors(weights_path)
