@@ -7,16 +7,14 @@
     python train_shakespeare.py --resume                   # go on with the run in --out-dir
     torchrun --nproc_per_node=4 train_shakespeare.py ...   # DistributedDataParallel
 
-No character-level GPT-2 is published, so `--init-from scratch` pretrains a small base on the first
-half of the training text, caches it in --out-dir as base-<hash of its recipe>.pt, freezes it and
-trains LoRA on Q and V over the other half; the last 10% is held out. ckpt.pt holds the run.
+No character-level GPT-2 is published, so `--init-from scratch` pretrains a base on the first half of the
+training text (cached in --out-dir), freezes it and adapts it on the other half; the last 10% is held out.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import math
 import os
@@ -29,8 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora_gpt2 import HUB_MODELS, GPT2Config, GPT2LMModel, base_fingerprint, lora_state_dict
-from lora_gpt2 import mark_only_lora_as_trainable
+from lora_gpt2 import GPT2Config, GPT2LMModel, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
 
 try:
     import fcntl  # locks --out-dir; Windows has none, and runs there go unlocked
@@ -41,13 +38,11 @@ DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tiny
 DATA_BYTES = 1_115_394  # a cached file of another size is fetched again
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FORMAT = "lora-gpt2-shakespeare/2"  # stamped into every checkpoint this script writes
-# Options about this machine or this command, not the run: --resume takes them from the new
-# command line, and every other setting from ckpt.pt unless given again.
+# About this machine or command, not the run: --resume takes them from the new command line, the rest from ckpt.pt.
 FRESH = ("resume", "out_dir", "device", "dtype", "compile", "sample", "prompt", "save_pretrained", "save_adapter")
 
 
 # ---- Settings. Ranges are left to argparse, GPT2Config and torch; cli() makes any error one line.
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ValueError(f"{message} (see --help)")
@@ -65,7 +60,7 @@ def parse_settings(argv=None) -> tuple:
     """(settings, checkpoint to resume or None). As in nanoGPT, --resume reads the run's settings from ckpt.pt."""
     p = _Parser(description="LoRA fine-tuning of GPT-2 on Tiny Shakespeare (see the top of the file)")
     a = p.add_argument
-    a("--init-from", default="scratch", help=f"scratch, {', '.join(HUB_MODELS)} or a PATH")
+    a("--init-from", default="scratch", help="scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a PATH")
     a("--data", help="a UTF-8 text file (default: Tiny Shakespeare, downloaded once into data/)")
     a("--out-dir", default="out-shakespeare", help="checkpoints and the cached base")
     a("--resume", action="store_true", help="go on with the run in --out-dir (options given override it)")
@@ -106,23 +101,19 @@ def parse_settings(argv=None) -> tuple:
 
 
 # ---- Data: the corpus, tokens, splits, batches
-
 def read_text(s, rt) -> str:
     """--data, or else Tiny Shakespeare: downloaded by process 0 unless cached whole, the others waiting."""
     path = s.data or os.path.join(CACHE_DIR, "tinyshakespeare.txt")
     if not s.data and rt.rank == 0 and not (os.path.isfile(path) and os.path.getsize(path) == DATA_BYTES):
         rt.log(f"downloading Tiny Shakespeare from {DATA_URL} to {path}")
-        try:
-            with urllib.request.urlopen(DATA_URL, timeout=30) as response:
-                body = response.read()
-            if len(body) != DATA_BYTES:
-                raise OSError(f"got {len(body)} bytes, expected {DATA_BYTES}")
+        try:  # into a .part file first: under its real name, the corpus is whole or absent
+            os.makedirs(CACHE_DIR, exist_ok=True)
+            urllib.request.urlretrieve(DATA_URL, path + ".part")
+            if os.path.getsize(path + ".part") != DATA_BYTES:
+                raise OSError(f"got {os.path.getsize(path + '.part')} bytes, expected {DATA_BYTES}")
         except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
             raise OSError(f"cannot download Tiny Shakespeare from {DATA_URL} ({getattr(e, 'reason', e)}); "
                           f"pass --data PATH to a local UTF-8 text file") from None
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        with open(path + ".part", "wb") as f:  # under its real name, the file is whole or absent
-            f.write(body)
         os.replace(path + ".part", path)
     if rt.world > 1:
         dist.barrier()
@@ -138,14 +129,11 @@ def read_text(s, rt) -> str:
         raise ValueError(f"--data {path} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
-@functools.lru_cache(maxsize=None)
 def gpt2_bpe() -> tuple:
     """(encode, decode) of GPT-2's BPE from tiktoken, or else transformers."""
-    try:
+    with contextlib.suppress(ImportError):
         import tiktoken
         return tiktoken.get_encoding("gpt2").encode_ordinary, tiktoken.get_encoding("gpt2").decode
-    except ImportError:
-        pass
     try:
         from transformers import GPT2TokenizerFast
     except ImportError:
@@ -160,14 +148,12 @@ def encode(tokenizer: dict, text: str, what: str) -> list:
         return list(gpt2_bpe()[0](text))
     ids = {c: i for i, c in enumerate(tokenizer["chars"])}
     if set(text) - set(ids):
-        raise ValueError(f"{what} has characters outside the alphabet of the corpus: "
-                         f"{''.join(sorted(set(text) - set(ids)))[:10]!r}")
+        raise ValueError(f"{what} has characters outside the corpus's alphabet: {''.join(set(text) - set(ids))[:10]!r}")
     return [ids[c] for c in text]
 
 
 def split(ids: torch.Tensor, s, scratch: bool) -> tuple:
-    """(base, adapt, val, windows): the scratch base pretrains on the first half of the training text and the
-    adaptation on the rest; every evaluation sees the held-out windows at `windows`, so figures compare."""
+    """(base, adapt, val, windows): every evaluation sees the same held-out windows, so the figures compare."""
     n_train = len(ids) - len(ids) // 10
     cut = n_train // 2 if scratch else 0
     parts = {"base": ids[:cut], "adapt": ids[cut:n_train], "val": ids[n_train:]}
@@ -187,37 +173,34 @@ def batch(ids: torch.Tensor, starts: torch.Tensor, s, rt) -> tuple:
 
 
 # ---- Where the run executes: device, precision, processes. Process 0 alone prints and writes.
-
 def setup_runtime(s) -> argparse.Namespace:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if s.batch_size % world:
         raise ValueError(f"--batch-size {s.batch_size} does not split evenly over {world} processes")
-    mps = torch.backends.mps.is_available()
-    dev = torch.device(s.device if s.device != "auto" else
-                       "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if {"cpu": False, "cuda": not torch.cuda.is_available(), "mps": not mps}.get(dev.type, True):
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    dev = torch.device(s.device if s.device != "auto" else "cuda" if cuda else "mps" if mps else "cpu")
+    if {"cpu": False, "cuda": not cuda, "mps": not mps}.get(dev.type, True):
         raise ValueError(f"--device {s.device} is not available here; use auto or cpu")
     if world > 1:  # under torchrun: NCCL with a GPU per process, or Gloo on CPUs
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    auto = torch.float32 if dev.type != "cuda" else (  # MPS too: its autocast still varies by release
-        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    dtype = auto if s.dtype == "auto" else getattr(torch, s.dtype)
+    dtype = getattr(torch, s.dtype) if s.dtype != "auto" else torch.float32 if dev.type != "cuda" else (
+        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)  # MPS's autocast varies by release
     return argparse.Namespace(device=dev, dtype=dtype, rank=rank, world=world,
                               ctx=torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
                               log=print if rank == 0 else lambda *args, **kwargs: None)
 
 
 # ---- Checkpoints
-
-REQUIRED = {"base": ("config", "tokenizer", "weights"), "ckpt": (
-    "phase", "settings", "data_sha", "config", "tokenizer", "base", "weights", "optimizer", "scaler", "step", "history")}
+REQUIRED = {"base": ("config", "tokenizer", "weights"),
+            "ckpt": ("phase", "settings", "data_sha", "config", "tokenizer", "base", "weights")}
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """Write `path`.tmp, then rename it over `path`: readers see the old file or the new one, never a part."""
+    """Write `path`.tmp, then rename it over `path`: readers see the old file or the new one, never a part.
+    A save that fails leaves the .tmp: the next save of `path` replaces it, and the next run's claim() removes it."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
@@ -226,18 +209,13 @@ def save_atomic(obj: dict, path: str) -> None:
         os.replace(path + ".tmp", path)
     except RuntimeError as e:  # torch's own write errors, e.g. of a full disk
         raise OSError(f"cannot write {path}: {one_line(e)}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + ".tmp")
 
 
 def read_checkpoint(path: str, *kinds: str) -> dict:
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling and zip errors come in many types
-        raise ValueError(f"{path} is not a readable checkpoint ({one_line(e)})") from None
+    except Exception as e:  # a missing file, unpickling and zip errors: they come in many types
+        raise ValueError(f"cannot read the checkpoint {path} ({one_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("kind") not in kinds:
         raise ValueError(f"{path} is not a {' or '.join(kinds)} checkpoint of this script")
     missing = [k for k in REQUIRED[ckpt["kind"]] if k not in ckpt]
@@ -249,18 +227,13 @@ def read_checkpoint(path: str, *kinds: str) -> dict:
 @contextlib.contextmanager
 def claim(out_dir: str):
     """Hold --out-dir: a second run into it is refused. The kernel drops a flock however its process ends."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, ".lock"), "w")
-    except OSError as e:
-        raise OSError(f"--out-dir {out_dir} cannot hold checkpoints ({e.strerror or e})") from None
-    with lock:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "w") as lock:
         if fcntl is not None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ValueError(f"another run is using --out-dir {out_dir}; wait for it to end, or "
-                                 f"pass another --out-dir") from None
+                raise ValueError(f"another run is using --out-dir {out_dir}; wait for it, or pass another") from None
             for name in os.listdir(out_dir):  # the leftovers of a killed save
                 if name.endswith(".tmp"):
                     os.remove(os.path.join(out_dir, name))
@@ -296,7 +269,6 @@ def trainable_weights(model: nn.Module) -> dict:
 
 
 # ---- Training
-
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
     """Linear warmup to `peak`, then a cosine down to peak/10 at step `total`."""
     if step < warmup:
@@ -309,18 +281,15 @@ def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
 def evaluate(model: GPT2LMModel, val, windows, s, rt) -> tuple:
     """(loss, accuracy) of next-token prediction on the held-out windows, shared out among processes."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss x windows, hits, windows
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss x windows, right guesses
     for starts in windows[rt.rank::rt.world].split(s.batch_size):
         x, y = batch(val, starts, s, rt)
         with rt.ctx:
             logits, loss = model(x, y)[:2]
-        sums[0] += loss * len(starts)
-        sums[1] += (logits.argmax(-1) == y).sum()
-        sums[2] += len(starts)
+        sums += torch.stack([loss * len(starts), (logits.argmax(-1) == y).sum()])
     if rt.world > 1:
         dist.all_reduce(sums)
-    loss_sum, hits, n = sums.tolist()
-    return loss_sum / n, hits / (n * s.block_size)
+    return sums[0].item() / len(windows), sums[1].item() / (len(windows) * s.block_size)
 
 
 def train(model: GPT2LMModel, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float, save,
@@ -345,7 +314,7 @@ def train(model: GPT2LMModel, ids, val, windows, s, rt, *, phase: str, iters: in
             raise ValueError(f"{s.out_dir}/ckpt.pt does not fit this run ({one_line(e)})") from None
     runner = torch.compile(model) if s.compile else model
     if rt.world > 1:  # frozen weights do not require grad, so DDP leaves them alone
-        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[rt.device.index] if params[0].is_cuda else None)
+        runner = nn.parallel.DistributedDataParallel(runner)
     losses, t0 = [], time.perf_counter()
     while step < iters:
         model.train()
@@ -368,8 +337,8 @@ def train(model: GPT2LMModel, ids, val, windows, s, rt, *, phase: str, iters: in
         norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf)
         loss, norm = torch.stack([total, norm.to(total)]).tolist()  # one device sync per step
         if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # fp16 skips overflows
-            raise RuntimeError(f"the loss became {loss} (gradient norm {norm}) at step {step + 1} of the {phase} "
-                               f"phase, at lr {step_lr:.1e}, weight decay {s.weight_decay:g}"
+            raise RuntimeError(f"the loss ({loss}) or its gradient ({norm}) is not finite at step {step + 1} of the "
+                               f"{phase} phase, at lr {step_lr:.1e}, weight decay {s.weight_decay:g}"
                                + (f", alpha {s.alpha:g}" if phase == "adapt" and s.rank else "")
                                + (f", {str(rt.dtype)[6:]}" if rt.dtype != torch.float32 else "")
                                + "; lower what is too large, then --resume or start over")
@@ -389,7 +358,6 @@ def train(model: GPT2LMModel, ids, val, windows, s, rt, *, phase: str, iters: in
 
 
 # ---- The run
-
 def main(argv=None) -> dict:
     """Run the script; returns the figures of its report. An interruption says what --resume goes on from."""
     s, resume = parse_settings(argv)
@@ -399,8 +367,8 @@ def main(argv=None) -> dict:
         with claim(s.out_dir) if rt.rank == 0 else contextlib.nullcontext():
             return run(s, resume, rt, last)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt("interrupted: " + (f"{s.out_dir}/ckpt.pt holds step {last['step']} of the "
-                                f"{last['phase']} phase; go on with --resume" if last else "nothing was saved yet")) from None
+        saved = f"{s.out_dir}/ckpt.pt holds step {last['step']} of the {last['phase']} phase; go on with --resume"
+        raise KeyboardInterrupt(f"interrupted: {saved if last else 'nothing was saved yet'}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -436,30 +404,26 @@ def run(s, resume, rt, last: dict) -> dict:
                              config=model.config.to_dict(), base=base_info, tokenizer=tokenizer,
                              weights=trainable_weights(model), **state), os.path.join(s.out_dir, "ckpt.pt"))
         last.update(phase=phase, step=state["step"])
-
     # The base: pretrained, or the cached scratch base, or a scratch base pretrained now. Its cache
     # key covers all its weights depend on (the precision too), but not the number of processes.
     if scratch:
-        recipe = [config.to_dict(), data_sha, str(rt.dtype)] + [getattr(s, k) for k in (
-            "base_iters", "base_lr", "warmup", "block_size", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed")]
+        recipe = [config.to_dict(), data_sha, str(rt.dtype)] + [getattr(s, k) for k in ("base_iters", "base_lr",
+                  "warmup", "block_size", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed")]
         name = resume["base"]["file"] if adapting else f"base-{hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]}.pt"
         base_info, path = {"source": "scratch", "file": name}, os.path.join(s.out_dir, name)
         if os.path.isfile(path):
             rt.log(f"using the cached base {path}")
             base = GPT2LMModel(config).load_weight(read_checkpoint(path, "base")["weights"])
         else:
-            torch.manual_seed(s.seed)
-            base = GPT2LMModel(config).to(rt.device)
-            rt.log(f"pretraining a char-level base of {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M "
-                   f"parameters on {len(base_ids):,} tokens for {s.base_iters} steps")
+            base = GPT2LMModel(config).to(rt.device)  # drawn from --seed, set above
+            rt.log(f"pretraining a char-level base on {len(base_ids):,} tokens for {s.base_iters} steps")
             train(base, base_ids, val, windows, s, rt, phase="base", iters=s.base_iters, lr=s.base_lr,
                   save=lambda state: save("base", base, state), resume=None if adapting else resume)
             if rt.rank == 0:
                 save_atomic(dict(format=FORMAT, kind="base", config=config.to_dict(), tokenizer=tokenizer,
                                  weights=trainable_weights(base)), path)
-    else:
-        base_info = {"source": s.init_from if s.init_from in HUB_MODELS and not os.path.exists(s.init_from)
-                     else os.path.abspath(s.init_from)}
+    else:  # a path by its absolute form, a hub name as it is
+        base_info = {"source": os.path.abspath(s.init_from) if os.path.exists(s.init_from) else s.init_from}
     base_seconds, base = time.perf_counter() - t_start, base.to(rt.device)
     base_info["fingerprint"] = check_base(base, resume["base"] if adapting else None)
 
@@ -468,12 +432,10 @@ def run(s, resume, rt, last: dict) -> dict:
     base_loss, base_acc = evaluate(base, val, windows, s, rt)
     torch.manual_seed(s.seed)  # the same adapter init on every process
     model = GPT2LMModel(lora_config).to(rt.device).load_weight(base.state_dict()) if s.rank else base
-    model.requires_grad_(True)
     if s.rank:
         mark_only_lora_as_trainable(model)
-    rt.log(f"adapting {base_info['source']} with " + (f"LoRA rank {s.rank} (alpha {s.alpha:g}) on Q and V"
-           if s.rank else "every weight trainable") + f" on {len(adapt_ids):,} tokens; held-out loss of "
-           f"the base {base_loss:.4f}; {rt.device}, {str(rt.dtype)[6:]}, {rt.world} process(es)")
+    rt.log(f"adapting {base_info['source']} with {f'LoRA rank {s.rank} on Q and V' if s.rank else 'all weights'} "
+           f"on {len(adapt_ids):,} tokens; {rt.device}, {str(rt.dtype)[6:]}, {rt.world} process(es)")
     t0 = time.perf_counter()
     history = train(model, adapt_ids, val, windows, s, rt, phase="adapt", iters=s.max_iters, lr=s.lr,
                     save=lambda state: save("adapt", model, state), resume=resume if adapting else None)
@@ -495,8 +457,7 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
         f"trainable parameters   {f['trainable']:,} of {f['total']:,} ({100 * f['trainable'] / f['total']:.2f}%)",
         f"held-out loss          base {f['base_loss']:.4f} -> {'adapted' if s.rank else 'fine-tuned'} "
         f"{f['adapted_loss']:.4f} ({f['adapted_loss'] - f['base_loss']:+.4f})",
-        f"accuracy               {100 * f['base_accuracy']:.1f}% -> {100 * f['adapted_accuracy']:.1f}% "
-        f"(of the next token, held out)",
+        f"accuracy               {100 * f['base_accuracy']:.1f}% -> {100 * f['adapted_accuracy']:.1f}% (next token)",
         f"time                   base {t['base']:.0f}s, adaptation {t['adapt']:.0f}s, total {t['total']:.0f}s",
         "=" * 72]), flush=True)
     model.eval()
@@ -507,13 +468,11 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
         f["sample"] = "".join(tokenizer["chars"][i] for i in out) if "chars" in tokenizer else gpt2_bpe()[1](out)
         print(f"sample ({s.sample} tokens):\n{f['sample']}", flush=True)
     for option in ("save_pretrained", "save_adapter"):
-        if getattr(s, option):
+        if getattr(s, option):  # model.save_pretrained(DIR), model.save_adapter(DIR)
             getattr(model, option)(getattr(s, option))
-            print(f"wrote {getattr(s, option)}", flush=True)
 
 
 # ---- The command line
-
 def one_line(e: BaseException) -> str:
     """The first line of an error, less torch's advice to load with weights_only=False (unsafe)."""
     text = (str(e).strip() or type(e).__name__).splitlines()[0]
