@@ -46,7 +46,7 @@ __all__ = [
 
 # ---- 1. Configuration ----------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class GPT2Config:
     """Hyper-parameters of GPT-2 and of its LoRA adapters (field names as in microsoft/LoRA).
 
@@ -83,7 +83,11 @@ class GPT2Config:
     lora_r_dropout: float = 0.0
     fix_dropout: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self):  # frozen: checked once, here, and never changed afterwards
+        for f in fields(self):  # plain Python numbers (not numpy's), as JSON and torch expect
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Number) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, (int if _is_int(value) else float)(value))
         for name in ("vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -437,6 +441,8 @@ class GPT2Model(nn.Module):
 
     def __init__(self, config: GPT2Config):
         super().__init__()
+        if not isinstance(config, GPT2Config):
+            raise ValueError(f"config must be a GPT2Config, e.g. GPT2Config.from_preset('gpt2.sm'); got {config!r}")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)              # (V, C)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)             # (n_positions, C)
@@ -468,13 +474,15 @@ class GPT2Model(nn.Module):
         _check_id_range(input_ids, cfg.vocab_size, "token ids", "check that the tokenizer matches the model")
         if past is None and len_past is not None:
             raise ValueError("len_past needs past: make a first call without len_past to get the cache")
-        if past is not None and (not isinstance(past, Sequence) or len(past) != cfg.n_layer
-                                 or not all(_is_tensor(p, 5) and p.shape == past[0].shape for p in past)):
-            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, nh, T, hs) a previous call returned")
+        nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
+        if past is not None and (not isinstance(past, Sequence) or len(past) != cfg.n_layer or not all(
+                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype == past[0].dtype for p in past)
+                or past[0].shape[0] != 2 or past[0].shape[2] != nh or past[0].shape[4] != hs):
+            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a previous call returned")
         if past is not None and past[0].shape[1] != B:
             raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed the same batch")
         past_length = 0 if past is None else past[0].shape[-2]
-        if len_past is None and past_length + T > cfg.n_ctx:
+        if past_length + (T if len_past is None else 0) > cfg.n_ctx:
             raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must lie "
                              f"in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last {cfg.n_ctx} tokens")
         if len_past is None:
@@ -642,7 +650,8 @@ class GPT2LMModel(nn.Module):
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # ≤ 0 before dividing, and a divisor float32 can hold: no inf - inf, no 0 / 0
+                logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -808,7 +817,9 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
             # Old OpenAI-style names, as microsoft/LoRA's loader also accepts.
             k = k[:-2] + ".weight" if k.endswith((".g", ".w")) else k[:-2] + ".bias" if k.endswith(".b") else k
             out[k] = value
-    if head is not None and "wte.weight" in out and not torch.equal(head, out["wte.weight"]):
+    wte = out.get("wte.weight")
+    if head is not None and wte is not None and head.shape == wte.shape and not torch.equal(
+            head.nan_to_num(), wte.nan_to_num()):
         raise ValueError("the checkpoint's lm_head differs from its token embedding (an untied head, "
                          "tie_word_embeddings=false): GPT-2 ties them, and this model cannot hold both")
     return out
@@ -839,6 +850,8 @@ def _load_weight(model: GPT2LMModel, state_dict) -> GPT2LMModel:
 
 
 def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"from_pretrained needs a folder, a file or a hub name, got {source!r}")
     name = path = os.fspath(source)
     if not os.path.exists(path) and path in HUB_MODELS:
         path = _download_from_hub(HUB_MODELS[path])
@@ -860,7 +873,11 @@ def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
         if "lora_attn_alpha" not in config_overrides:  # a guessed α would silently rescale ΔW
             raise ValueError(f"{path} holds LoRA weights, whose scaling α/r depends on α: pass "
                              f"lora_attn_alpha=... (the α they were trained with)")
-    model = cls(GPT2Config.from_dict({**values, **config_overrides})).load_weight(sd)
+    config = GPT2Config.from_dict({**values, **config_overrides})
+    for key, value in _config_from_shapes(sd, {"n_head": config.n_head}).items():  # before building it
+        if key not in ("n_ctx", "n_head") and getattr(config, key) != value:
+            raise ValueError(f"{key} = {getattr(config, key)} does not fit the weights in {path}, which have {value}")
+    model = cls(config).load_weight(sd)
     model.name_or_path = name  # where the base came from, recorded in exported adapters
     return model
 
@@ -888,7 +905,7 @@ def _config_from_hf_json(cfg: dict, where: str) -> dict:
 
 def _config_from_shapes(sd: Mapping[str, torch.Tensor], overrides: Mapping) -> dict:
     V, C = sd["wte.weight"].shape
-    n_pos = sd["wpe.weight"].shape[0] if "wpe.weight" in sd else 1024
+    n_pos = sd["wpe.weight"].shape[0] if "wpe.weight" in sd and sd["wpe.weight"].dim() == 2 else 1024
     layers = {int(k.split(".")[1]) for k in sd if k.startswith("h.") and k.split(".")[1].isdigit()}
     values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos, n_layer=max(layers, default=-1) + 1)
     heads = [p["n_head"] for p in PRESETS.values() if p["n_embd"] == C]
@@ -997,7 +1014,7 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
                                                       "alpha_pattern")}}
     for key, bad in unsupported.items():
         if bad:
-            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds plain LoRA "
+            raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model holds plain LoRA "
                              f"on c_attn (Q and V), one r and α")
     if not (r > 0 and r2 == 2 * r and _is_real(alpha2)   # r' even: A' stacks A_q and A_v
             and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r, rel_tol=1e-9)):

@@ -1014,6 +1014,42 @@ def test_bad_model_inputs_raise_value_error():
         L.MergedLinear(8, 9, r=2, enable_lora="TFT")
 
 
+def test_odd_calls_get_a_value_error_or_work_never_another_exception(tmp_path):
+    """Calls an adversarial sweep found failing deep inside: each now raises a ValueError that
+    names the problem, or works (numpy numbers in a config, a tiny sampling temperature)."""
+    np = pytest.importorskip("numpy")
+    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=np.int64(8), n_layer=1, n_head=2,
+                          lora_attn_dim=np.int64(2), lora_attn_alpha=np.float32(4.0))
+    model = tiny_model(config)
+    assert type(config.n_embd) is int and type(config.lora_attn_alpha) is float
+    model.save_adapter(tmp_path / "adapter")  # plain numbers: JSON can write them
+    with pytest.raises(AttributeError):
+        config.n_head = 3  # frozen: a config is checked once and never changes
+    with pytest.raises(ValueError, match="must be a GPT2Config"):
+        L.GPT2LMModel({"n_embd": 8})
+    ids = torch.tensor([[1, 2, 3]])
+    _, past = model(ids)
+    wrong_heads = [p.view(2, 1, 4, 3, 2) for p in past]
+    with pytest.raises(ValueError, match=r"caches \(2, B, 2, T, 4\)"):
+        model(ids[:, :1], past=wrong_heads)
+    assert model.generate(ids, 2, temperature=1e-300).shape == (1, 5)
+    with pytest.raises(ValueError, match="needs a folder, a file or a hub name"):
+        L.GPT2LMModel.from_pretrained(None)
+    model.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "n_layer": 10**7}))
+    with pytest.raises(ValueError, match="n_layer = 10000000 does not fit the weights"):
+        L.GPT2LMModel.from_pretrained(tmp_path / "hf")  # refused before building 10**7 blocks
+    ac = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    del ac["peft_type"]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(ac))
+    with pytest.raises(ValueError, match="peft_type = None is not supported"):
+        model.load_adapter(tmp_path / "adapter")
+    sd = model.state_dict()
+    sd["transformer.wte.weight"][0, 0] = float("nan")
+    tiny_model(config).load_weight({**sd, "lm_head.weight": sd["transformer.wte.weight"].clone()})  # tied
+
+
 @pytest.mark.parametrize("alpha, r", [(1e308, 4), (1e25, 1), (1e-25, 1)])
 def test_a_scaling_adamw_cannot_train_is_refused(alpha, r):
     """α/r outside the accepted range is refused by the config and by the layers: AdamW squares
