@@ -6,9 +6,8 @@ weight matrix W0 frozen and learns a low-rank update next to it:
     h = W0 x + ΔW x,    ΔW = B A,    B ∈ R^{d_out × r},  A ∈ R^{r × d_in},  r ≪ min(d_in, d_out)
 
 and scales the update by α/r, so that changing r does not force a new learning rate. A starts
-random and B starts at zero, so before any training ΔW = 0 and the model is exactly the
-pretrained one. Once trained, ΔW can be added into W0 ("merged"), and inference costs nothing
-extra.
+random and B at zero, so before any training ΔW = 0 and the model is exactly the pretrained one.
+Once trained, ΔW can be added into W0 ("merged"), and inference costs nothing extra.
 
 This module follows microsoft/LoRA: its `loralib` layers (`Linear`, `MergedLinear`, with the same
 parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys and forward
@@ -35,20 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    "GPT2Config", "PRESETS", "HUB_MODELS", "LoRALayer", "Linear", "MergedLinear", "Conv1D",
-    "Attention", "MLP", "Block", "GPT2Model", "GPT2LMHead", "GPT2LMModel",
-    "mark_only_lora_as_trainable", "lora_state_dict", "lora_parameter_count", "merge_lora",
-    "unmerge_lora", "merged_state_dict", "base_fingerprint", "save_pretrained", "save_adapter",
-    "load_adapter",
-]
-
-
 # ---- 1. Configuration ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class GPT2Config:
-    """Hyper-parameters of GPT-2 and of its LoRA adapters (field names as in microsoft/LoRA).
+    """Hyper-parameters of GPT-2 and of its LoRA adapters (field names as in microsoft/LoRA), frozen.
 
     vocab_size          number of token ids V; ids must lie in [0, V).
     n_positions         number of learned position embeddings (rows of wpe).
@@ -62,8 +52,7 @@ class GPT2Config:
     lora_attn_alpha     α; the update ΔW = BA is scaled by α / r.
     lora_dropout        dropout on the adapter's input x, before A (as in loralib).
 
-    The last two fields are stored but never used by microsoft's GPT-2; here they have meanings
-    of this project's own, and both default to 0 (off):
+    Two fields are stored but never used by microsoft's GPT-2; here they mean (both 0, off, by default):
     lora_r_dropout      dropout on the rank-r intermediate A x, between A and B.
     fix_dropout         the model's own dropout: on embeddings, attention weights and both residual
                         branches (GPT-2's embd/attn/resid pdrop).
@@ -83,7 +72,7 @@ class GPT2Config:
     lora_r_dropout: float = 0.0
     fix_dropout: float = 0.0
 
-    def __post_init__(self):  # frozen: checked once, here, and never changed afterwards
+    def __post_init__(self):  # checked once, here: the config never changes afterwards
         for f in fields(self):  # plain Python numbers (not numpy's), as JSON and torch expect
             value = getattr(self, f.name)
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
@@ -318,12 +307,10 @@ class MergedLinear(LoRALayer):
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: bool = True, bias: bool = True,
                  lora_r_dropout: float = 0.0, device=None, dtype=None):
-        if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) \
+        if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or not enable_lora \
                 or not all(isinstance(e, bool) or e in (0, 1) for e in enable_lora):
-            raise ValueError(f"enable_lora must be a list of booleans, one per output group, e.g. "
+            raise ValueError(f"enable_lora must be a list of booleans, one per output group, at least one, e.g. "
                              f"[True, False, True]; got {enable_lora!r}")
-        if not enable_lora:
-            raise ValueError("enable_lora must name at least one group, e.g. [True, False, True]")
         if not _is_int(out_features) or out_features % len(enable_lora):
             raise ValueError(f"len(enable_lora) = {len(enable_lora)} must divide out_features = "
                              f"{out_features}: each flag stands for an equal slice of the output")
@@ -485,15 +472,12 @@ class GPT2Model(nn.Module):
         if past_length + (T if len_past is None else 0) > cfg.n_ctx:
             raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must lie "
                              f"in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last {cfg.n_ctx} tokens")
-        if len_past is None:
-            return past_length
-        if not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,):
-            raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), the number "
-                             f"of real tokens before the new one in each row; got {_describe(len_past)}")
-        if T != 1:
-            raise ValueError(f"with len_past, feed exactly one new token per row, shape ({B}, 1); got {T}")
-        _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
-                        "pad the prompts to leave room for the tokens to generate")
+        if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,) or T != 1):
+            raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), with exactly one new "
+                             f"token per row, input_ids ({B}, 1); got {_describe(len_past)} and {T} new tokens")
+        if len_past is not None:
+            _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
+                            "pad the prompts to leave room for the tokens to generate")
         return past_length
 
 
@@ -1028,7 +1012,7 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
     for i in range(cfg.n_layer):
         A2, B2 = sd[_PEFT_KEY.format(i, "A")], sd[_PEFT_KEY.format(i, "B")]   # (2r, C), (3C, 2r)
         if A2.shape != (2 * r, C) or B2.shape != (3 * C, 2 * r):
-            raise ValueError(f"layer {i}: A' {tuple(A2.shape)}, B' {tuple(B2.shape)} are for another model size")
+            raise ValueError(f"layer {i}: A' {tuple(A2.shape)}, B' {tuple(B2.shape)} do not fit this model's size")
         if B2[C:2 * C].any():
             raise ValueError(f"layer {i}: B' has non-zero K rows; this model keeps W_k frozen (LoRA on Q, V only)")
         if B2[:C, r:].any() or B2[2 * C:, :r].any():

@@ -622,7 +622,7 @@ def test_bad_len_past_raises_value_error_naming_the_problem():
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             model(one, past=past, **kwargs)
-    with pytest.raises(ValueError, match="exactly one new token"):
+    with pytest.raises(ValueError, match="exactly one new token per row.*got .* and 2 new tokens"):
         model(torch.zeros(2, 2, dtype=torch.long), past=past, len_past=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="len_past needs past"):
         model(one, len_past=torch.tensor([1, 2]))
@@ -964,7 +964,7 @@ def test_bad_config_values_raise_value_error_naming_the_field(field, value, mess
 def test_bad_layer_arguments_and_presets_raise_value_error():
     with pytest.raises(ValueError, match="must divide out_features"):
         L.MergedLinear(8, 10, r=2, enable_lora=[True, False, True])
-    with pytest.raises(ValueError, match="at least one group"):
+    with pytest.raises(ValueError, match="at least one"):
         L.MergedLinear(8, 9, r=2, enable_lora=[])
     with pytest.raises(ValueError, match="rank r"):
         L.Linear(8, 8, r=-2)
@@ -1382,7 +1382,7 @@ UNSUPPORTED = {  # name: (edit of the saved adapter, model to load into, error m
     "other alpha": ({}, dict(alpha=5.0), "this one has 2 and 5.0"),
     "missing layer": (dict(tensors=lambda sd: [sd.pop(k) for k in list(sd) if ".h.1." in k]), {},
                       r"missing: .*h\.1\."),
-    "other size": ({}, dict(n_embd=8, n_head=2), "another model size"),
+    "other size": ({}, dict(n_embd=8, n_head=2), "does not fit"),
     "other base": ({}, dict(seed=7), "another base"),
 }
 
