@@ -1382,7 +1382,7 @@ UNSUPPORTED = {  # name: (edit of the saved adapter, model to load into, error m
     "other alpha": ({}, dict(alpha=5.0), "this one has 2 and 5.0"),
     "missing layer": (dict(tensors=lambda sd: [sd.pop(k) for k in list(sd) if ".h.1." in k]), {},
                       r"missing: .*h\.1\."),
-    "other size": ({}, dict(n_embd=8, n_head=2), "does not fit"),
+    "other size": ({}, dict(n_embd=8, n_head=2), "do not fit this model.s size"),
     "other base": ({}, dict(seed=7), "another base"),
 }
 
