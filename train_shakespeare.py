@@ -367,8 +367,8 @@ def main(argv=None) -> dict:
         with claim(s.out_dir) if rt.rank == 0 else contextlib.nullcontext():
             return run(s, resume, rt, last)
     except KeyboardInterrupt:
-        saved = f"{s.out_dir}/ckpt.pt holds step {last['step']} of the {last['phase']} phase; go on with --resume"
-        raise KeyboardInterrupt(f"interrupted: {saved if last else 'nothing was saved yet'}") from None
+        raise KeyboardInterrupt(f"interrupted; {s.out_dir}/ckpt.pt has step {last['step']} of the {last['phase']}"
+                                " phase: go on with --resume" if last else "interrupted before a checkpoint") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -409,7 +409,7 @@ def run(s, resume, rt, last: dict) -> dict:
     if scratch:
         recipe = [config.to_dict(), data_sha, str(rt.dtype)] + [getattr(s, k) for k in ("base_iters", "base_lr",
                   "warmup", "block_size", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed")]
-        name = resume["base"]["file"] if adapting else f"base-{hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]}.pt"
+        name = resume["base"]["file"] if adapting else f"base-{hashlib.sha1(repr(recipe).encode()).hexdigest()[:12]}.pt"
         base_info, path = {"source": "scratch", "file": name}, os.path.join(s.out_dir, name)
         if os.path.isfile(path):
             rt.log(f"using the cached base {path}")

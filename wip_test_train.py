@@ -5,8 +5,10 @@ in a subprocess only where the exit status, the absence of a traceback or severa
 matter."""
 
 import argparse
+import contextlib
 import glob
 import http.server
+import multiprocessing
 import os
 import random
 import shutil
@@ -127,8 +129,9 @@ def test_lora_run_lowers_held_out_loss_and_reports_accuracy(finished_run, text_f
     # accuracy: the share of held-out positions whose most likely next token is the right one
     base, _ = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])
     adapted, _ = ts.load_model(os.path.join(out, "ckpt.pt"))
-    for model, loss, accuracy in ((base, "base_loss", "base_accuracy"), (adapted, "adapted_loss", "adapted_accuracy")):
-        assert held_out(model, text_file) == pytest.approx((report[loss], report[accuracy]), rel=1e-5)
+    for model, name in ((base, "base"), (adapted, "adapted")):
+        figures = (report[f"{name}_loss"], report[f"{name}_accuracy"])
+        assert held_out(model, text_file) == pytest.approx(figures, rel=1e-5)
     assert 0 < report["base_accuracy"] < report["adapted_accuracy"] < 1
 
 
@@ -167,6 +170,19 @@ def test_full_fine_tuning_with_rank_0(text_file, tmp_path, finished_run, capsys)
     assert report["adapted_loss"] < report["base_loss"]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["config"]["lora_attn_dim"] == 0 and "transformer.wte.weight" in ckpt["weights"]
+
+
+def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text_file, tmp_path, capsys,
+                                                              monkeypatch):
+    """bfloat16 and float32 pretraining give different weights: a bfloat16 run pretrains its own base."""
+    def stop(*a):
+        raise KeyboardInterrupt  # at its first step: enough to see which base the run took
+    monkeypatch.setattr(ts, "learning_rate", stop)
+    with pytest.raises(KeyboardInterrupt, match="interrupted before a checkpoint"):
+        ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", copy_run(finished_run[1], tmp_path),
+                              "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert "pretraining a char-level base" in out and "using the cached base" not in out
 
 
 @pytest.mark.skipif(not hasattr(L.GPT2LMModel, "save_adapter"), reason="lora_gpt2 has no save_adapter yet")
@@ -310,7 +326,9 @@ def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, f
         os.mkfifo(tmp_path / "fifo")  # opening it for reading would block: it must not be opened
     subs = dict(tmp=tmp_path, run=finished_run[1], short=tmp_path / "short.txt", fifo=tmp_path / "fifo",
                 latin1=tmp_path / "latin1.txt", other=tmp_path / "other.txt", empty=tmp_path / "empty.txt")
-    argv = (SCHEDULE if "--init-from" in extra else TRAIN_TINY) + ["--data", text_file, "--out-dir", str(tmp_path / "out")] + [e.format(**subs) for e in extra]
+    argv = SCHEDULE if "--init-from" in extra else TRAIN_TINY
+    argv = argv + ["--data", text_file, "--out-dir", str(tmp_path / "out")]
+    argv += [e.format(**subs) for e in extra]
     assert message in one_line_error(argv, capsys)
     assert not glob.glob(str(tmp_path / "out" / "*.pt"))  # refused before any training step
 
@@ -445,7 +463,7 @@ def loopback_server(tmp_path):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
     thread.start()
     try:
         yield site, f"http://127.0.0.1:{server.server_address[1]}", requests
@@ -489,29 +507,39 @@ def test_download_failure_says_to_pass_data(loopback_server, tmp_path, monkeypat
 
 # ---- several processes ----------------------------------------------------------------------
 
+def _process_of_two(rank, port, argv, log):
+    """One of two processes, with the environment torchrun gives its workers."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        code = ts.cli(argv)
+    os._exit(code)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_file, tmp_path):
-    """Started as torchrun starts them (Gloo on CPUs): a step's samples, and so the cached base's
-    key and the adapters, do not depend on the number of processes."""
-    common = TRAIN_TINY + ["--data", text_file, "--lora-dropout", "0", "--sample", "8",
-                           "--out-dir", copy_run(finished_run[1], tmp_path)]
-    single = ts.main(common)
-    one = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    """Two processes started as torchrun starts them (Gloo on CPUs; forked, so that they need not
+    import torch again): a step's samples, and so the cached base's key and the adapters, do not
+    depend on the number of processes."""
+    argv = TRAIN_TINY + ["--data", text_file, "--lora-dropout", "0", "--sample", "8",
+                         "--out-dir", copy_run(finished_run[1], tmp_path / "out")]
+    single = ts.main(argv)
+    one = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, SCRIPT, *common], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r),
-                                                  WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for _, e in outputs]
-    assert "using the cached base" in outputs[0][0] and "2 process(es)" in outputs[0][0]
-    assert outputs[0][0].count("trainable parameters") == 1 and outputs[1][0] == ""  # process 0 alone prints
-    two = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_process_of_two, args=(r, port, argv, tmp_path / f"log{r}")) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        p.kill()
+    logs = [(tmp_path / f"log{r}").read_text() for r in range(2)]
+    assert [p.exitcode for p in procs] == [0, 0], logs
+    assert "using the cached base" in logs[0] and "2 process(es)" in logs[0]
+    assert logs[0].count("trainable parameters") == 1 and logs[1] == ""  # process 0 alone prints
+    two = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert two["weights"].keys() == one["weights"].keys()
     for k in one["weights"]:
         torch.testing.assert_close(two["weights"][k], one["weights"][k], rtol=1e-3, atol=1e-4)
