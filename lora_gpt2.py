@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---- 1. Configuration ----------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class GPT2Config:
     """Hyper-parameters of GPT-2 and of its LoRA adapters (field names as in microsoft/LoRA), frozen.
@@ -54,8 +53,7 @@ class GPT2Config:
 
     Two fields are stored but never used by microsoft's GPT-2; here they mean (both 0, off, by default):
     lora_r_dropout      dropout on the rank-r intermediate A x, between A and B.
-    fix_dropout         the model's own dropout: on embeddings, attention weights and both residual
-                        branches (GPT-2's embd/attn/resid pdrop).
+    fix_dropout         the model's own dropout: embeddings, attention weights, both residual branches.
     """
 
     vocab_size: int = 50257
@@ -103,8 +101,6 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, values: Mapping) -> "GPT2Config":
         """Build a config from a mapping, with a ValueError (not a TypeError) for unknown fields."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"a GPT2Config needs a mapping of field names to values, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(map(str, values)) - known)
         if unknown:
@@ -170,7 +166,6 @@ def _describe(x) -> str:
 
 
 # ---- 2. LoRA layers: loralib's arguments, parameter names and shapes ------------------------------
-
 class LoRALayer(nn.Linear):
     """A dense layer W0 (with bias b) whose output is split into k equal groups of d = out/k rows,
     with a low-rank update on each of the m groups that `enable_lora` names: the base of Linear
@@ -180,12 +175,11 @@ class LoRALayer(nn.Linear):
     scaling·ΔW sits inside `weight`; merge() and unmerge() move it in and out (each idempotent).
     With `merge_weights=True`, eval() merges and train() unmerges.
 
-    Three promises loralib does not keep. A state dict always holds W0, merged or not, and
-    loading into a merged layer re-merges with the loaded A and B: ΔW is never counted twice.
-    Merging writes a new tensor instead of adding in place, so a tensor someone else holds (an
-    earlier state dict, the source of load_state_dict(assign=True)) never changes; W0 comes back
-    up to rounding in the weight's dtype (about one ulp per cycle in bfloat16). The forward pass
-    never forms the (out × in) ΔW; only merging does.
+    Three promises loralib does not keep. A state dict always holds W0, merged or not, and loading
+    into a merged layer re-merges with the loaded A and B: ΔW is never counted twice. Merging writes
+    a new tensor, so a tensor someone else holds (an earlier state dict, the source of
+    load_state_dict(assign=True)) never changes; W0 comes back up to rounding (about one ulp per
+    cycle in bfloat16). The forward pass never forms the (out × in) ΔW.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
@@ -208,7 +202,6 @@ class LoRALayer(nn.Linear):
         if self.has_lora:
             self.lora_A = nn.Parameter(torch.empty(r * m, in_features, **new))       # (r·m, in)
             self.lora_B = nn.Parameter(torch.empty(d * m, r, **new))                 # (d·m, r)
-        # Dropout modules hold no parameters, so they leave the state dict untouched.
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_r_dropout = nn.Dropout(lora_r_dropout) if lora_r_dropout > 0 else nn.Identity()
         self.reset_parameters()
@@ -297,11 +290,9 @@ class Linear(LoRALayer):
 
 
 class MergedLinear(LoRALayer):
-    """One dense layer that is k projections side by side (GPT-2's fused Q,K,V: k = 3), with a
-    separate LoRA update on each group whose `enable_lora` flag is True: group g receives
-    scaling · x A_gᵀ B_gᵀ, disabled groups nothing. loralib instead rebuilds the full (out × in)
-    ΔW with a grouped convolution on every call, and keeps an index tensor that stays behind when
-    the module changes device; here there is none."""
+    """k projections side by side in one layer (GPT-2's fused Q,K,V: k = 3), each enabled group g
+    receiving scaling · x A_gᵀ B_gᵀ. loralib rebuilds the full (out × in) ΔW with a grouped
+    convolution on every call, and keeps an index tensor that stays behind when the module moves."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
@@ -319,7 +310,6 @@ class MergedLinear(LoRALayer):
 
 
 # ---- 3. Conv1D: GPT-2's linear layer, weight stored (in, out) ------------------------------------
-
 class Conv1D(nn.Module):
     """GPT-2's "Conv1D": a linear layer y = x W + b whose W is stored as (nx, nf) = (in, out).
     Argument order (nf, nx) as in Hugging Face and microsoft/LoRA, whose checkpoints load as they are."""
@@ -334,18 +324,16 @@ class Conv1D(nn.Module):
 
 
 # ---- 4. Attention, with LoRA on Q and V ----------------------------------------------------------
-
 class Attention(nn.Module):
     """Causal multi-head self-attention. `c_attn` projects x to Q, K and V at once (a (C, 3C)
     Conv1D weight), built as a MergedLinear with fan_in_fan_out=True and enable_lora=[True, False,
     True]: LoRA adapts W_q and W_v and leaves W_k frozen, the paper's best choice for a fixed
     parameter budget; merge_weights=False, so a training loop's eval() does not fold ΔW into W.
 
-    `layer_past` (2, B, nh, T_past, hs) holds the keys and values of earlier tokens. Without
-    `len_past` this call's are appended, so decoding a token costs O(T) instead of O(T²). With
-    `len_past` (B,) the cache has a fixed size, as in microsoft's beam search over right-padded
-    prompts: row b's one new token sits at position len_past[b], its key and value overwrite
-    cache row len_past[b], and it attends to rows 0..len_past[b]."""
+    `layer_past` (2, B, nh, T_past, hs) holds earlier keys and values; without `len_past` this call's
+    are appended, so decoding a token costs O(T), not O(T²). With `len_past` (B,) the cache has a
+    fixed size, as in microsoft's beam search over right-padded prompts: row b's one new token sits at
+    position len_past[b], its key and value overwrite cache row len_past[b], and it sees rows 0..len_past[b]."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -379,7 +367,6 @@ class Attention(nn.Module):
                 mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
         # The cache for the next call; skipped when nobody will read it (training with labels).
         present = torch.stack((k, v)) if use_cache else None                   # (2, B, nh, Tk, hs)
-
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=layer_past is None,
                                            dropout_p=self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)                                 # (B, T, C)
@@ -387,7 +374,6 @@ class Attention(nn.Module):
 
 
 # ---- 5. MLP and Block ----------------------------------------------------------------------------
-
 class MLP(nn.Module):
     """Position-wise feed-forward: C → 4C, GELU (GPT-2's tanh approximation), 4C → C."""
 
@@ -421,7 +407,6 @@ class Block(nn.Module):
 
 
 # ---- 6. GPT2Model: embeddings, n_layer blocks, final LayerNorm -----------------------------------
-
 class GPT2Model(nn.Module):
     """The GPT-2 trunk: token + position embeddings, the blocks, a final LayerNorm. forward returns
     the hidden states (B, T, C) and one cache per layer (None when use_cache is False)."""
@@ -455,8 +440,7 @@ class GPT2Model(nn.Module):
         """Clear errors for inputs that would otherwise fail deep inside; returns the past length."""
         cfg = self.config
         if not _is_tensor(input_ids, 2, (torch.long, torch.int32)) or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty integer tensor of shape (batch, time), "
-                             f"got {_describe(input_ids)}")
+            raise ValueError(f"input_ids must be a non-empty integer tensor (batch, time), got {_describe(input_ids)}")
         B, T = input_ids.shape
         _check_id_range(input_ids, cfg.vocab_size, "token ids", "check that the tokenizer matches the model")
         if past is None and len_past is not None:
@@ -482,7 +466,6 @@ class GPT2Model(nn.Module):
 
 
 # ---- 7. The language-model head, tied to the token embedding -------------------------------------
-
 class GPT2LMHead(nn.Module):
     """logits = h wteᵀ. `decoder.weight` is the very Parameter `wte.weight` (shared storage, one
     gradient), so the head adds no parameters: the tying of the GPT-2 paper."""
@@ -498,7 +481,6 @@ class GPT2LMHead(nn.Module):
 
 
 # ---- 8. GPT2LMModel: the full model, its loss, accuracy and generation ---------------------------
-
 class GPT2LMModel(nn.Module):
     """GPT-2 language model with optional LoRA adapters on Q and V (rank config.lora_attn_dim).
 
@@ -543,11 +525,10 @@ class GPT2LMModel(nn.Module):
     def _target_mask(self, input_ids, lm_labels, lm_mask, label_smooth) -> torch.Tensor:
         """lm_mask (ones when None) with the positions of negative labels set to 0, as float."""
         if not _is_tensor(lm_labels, 2, (torch.long, torch.int32)) or lm_labels.shape != input_ids.shape:
-            raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {_describe(lm_labels)}")
+            raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {_describe(lm_labels)}")
         if lm_mask is not None and not (_is_tensor(lm_mask, 2) and lm_mask.shape == input_ids.shape):
-            raise ValueError(f"lm_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {_describe(lm_mask)}")
+            raise ValueError(f"lm_mask must have input_ids' shape {tuple(input_ids.shape)}, got {_describe(lm_mask)}")
         if not (_is_real(label_smooth) and 0.0 <= label_smooth < 1.0):
             raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
         _check_id_range(lm_labels, self.config.vocab_size, "lm_labels",
@@ -557,10 +538,9 @@ class GPT2LMModel(nn.Module):
 
     @staticmethod
     def _loss(logits, lm_labels, mask, label_smooth) -> torch.Tensor:
-        """Σ loss·mask / (Σ mask + 1e-4), microsoft's masked mean, kept to the digit: the 1e-4
-        spares a batch without targets a division by zero (its loss is 0), and keeps our losses
-        equal to microsoft's to float rounding. With label_smooth ε > 0 each position costs
-        (1-ε)·NLL + ε·mean over the vocabulary of -log p, microsoft's smoothing (and PyTorch's)."""
+        """Σ loss·mask / (Σ mask + 1e-4), microsoft's masked mean to the digit: the 1e-4 spares a batch
+        without targets a division by zero (its loss is 0) and keeps our losses equal to microsoft's.
+        With label_smooth ε > 0 a position costs (1-ε)·NLL + ε·mean over the vocabulary of -log p."""
         V = logits.shape[-1]
         loss = F.cross_entropy(logits.reshape(-1, V).float(), lm_labels.reshape(-1).clamp(min=0).long(),
                                reduction="none", label_smoothing=label_smooth)  # (B·T,)
@@ -593,16 +573,13 @@ class GPT2LMModel(nn.Module):
         rest: from_pretrained("gpt2", lora_attn_dim=4, lora_attn_alpha=32)."""
         return _from_pretrained(cls, source, config_overrides)
 
-    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
-        """Write a Hugging Face GPT-2 folder, ΔW merged in."""
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:  # a Hugging Face folder, ΔW merged
         save_pretrained(self, folder)
 
     def save_adapter(self, folder: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None) -> None:
-        """Write the adapters as a PEFT LoRA folder: one rank-2r LoRA on c_attn."""
-        save_adapter(self, folder, base_model_name_or_path)
+        save_adapter(self, folder, base_model_name_or_path)  # a PEFT LoRA folder: one rank-2r LoRA on c_attn
 
-    def load_adapter(self, folder: Union[str, os.PathLike]) -> "GPT2LMModel":
-        """Read a PEFT LoRA folder written by save_adapter onto this base."""
+    def load_adapter(self, folder: Union[str, os.PathLike]) -> "GPT2LMModel":  # reads save_adapter's folder
         return load_adapter(self, folder)
 
     # ---- generation -------------------------------------------------------------------------
@@ -611,10 +588,9 @@ class GPT2LMModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Append `max_new_tokens` tokens to `input_ids` (B, T), returning (B, T + max_new_tokens):
-        the most likely (temperature 0), or sampled from softmax(logits / temperature) among the
-        `top_k` most likely. With the cache each step feeds only the newest token; past n_ctx the
-        model re-reads the last n_ctx tokens, as the uncached loop does. Call eval() first."""
+        """Append `max_new_tokens` tokens to `input_ids` (B, T): the most likely (temperature 0), or
+        sampled from softmax(logits / temperature) among the `top_k` most likely. With the cache each
+        step feeds only the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if not (_is_real(temperature) and temperature >= 0):
@@ -645,7 +621,6 @@ class GPT2LMModel(nn.Module):
 
 
 # ---- 9. Presets: the four published GPT-2 sizes --------------------------------------------------
-
 PRESETS: Dict[str, Dict[str, int]] = {
     "gpt2.sm": dict(n_embd=768, n_layer=12, n_head=12),    # 124M, "gpt2"
     "gpt2.md": dict(n_embd=1024, n_layer=24, n_head=16),   # 355M, "gpt2-medium"
@@ -659,7 +634,6 @@ HUB_MODELS: Dict[str, str] = {name: f"openai-community/{name}" for name in ("gpt
 
 
 # ---- 10. Helpers: what to train, what to save, merging -------------------------------------------
-
 _BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -721,22 +695,19 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """A SHA-256 of the frozen base, which an adapter records so that it can refuse another base:
-    every tensor of the trunk by name, shape and value (as float32: the same numbers stored in
-    another dtype give the same fingerprint), except LoRA tensors and the weights they adapt,
+    """A SHA-256 of the frozen base, which an adapter records to refuse another base: the trunk's
+    tensors by name, shape and value as float32, except LoRA tensors and the weights they adapt,
     which a merge/unmerge cycle moves by rounding."""
     h = hashlib.sha256()
     sd = model.state_dict()
     adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
     for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and k not in adapted):
         v = sd[k].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{k}:{tuple(v.shape)};".encode())
-        h.update(v.numpy().tobytes())
+        h.update(f"{k}:{tuple(v.shape)};".encode() + v.numpy().tobytes())
     return h.hexdigest()
 
 
 # ---- 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out -------------------
-
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of HF / microsoft
 _HEAD_KEYS = ("lm_head.weight", "lm_head.decoder.weight")  # tied to wte
 
@@ -750,9 +721,9 @@ def _safetensors():
 
 
 def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    with_metadata = _safetensors()
+    safe_open = _safetensors().safe_open
     try:
-        with with_metadata.safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # truncated or foreign files
         raise ValueError(f"cannot read {path} as a safetensors file ({type(e).__name__}: {e})") from None
@@ -849,8 +820,8 @@ def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
         raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of {', '.join(HUB_MODELS)}")
     sd = _normalize_state_dict(_read_weights(path))
     if "wte.weight" not in sd or sd["wte.weight"].dim() != 2:
-        raise ValueError(f"{path} holds no GPT-2 base weights (no 2-D wte.weight); if it is a LoRA-only "
-                         f"checkpoint, load a base model first, then model.load_weight(path)")
+        raise ValueError(f"{path} holds no GPT-2 base weights (no 2-D wte.weight); for LoRA-only weights, load a "
+                         f"base model first, then model.load_weight(path)")
     values = _config_from_shapes(sd, config_overrides) if values is None else values
     if "h.0.attn.c_attn.lora_A" in sd:
         values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
@@ -992,16 +963,14 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
     sd, metadata = _read_safetensors(weights_path)
     cfg, r2, alpha2 = model.config, ac.get("r"), ac.get("lora_alpha")
     r, C = cfg.lora_attn_dim, cfg.n_embd
-    unsupported = {"peft_type": ac.get("peft_type") != "LORA",
-                   "target_modules": ac.get("target_modules") not in ("c_attn", ["c_attn"]),
-                   **{flag: ac.get(flag) for flag in ("use_rslora", "use_dora", "lora_bias", "rank_pattern",
-                                                      "alpha_pattern")}}
+    unsupported = {k: ac.get(k) for k in ("use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern")}
+    unsupported.update(peft_type=ac.get("peft_type") != "LORA",
+                       target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]))
     for key, bad in unsupported.items():
         if bad:
             raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model holds plain LoRA "
                              f"on c_attn (Q and V), one r and α")
-    if not (r > 0 and r2 == 2 * r and _is_real(alpha2)   # r' even: A' stacks A_q and A_v
-            and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r, rel_tol=1e-9)):
+    if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r)):
         raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with lora_attn_dim = r'/2 "
                          f"(r' even) and lora_attn_alpha = α'/2; this one has {r} and {cfg.lora_attn_alpha}")
     expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"}

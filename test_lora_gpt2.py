@@ -992,7 +992,7 @@ def test_bad_model_inputs_raise_value_error():
         model(torch.zeros(1, 3, dtype=torch.long), past=past)
     with pytest.raises(ValueError, match="batch of 1, not 2"):
         model(torch.zeros(2, 1, dtype=torch.long), past=past)
-    with pytest.raises(ValueError, match="integer tensor of shape"):
+    with pytest.raises(ValueError, match=r"integer tensor \(batch, time\)"):
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="lm_labels must be an integer tensor of the shape"):
         model(torch.zeros(1, 3, dtype=torch.long), lm_labels=torch.zeros(1, 2, dtype=torch.long))
