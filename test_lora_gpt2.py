@@ -158,7 +158,7 @@ def test_preset_total_parameter_counts_match_published_gpt2(preset, total):
 
 
 def test_gpt2_medium_rank4_trains_393216_parameters():
-    """The worked example of DEVELOPERS.md and the README: gpt2.md at r = 4 trains 393,216."""
+    """The worked example of the README and the LoRA paper's setting: gpt2.md at r = 4 trains 393,216."""
     config = L.GPT2Config.from_preset("gpt2.md", lora_attn_dim=4)
     with torch.device("meta"):
         model = L.GPT2LMModel(config)
