@@ -7,8 +7,8 @@
     python train_shakespeare.py --resume                   # go on with the run in --out-dir
     torchrun --nproc_per_node=4 train_shakespeare.py ...   # DistributedDataParallel
 
-No character-level GPT-2 is published, so `--init-from scratch` pretrains a base on the first half of the
-training text (cached in --out-dir), freezes it and adapts it on the other half; the last 10% is held out.
+No character-level GPT-2 is published, so `--init-from scratch` pretrains one on the first half of the training
+text (cached in --out-dir), then adapts it on the other half; 10% is held out. --out-dir/ckpt.pt holds the run.
 """
 
 from __future__ import annotations
