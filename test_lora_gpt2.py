@@ -19,6 +19,7 @@ import contextlib
 import copy
 import glob
 import http.server
+import importlib.util
 import io
 import json
 import math
@@ -48,6 +49,10 @@ settings.register_profile("dev", max_examples=20, deadline=None,
 settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True,
                           print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# The Hugging Face and PEFT formats are safetensors files: without the package, those tests skip.
+needs_safetensors = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
+                                       reason="needs safetensors (pip install safetensors)")
 
 # Every model here is tiny: one thread is faster, and leaves a shared CI machine's cores alone.
 torch.set_num_threads(1)
@@ -1018,6 +1023,7 @@ def test_bad_model_inputs_raise_value_error():
         L.MergedLinear(8, 9, r=2, enable_lora="TFT")
 
 
+@needs_safetensors
 def test_odd_calls_get_a_value_error_or_work_never_another_exception(tmp_path):
     """Calls an adversarial sweep found failing deep inside: each now raises a ValueError that
     names the problem, or works (numpy numbers in a config, a tiny sampling temperature)."""
@@ -1306,6 +1312,7 @@ def test_exported_folder_and_adapter_give_our_logits_in_transformers_and_peft(dt
 
 # ---- save_pretrained without the oracles -----------------------------------------------------
 
+@needs_safetensors
 @pytest.mark.parametrize("merged", [False, True])
 def test_save_pretrained_leaves_the_model_bit_identical_and_reads_back_to_its_logits(tmp_path, monkeypatch, merged):
     """save_pretrained changes no bit of the model, merged or not, needs neither transformers
@@ -1340,6 +1347,7 @@ def test_save_pretrained_leaves_the_model_bit_identical_and_reads_back_to_its_lo
     assert no_temp_files(tmp_path / "out")
 
 
+@needs_safetensors
 def test_a_plain_model_has_no_adapter_to_save_and_a_file_is_no_folder(tmp_path):
     """save_adapter refuses a rank-0 model; no export writes into a path that is a file."""
     with pytest.raises(ValueError, match="lora_attn_dim = 0"):
@@ -1391,6 +1399,7 @@ UNSUPPORTED = {  # name: (edit of the saved adapter, model to load into, error m
 }
 
 
+@needs_safetensors
 @pytest.mark.parametrize("case", list(UNSUPPORTED))
 def test_an_adapter_this_model_cannot_represent_is_refused_and_changes_nothing(tmp_path, case):
     """Each adapter that would not reproduce its logits here raises a ValueError naming the
@@ -1405,6 +1414,7 @@ def test_an_adapter_this_model_cannot_represent_is_refused_and_changes_nothing(t
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@needs_safetensors
 def test_load_adapter_keeps_a_merged_model_merged_with_the_new_update(tmp_path):
     """Loading into a merged model re-merges with the loaded A, B: the logits are the saver's.
     (The adapter's fingerprint is dropped here: a merged model's W0 is only known up to rounding,
@@ -1420,6 +1430,7 @@ def test_load_adapter_keeps_a_merged_model_merged_with_the_new_update(tmp_path):
     torch.testing.assert_close(logits(model)[0], logits(saver)[0], rtol=0, atol=1e-5)
 
 
+@needs_safetensors
 def test_an_adapter_saved_after_a_merge_cycle_loads_onto_its_untouched_base(tmp_path):
     """merge_lora then unmerge_lora (an evaluation, say) before save_adapter: the adapter still
     loads onto the very base it was trained on."""
@@ -1435,7 +1446,9 @@ def test_an_adapter_saved_after_a_merge_cycle_loads_onto_its_untouched_base(tmp_
 def test_without_safetensors_every_format_says_what_to_install(tmp_path, monkeypatch):
     """With safetensors missing, export and import raise a ValueError naming the package."""
     model = tiny_lora_model()
-    L.save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter").mkdir()  # a folder in the adapter's form, written without safetensors
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     for call in (lambda: L.save_pretrained(model, tmp_path / "a"), lambda: L.save_adapter(model, tmp_path / "b"),
@@ -1445,6 +1458,7 @@ def test_without_safetensors_every_format_says_what_to_install(tmp_path, monkeyp
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@needs_safetensors
 @pytest.mark.parametrize("fail_at", ["weights", "config", "replace 1", "replace 2"])
 def test_an_interrupted_export_over_an_old_one_loads_old_new_or_not_at_all(tmp_path, monkeypatch, fail_at):
     """An export that dies at any step (half-way through writing a file, or moving one into
@@ -1488,6 +1502,7 @@ def test_an_interrupted_export_over_an_old_one_loads_old_new_or_not_at_all(tmp_p
         assert torch.equal(logits(reader)[0], logits(saver)[0])
 
 
+@needs_safetensors
 def test_an_interrupted_first_export_leaves_no_config_and_no_temp_files(tmp_path, monkeypatch):
     """Dying between moving the weights and the config into a new folder leaves the weights
     alone, without the config.json every loader looks for first."""
@@ -1656,7 +1671,7 @@ def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text
     assert "pretraining a char-level base" in out and "using the cached base" not in out
 
 
-@pytest.mark.skipif(not hasattr(L.GPT2LMModel, "save_adapter"), reason="lora_gpt2 has no save_adapter yet")
+@needs_safetensors
 def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run):
     out = copy_run(finished_run[1], tmp_path / "out")
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5", "--sample", "0",
