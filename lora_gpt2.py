@@ -94,7 +94,7 @@ class GPT2Config:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPT2Config":
         """A config of one of the GPT-2 sizes in PRESETS; `overrides` set any other field."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
@@ -146,9 +146,8 @@ def _check_lora(r, alpha, dropout, r_dropout, r_name="LoRA rank r", alpha_name="
 
 
 def _check_id_range(ids: torch.Tensor, n: int, what: str, fix: str, negative_ok: bool = False) -> None:
-    """A clear error instead of an index error deep inside. Only on the CPU: on an accelerator the
-    check would stall the launch queue with a device→host copy at every step (there the kernel's
-    own device-side assert reports it)."""
+    """A clear error instead of an index error deep inside. Only on the CPU: on an accelerator it would
+    stall every step with a device→host copy (there the kernel's device-side assert reports it)."""
     if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())
@@ -186,6 +185,8 @@ class LoRALayer(nn.Linear):
                  lora_r_dropout: float, enable_lora: Sequence[bool], fan_in_fan_out: bool,
                  merge_weights: bool, bias: bool, device=None, dtype=None):
         nn.Module.__init__(self)  # not nn.Linear's: it would draw W0 once in the wrong layout
+        if not all(_is_int(n) and n > 0 for n in (in_features, out_features)):
+            raise ValueError(f"in_features, out_features must be positive integers: {in_features!r}, {out_features!r}")
         _check_lora(r, lora_alpha, lora_dropout, lora_r_dropout)
         new = dict(device=device, dtype=dtype)
         self.enable_lora = [bool(e) for e in enable_lora]
@@ -207,8 +208,7 @@ class LoRALayer(nn.Linear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.Linear's own init for W0 and b (in (out, in) terms, whatever the storage layout);
-        A as nn.Linear would init it and B = 0, so ΔW = BA = 0: a fresh adapter changes nothing."""
+        """nn.Linear's init for W0, b and A (in (out, in) terms), and B = 0: a fresh adapter changes nothing."""
         nn.init.kaiming_uniform_(self._T(self.weight), a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
@@ -533,8 +533,7 @@ class GPT2LMModel(nn.Module):
             raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
         _check_id_range(lm_labels, self.config.vocab_size, "lm_labels",
                         "a negative label marks a position without target", negative_ok=True)
-        has_target = lm_labels >= 0
-        return has_target.float() if lm_mask is None else lm_mask.float() * has_target
+        return (lm_labels >= 0).float() if lm_mask is None else lm_mask.float() * (lm_labels >= 0)
 
     @staticmethod
     def _loss(logits, lm_labels, mask, label_smooth) -> torch.Tensor:
@@ -562,15 +561,14 @@ class GPT2LMModel(nn.Module):
     # ---- checkpoint formats, thin methods over section 11 -------------------------------------
 
     def load_weight(self, state_dict: Union[Mapping[str, torch.Tensor], str, os.PathLike]) -> "GPT2LMModel":
-        """Load GPT-2 and/or LoRA weights from a state dict or a file: Hugging Face, microsoft/LoRA
-        (full or LoRA-only) or our own. Base and LoRA weights must each be all present or all absent."""
+        """Load GPT-2 and/or LoRA weights (Hugging Face, microsoft/LoRA or ours) from a state dict or a file;
+        base and LoRA weights must each be all present or all absent."""
         return _load_weight(self, state_dict)
 
     @classmethod
     def from_pretrained(cls, source: Union[str, os.PathLike], **config_overrides) -> "GPT2LMModel":
-        """A model from a Hugging Face folder, one weights file (.safetensors, .bin, .pt), or a hub
-        name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). `config_overrides` set the LoRA rank and the
-        rest: from_pretrained("gpt2", lora_attn_dim=4, lora_attn_alpha=32)."""
+        """A model from a Hugging Face folder, a weights file or a hub name; `config_overrides` set the LoRA
+        rank and the rest: from_pretrained("gpt2", lora_attn_dim=4, lora_attn_alpha=32)."""
         return _from_pretrained(cls, source, config_overrides)
 
     def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:  # a Hugging Face folder, ΔW merged
@@ -629,8 +627,7 @@ PRESETS: Dict[str, Dict[str, int]] = {
 }
 
 # Hugging Face hub names of the same checkpoints.
-HUB_MODELS: Dict[str, str] = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large",
-                                                                             "gpt2-xl")}
+HUB_MODELS: Dict[str, str] = {n: f"openai-community/{n}" for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 
 # ---- 10. Helpers: what to train, what to save, merging -------------------------------------------
@@ -642,8 +639,7 @@ def _lora_layers(model: nn.Module):
 
 
 def _is_lora_name(model: nn.Module, name: str, bias: str) -> bool:
-    """Whether a parameter name belongs to LoRA's part: lora_A / lora_B, and biases as `bias` says:
-    'none' (no bias), 'all' (every bias), 'lora_only' (biases of layers with an adapter)."""
+    """Whether a name is LoRA's: lora_A, lora_B, and biases per `bias`: 'none', 'all' or 'lora_only' (adapted)."""
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
     if "lora_" in name or (bias == "all" and name.endswith("bias")):
@@ -698,8 +694,7 @@ def base_fingerprint(model: nn.Module) -> str:
     """A SHA-256 of the frozen base, which an adapter records to refuse another base: the trunk's
     tensors by name, shape and value as float32, except LoRA tensors and the weights they adapt,
     which a merge/unmerge cycle moves by rounding."""
-    h = hashlib.sha256()
-    sd = model.state_dict()
+    h, sd = hashlib.sha256(), model.state_dict()
     adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
     for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and k not in adapted):
         v = sd[k].detach().to("cpu", torch.float32).contiguous()
@@ -873,8 +868,7 @@ def _download_from_hub(repo_id: str) -> str:
     try:  # returns the local folder of the weights and config.json
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise ValueError(f"downloading {repo_id} needs the huggingface_hub package: "
-                         f"pip install huggingface_hub safetensors (or pass a local folder)") from None
+        raise ValueError(f"downloading {repo_id} needs: pip install huggingface_hub safetensors") from None
     try:
         hf_hub_download(repo_id, "model.safetensors")
         return os.path.dirname(hf_hub_download(repo_id, "config.json"))
@@ -884,10 +878,9 @@ def _download_from_hub(repo_id: str) -> str:
 
 
 def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str, config: dict):
-    """Write weights and config so that an interruption never leaves a folder that loads wrong: both go
-    to temporary names, the old config goes (new weights must never meet it), then the weights move
-    into place and the config last, as loaders look for it."""
-    save_file = _safetensors().torch.save_file
+    """Write so that an interruption never leaves a folder that loads wrong: both files go to temporary
+    names, the old config goes (new weights must never meet it), then the weights, the config last."""
+    save_file, folder = _safetensors().torch.save_file, _path(folder, "the folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
     os.makedirs(folder, exist_ok=True)
@@ -937,6 +930,7 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
     half in the V rows. One rank-2r LoRA with α' = 2α, so α'/r' = α/r. The base fingerprint goes in
     the safetensors metadata (PEFT warns of unknown config keys)."""
     cfg, r, C = model.config, model.config.lora_attn_dim, model.config.n_embd
+    base = base_model_name_or_path or getattr(model, "name_or_path", None)
     if r == 0:
         raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained saves it whole")
     tensors = {}
@@ -949,7 +943,7 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
         peft_type="LORA", task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * cfg.lora_attn_alpha,
         target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias="none",
         use_rslora=False, use_dora=False,
-        base_model_name_or_path=base_model_name_or_path or getattr(model, "name_or_path", None))
+        base_model_name_or_path=base and _path(base, "base_model_name_or_path"))
     metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model)}
     _write_folder(folder, "adapter_model.safetensors", tensors, metadata, "adapter_config.json", adapter_config)
 
@@ -958,6 +952,7 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
     """Set the LoRA weights from a PEFT adapter folder as save_adapter writes it; the model needs
     lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses what this model cannot represent (K rows
     in B', a B' not block-diagonal, other modules, rsLoRA, DoRA, another rank or base), changing nothing."""
+    folder = _path(folder, "the adapter folder")
     cfg_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     ac = _read_json(cfg_path)
     sd, metadata = _read_safetensors(weights_path)
@@ -993,6 +988,12 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
         raise ValueError(f"{folder} was saved on another base model (its base_fingerprint differs); "
                          f"load it onto the base it was trained on")
     return model.load_weight(new)  # copies in place, and keeps a merged model merged
+
+
+def _path(value, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"{what} must be a path, got {value!r}")
+    return os.fspath(value)
 
 
 def _short(keys: List[str], n: int = 6) -> str:

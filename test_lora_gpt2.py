@@ -1055,6 +1055,16 @@ def test_odd_calls_get_a_value_error_or_work_never_another_exception(tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(ac))
     with pytest.raises(ValueError, match="peft_type = None is not supported"):
         model.load_adapter(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="in_features, out_features must be positive integers"):
+        L.Linear(None, 4)
+    with pytest.raises(ValueError, match="valid presets"):
+        L.GPT2Config.from_preset(["gpt2.sm"])
+    with pytest.raises(ValueError, match="the folder must be a path"):
+        model.save_pretrained(None)
+    with pytest.raises(ValueError, match="base_model_name_or_path must be a path"):
+        model.save_adapter(tmp_path / "other", base_model_name_or_path=3)
+    with pytest.raises(ValueError, match="the adapter folder must be a path"):
+        model.load_adapter(None)
     sd = model.state_dict()
     sd["transformer.wte.weight"][0, 0] = float("nan")
     tiny_model(config).load_weight({**sd, "lm_head.weight": sd["transformer.wte.weight"].clone()})  # tied
