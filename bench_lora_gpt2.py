@@ -1,6 +1,6 @@
 """Speed and memory of lora_gpt2, side by side with its references. `python bench_lora_gpt2.py
-[--nanogpt PATH] [--json PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (one
-to two minutes on a 2-core CPU; the options are DEFAULTS below). The comparisons:
+[--nanogpt PATH] [--json PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two
+to three minutes on a 2-core CPU; the options are DEFAULTS below). The comparisons:
 
   train    a training step (forward, backward, AdamW, zero_grad), LoRA r on Q,V versus full
            fine-tuning; trainable parameters; peak memory of 2 steps.
