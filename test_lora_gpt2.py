@@ -546,15 +546,22 @@ def test_cached_greedy_generation_equals_uncached(config, seed, prompt, new):
     assert torch.equal(cached, uncached)
 
 
-def _ragged_start(model, prompts, steps, g):
-    """microsoft's gpt2_beam start: prompts right-padded (with random tokens) to one length that
-    leaves room for `steps` more tokens, one full call, the logits at each prompt's last token."""
+def _ragged_start(config, seed, data, max_steps, min_rows, max_len):
+    """microsoft's gpt2_beam start on drawn prompts: a random adapted model; prompts right-padded
+    (with random tokens) to one length that leaves room for `steps` more tokens; one full call.
+    Returns the model, the generator, the steps, the prompts, their last logits, the cache, lengths."""
+    model = tiny_model(config, seed).eval()
+    randomize_lora(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    steps = data.draw(st.integers(1, max_steps))
+    prompts = data.draw(st.lists(st.lists(st.integers(0, config.vocab_size - 1), min_size=1, max_size=max_len),
+                                 min_size=min_rows, max_size=4))
     lens = torch.tensor([len(p) for p in prompts])
-    padded = torch.randint(0, model.config.vocab_size, (len(prompts), int(lens.max()) + steps), generator=g)
+    padded = torch.randint(0, config.vocab_size, (len(prompts), int(lens.max()) + steps), generator=g)
     for b, p in enumerate(prompts):
         padded[b, :len(p)] = torch.tensor(p)
     logits, past = model(padded)
-    return logits[torch.arange(len(prompts)), lens - 1], past, lens
+    return model, g, steps, [list(p) for p in prompts], logits[torch.arange(len(prompts)), lens - 1], past, lens
 
 
 def _alone(model, seq):
@@ -567,14 +574,7 @@ def test_ragged_batch_decoded_with_len_past_equals_each_prompt_alone(config, see
     """A right-padded batch decoded one token per row with len_past gives, row by row, the logits
     of decoding that prompt alone without padding: each new token sits at position len_past[b],
     is written to cache row len_past[b], and sees rows 0..len_past[b] only."""
-    model = tiny_model(config, seed).eval()
-    randomize_lora(model, seed)
-    g = torch.Generator().manual_seed(seed)
-    steps = data.draw(st.integers(1, 4))
-    prompts = data.draw(st.lists(st.lists(st.integers(0, config.vocab_size - 1), min_size=1, max_size=6),
-                                 min_size=1, max_size=4))
-    logits, past, lens = _ragged_start(model, prompts, steps, g)
-    seqs = [list(p) for p in prompts]
+    model, g, steps, seqs, logits, past, lens = _ragged_start(config, seed, data, 4, 1, 6)
     for b, seq in enumerate(seqs):
         torch.testing.assert_close(logits[b], _alone(model, seq), rtol=1e-4, atol=1e-5)
     for i in range(steps):
@@ -592,14 +592,7 @@ def test_reordering_the_cache_between_steps_equals_decoding_the_reordered_batch(
     """Beam search reorders the cache along dim 1 (index_select(1, beam_idx)) between len_past
     steps; the logits then equal those of decoding the reordered sequences, each alone. The
     caller's cache tensors are never written to."""
-    model = tiny_model(config, seed).eval()
-    randomize_lora(model, seed)
-    g = torch.Generator().manual_seed(seed)
-    steps = data.draw(st.integers(1, 3))
-    prompts = data.draw(st.lists(st.lists(st.integers(0, config.vocab_size - 1), min_size=1, max_size=5),
-                                 min_size=2, max_size=4))
-    _, past, lens = _ragged_start(model, prompts, steps, g)
-    seqs = [list(p) for p in prompts]
+    model, g, steps, seqs, _, past, lens = _ragged_start(config, seed, data, 3, 2, 5)
     for i in range(steps):
         beam_idx = torch.tensor(data.draw(st.lists(st.integers(0, len(seqs) - 1),
                                                    min_size=len(seqs), max_size=len(seqs))))
