@@ -733,7 +733,7 @@ def _read_weights(path: Union[str, os.PathLike]) -> Mapping[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
     except Exception as e:  # pickle errors, truncated files, non-torch files
-        reason = str(e).split("\n")[0].strip().rstrip(".")  # not torch's advice to drop weights_only
+        reason = "it holds more than tensors and plain data" if "Weights only" in str(e) else str(e).split("\n")[0]
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {reason})") from None
 
 

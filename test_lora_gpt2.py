@@ -1098,6 +1098,10 @@ def test_an_untied_head_is_refused_not_dropped(tmp_path):
         tiny_model(config, 2).load_weight({**sd, "lm_head.weight": torch.randn(11, 4)})
 
 
+class Unlisted:
+    """An object of a class that torch.load(weights_only=True) refuses to unpickle."""
+
+
 def test_malformed_checkpoints_raise_value_error(tmp_path):
     """config.json with a list or null sizes, integer keys, random or truncated files, a 1-D wte:
     each a ValueError naming the problem, never a TypeError, KeyError or a library's own error."""
@@ -1119,6 +1123,9 @@ def test_malformed_checkpoints_raise_value_error(tmp_path):
         with pytest.raises(ValueError, match=message) as e:
             L.GPT2LMModel.from_pretrained(tmp_path / name)
         assert "weights_only=False" not in str(e.value)  # never advise unpickling code
+    torch.save({"wte.weight": Unlisted()}, tmp_path / "object.pt")
+    with pytest.raises(ValueError, match=r"\(UnpicklingError: it holds more than tensors and plain data\)$"):
+        L.GPT2LMModel.from_pretrained(tmp_path / "object.pt")
     safetensors = pytest.importorskip("safetensors.torch")
     safetensors.save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors")
     data = (tmp_path / "m.safetensors").read_bytes()
@@ -1929,6 +1936,33 @@ def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, t
     with pytest.raises(ValueError, match="is not the base"):
         ts.load_model(os.path.join(out, "ckpt.pt"))
     assert "is not the base" in one_line_error(["--resume", "--out-dir", out], capsys)
+
+
+@needs_safetensors
+def test_an_adapter_exported_from_a_pretrained_base_names_that_base(text_file, tmp_path, monkeypatch):
+    """--save-adapter records where the base came from (peft loads it from there); a scratch base has no name."""
+    monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
+    folder = tmp_path / "hf"
+    _hf_folder(folder, seed=0)
+    ts.main(SCHEDULE + ["--data", text_file, "--init-from", str(folder), "--max-iters", "2", "--sample", "0",
+                        "--out-dir", str(tmp_path / "out"), "--save-adapter", str(tmp_path / "peft")])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(folder)
+
+
+def test_an_unusable_gpt2_tokenizer_is_a_one_line_error_not_an_empty_corpus(monkeypatch, capsys):
+    """Offline, transformers hands back a GPT-2 tokenizer that encodes everything to nothing: refused with
+    the package that works offline, instead of a later error about an empty tensor."""
+    import types
+    hollow = types.SimpleNamespace(from_pretrained=lambda name: type("Hollow", (), {"__len__": lambda self: 1})())
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(GPT2TokenizerFast=hollow))
+    ts.gpt2_bpe.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="could not be loaded .*pip install tiktoken"):
+            ts.gpt2_bpe()
+    finally:
+        ts.gpt2_bpe.cache_clear()
 
 
 # ---- download -----------------------------------------------------------------------------------

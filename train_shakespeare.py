@@ -8,13 +8,13 @@
     torchrun --nproc_per_node=4 train_shakespeare.py ...   # DistributedDataParallel
 
 No character-level GPT-2 is published, so `--init-from scratch` pretrains one on the first half of the training
-text (cached in --out-dir), then adapts it on the other half; 10% is held out. --out-dir/ckpt.pt holds the run.
-"""
+text (cached in --out-dir), then adapts it on the other half; 10% is held out. --out-dir/ckpt.pt holds the run."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -129,6 +129,7 @@ def read_text(s, rt) -> str:
         raise ValueError(f"--data {path} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
+@functools.lru_cache(maxsize=None)  # built once, not once per encode or decode
 def gpt2_bpe() -> tuple:
     """(encode, decode) of GPT-2's BPE from tiktoken, or else transformers."""
     with contextlib.suppress(ImportError):
@@ -139,6 +140,8 @@ def gpt2_bpe() -> tuple:
     except ImportError:
         raise ValueError("GPT-2's tokenizer needs a package: pip install tiktoken") from None
     tokenizer = GPT2TokenizerFast.from_pretrained("gpt2")
+    if len(tokenizer) != 50257:  # what transformers hands back offline, without a cached copy: encodes to nothing
+        raise ValueError("GPT-2's tokenizer could not be loaded (no network?): pip install tiktoken")
     return tokenizer.encode, tokenizer.decode
 
 
@@ -199,8 +202,7 @@ REQUIRED = {"base": ("config", "tokenizer", "weights"),
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """Write `path`.tmp, then rename it over `path`: readers see the old file or the new one, never a part.
-    A save that fails leaves the .tmp: the next save of `path` replaces it, and the next run's claim() removes it."""
+    """Write `path`.tmp and rename it over `path`: readers see the old or the new file (claim() removes stale .tmp)."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
@@ -292,12 +294,10 @@ def evaluate(model: GPT2LMModel, val, windows, s, rt) -> tuple:
     return sums[0].item() / len(windows), sums[1].item() / (len(windows) * s.block_size)
 
 
-def train(model: GPT2LMModel, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float, save,
-          resume=None) -> list:
-    """Train what requires grad up to step `iters` (from checkpoint `resume` if given); evaluate, log and
-    save(state) every --eval-interval steps. A step seeds its draws from (seed, step), dropout's also from
-    the process, so a resumed run draws what the uninterrupted one drew; all processes draw the same
-    positions and take their share, so a step's samples do not depend on how many processes there are."""
+def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float, save, resume=None) -> list:
+    """Train what requires grad to step `iters` (from `resume` if given), evaluating, logging and saving every
+    --eval-interval steps. A step seeds its draws from (seed, step), dropout's also from the process: a resumed run
+    draws what the uninterrupted one drew, and all processes draw the same positions and take their share."""
     params = [p for p in model.parameters() if p.requires_grad]  # matrices decay, vectors do not
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -404,8 +404,7 @@ def run(s, resume, rt, last: dict) -> dict:
                              config=model.config.to_dict(), base=base_info, tokenizer=tokenizer,
                              weights=trainable_weights(model), **state), os.path.join(s.out_dir, "ckpt.pt"))
         last.update(phase=phase, step=state["step"])
-    # The base: pretrained, or the cached scratch base, or a scratch base pretrained now. Its cache
-    # key covers all its weights depend on (the precision too), but not the number of processes.
+    # The base: pretrained, cached, or pretrained now; its cache key covers the precision, not the process count.
     if scratch:
         recipe = [config.to_dict(), data_sha, str(rt.dtype)] + [getattr(s, k) for k in ("base_iters", "base_lr",
                   "warmup", "block_size", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed")]
@@ -467,9 +466,10 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
                              generator=torch.Generator(device=rt.device).manual_seed(s.seed))[0].tolist()
         f["sample"] = "".join(tokenizer["chars"][i] for i in out) if "chars" in tokenizer else gpt2_bpe()[1](out)
         print(f"sample ({s.sample} tokens):\n{f['sample']}", flush=True)
-    for option in ("save_pretrained", "save_adapter"):
-        if getattr(s, option):  # model.save_pretrained(DIR), model.save_adapter(DIR)
-            getattr(model, option)(getattr(s, option))
+    if s.save_pretrained:
+        model.save_pretrained(s.save_pretrained)
+    if s.save_adapter:  # peft loads the base from a hub name or a path; a scratch base has neither
+        model.save_adapter(s.save_adapter, None if s.init_from == "scratch" else s.init_from)
 
 
 # ---- The command line
