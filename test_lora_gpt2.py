@@ -1799,6 +1799,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--alpha", "1e25"], "α/r"),
     (["--n-embd", "63"], "divisible"),
     (["--eval-interval", "0"], "must lie in [1, "),
+    (["--lr", "nan"], "--lr: must lie in [0, "),
+    (["--weight-decay", "inf"], "--weight-decay: must lie in [0, "),
     (["--batch-size", "0"], "must lie in [1, "),
     (["--seed", "99999999999999999999999"], "--seed"),
     (["--prompt", "€"], "--prompt has characters outside the corpus's alphabet"),

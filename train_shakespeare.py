@@ -48,12 +48,12 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see --help)")
 
 
-def _integer(low, high=2 ** 62):
-    def integer(text):
-        if not low <= int(text) <= high:
+def _number(low, high=2 ** 62, kind=int):
+    def number(text):  # NaN fails every comparison, so a float must be a finite number in range
+        if not low <= kind(text) <= high:
             raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {text}")
-        return int(text)
-    return integer
+        return kind(text)
+    return number
 
 
 def parse_settings(argv=None) -> tuple:
@@ -67,26 +67,26 @@ def parse_settings(argv=None) -> tuple:
     a("--n-layer", type=int, default=4, help="layers of the scratch base")
     a("--n-head", type=int, default=4, help="heads of the scratch base")
     a("--n-embd", type=int, default=128, help="width of the scratch base (on a GPU, try 6 x 6 x 384)")
-    a("--base-iters", type=_integer(0), default=1500, help="pretraining steps of the scratch base")
-    a("--base-lr", type=float, default=2e-3, help="peak learning rate of the base pretraining")
+    a("--base-iters", type=_number(0), default=1500, help="pretraining steps of the scratch base")
+    a("--base-lr", type=_number(0, 1e300, float), default=2e-3, help="peak learning rate of the base pretraining")
     a("--rank", type=int, default=4, help="LoRA rank r on Q and V; 0 fine-tunes every weight")
     a("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha/r")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    a("--block-size", type=_integer(1), default=128, help="context length in tokens")
-    a("--batch-size", type=_integer(1), default=16, help="sequences per micro-batch, all processes together")
-    a("--grad-accum", type=_integer(1), default=1, help="micro-batches per optimizer step")
-    a("--max-iters", type=_integer(0), default=1000, help="adaptation steps")
-    a("--lr", type=float, help="peak learning rate of the adaptation (default 5e-3, with --rank 0 5e-4)")
-    a("--warmup", type=_integer(0), default=50, help="linear warmup steps before the cosine decay")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0 disables")
-    a("--eval-interval", type=_integer(1), default=100, help="evaluate, log and checkpoint every N steps")
-    a("--eval-iters", type=_integer(1), default=8, help="held-out batches per evaluation")
-    a("--seed", type=_integer(0, 2 ** 32), default=1337)
+    a("--block-size", type=_number(1), default=128, help="context length in tokens")
+    a("--batch-size", type=_number(1), default=16, help="sequences per micro-batch, all processes together")
+    a("--grad-accum", type=_number(1), default=1, help="micro-batches per optimizer step")
+    a("--max-iters", type=_number(0), default=1000, help="adaptation steps")
+    a("--lr", type=_number(0, 1e300, float), help="peak learning rate of adaptation (5e-3; with --rank 0, 5e-4)")
+    a("--warmup", type=_number(0), default=50, help="linear warmup steps before the cosine decay")
+    a("--weight-decay", type=_number(0, 1e300, float), default=0.01, help="AdamW weight decay of matrices")
+    a("--grad-clip", type=_number(0, 1e300, float), default=1.0, help="clip the gradient norm to this; 0 disables")
+    a("--eval-interval", type=_number(1), default=100, help="evaluate, log and checkpoint every N steps")
+    a("--eval-iters", type=_number(1), default=8, help="held-out batches per evaluation")
+    a("--seed", type=_number(0, 2 ** 32), default=1337)
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="autocast precision")
     a("--compile", action="store_true", help="torch.compile the model for training")
-    a("--sample", type=_integer(0), default=400, help="tokens to generate at the end")
+    a("--sample", type=_number(0), default=400, help="tokens to generate at the end")
     a("--prompt", default="\n", help="text the sample starts from")
     a("--save-pretrained", metavar="DIR", help="also write a Hugging Face GPT-2 folder, ΔW merged")
     a("--save-adapter", metavar="DIR", help="also write the adapters as a PEFT adapter folder")
