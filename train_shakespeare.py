@@ -426,11 +426,11 @@ def run(s, resume, rt, last: dict) -> dict:
     base_seconds, base = time.perf_counter() - t_start, base.to(rt.device)
     base_info["fingerprint"] = check_base(base, resume["base"] if adapting else None)
 
-    # The adaptation: the base with adapters on Q and V and all else frozen, or with --rank 0 all
-    # of it trainable. The base is measured now, on the windows of the report.
+    # The adaptation: adapters on Q and V, all else frozen (--rank 0: all of it trains); first the base's figures.
     base_loss, base_acc = evaluate(base, val, windows, s, rt)
     torch.manual_seed(s.seed)  # the same adapter init on every process
     model = GPT2LMModel(lora_config).to(rt.device).load_weight(base.state_dict()) if s.rank else base
+    del base  # one copy of the weights in memory, not two (GPT-2 XL is 6 GB in float32)
     if s.rank:
         mark_only_lora_as_trainable(model)
     rt.log(f"adapting {base_info['source']} with {f'LoRA rank {s.rank} on Q and V' if s.rank else 'all weights'} "
