@@ -430,7 +430,7 @@ def run(s, resume, rt, last: dict) -> dict:
     base_loss, base_acc = evaluate(base, val, windows, s, rt)
     torch.manual_seed(s.seed)  # the same adapter init on every process
     model = GPT2LMModel(lora_config).to(rt.device).load_weight(base.state_dict()) if s.rank else base
-    del base  # one copy of the weights in memory, not two (GPT-2 XL is 6 GB in float32)
+    base = None  # one copy of the weights in memory, not two (GPT-2 XL is 6 GB in float32)
     if s.rank:
         mark_only_lora_as_trainable(model)
     rt.log(f"adapting {base_info['source']} with {f'LoRA rank {s.rank} on Q and V' if s.rank else 'all weights'} "
