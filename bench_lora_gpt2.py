@@ -2,28 +2,25 @@
 [--nanogpt PATH] [--json PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two
 to three minutes on a 2-core CPU; the options are DEFAULTS below). The comparisons:
 
-  train    a training step (forward, backward, AdamW, zero_grad), LoRA r on Q,V versus full
-           fine-tuning; trainable parameters; peak memory of 2 steps.
-  infer    a no-grad forward: plain GPT-2 (r=0) versus LoRA unmerged and merged (one function).
-  layer    the fused Q,K,V projection, forward and backward: ours versus loralib's MergedLinear
-           with the same parameters, and the frozen base layer (r=0) as a floor.
-  hf       a LoRA training step: ours versus transformers' GPT2LMHeadModel with peft's LoRA of the
-           same rank on c_attn (it adapts Q, K and V; ours Q and V).
-  nanogpt  a full fine-tuning step: ours versus nanoGPT's model.py (--nanogpt, a clone of
-           karpathy/nanoGPT) at nanoGPT's CPU Shakespeare configuration.
+  train    a training step (forward, backward, AdamW, zero_grad) and the peak memory of two:
+           LoRA r on Q,V versus full fine-tuning.
+  infer    a no-grad forward: plain GPT-2 (r=0) versus LoRA unmerged and merged.
+  layer    the fused Q,K,V projection, forward and backward: ours, loralib's MergedLinear, and
+           the frozen base layer (r=0) as a floor.
+  hf       a LoRA training step: ours versus transformers' GPT-2 with peft's LoRA on c_attn.
+  nanogpt  a full fine-tuning step at nanoGPT's CPU Shakespeare configuration: ours versus the GPT
+           of nanoGPT's model.py (--nanogpt PATH), as configured there and doing GPT-2's work
+           (biases, tanh GELU).
   gen      greedy generation, with the key/value cache versus without.
   ckpt     bytes of torch.save: the adapter alone versus the whole state dict.
 
-Timing: a comparison's candidates run in one process with pinned threads, warmed up, then
-interleaved, the order reversed every other repeat (A B, B A, ...), so that a drift of the
-machine's speed hits all alike; a sample of a fast candidate loops until it lasts 20 ms. A row
-shows the median and the paired ratio: the median over repeats of candidate / baseline within a
-repeat, with its range. On CUDA each sample is bracketed by synchronize(), and our forward and
-backward run under torch.cuda.set_sync_debug_mode("error"): a device-to-host sync there raises.
-Memory: each candidate runs two steps in a fresh process, which reads its peak RSS (VmHWM, reset
-first) or on CUDA torch.cuda.max_memory_allocated; "above model" subtracts the level before the
-first step. A missing reference (loralib, transformers, peft, no --nanogpt) leaves its rows
-"not installed".
+Timing: one process, pinned threads, a warm-up, then the candidates interleaved in A B, B A, ...
+order, so that a drift of the machine's speed hits all alike; a sample loops for at least 20 ms.
+A row shows the median and the paired ratio (the median of candidate / baseline within a repeat)
+with its range. On CUDA samples are bracketed by synchronize(), and our forward and backward run
+under torch.cuda.set_sync_debug_mode("error"). Memory: two steps in a fresh process per candidate,
+its peak RSS (VmHWM, reset first) or torch.cuda.max_memory_allocated; "above model" subtracts the
+level before the first step. A missing reference leaves its rows "not installed".
 """
 
 import argparse
@@ -35,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -49,10 +47,9 @@ import lora_gpt2 as L  # noqa: E402
 COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen", "ckpt")
 TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline", "ratio range",
                 "target", "met?")
-# nanoGPT's config/train_shakespeare_char.py with the CPU overrides of its README; bias=False is
-# train.py's default, which that config keeps.
-NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65,
-                   dropout=0.0, bias=False)
+# nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides (batch 12), bias=False from train.py
+NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
+NANOGPT_BATCH = 12
 MIN_SAMPLE_S = 0.02
 OPS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: x >= y}
 
@@ -139,9 +136,8 @@ def missing_rows(comparison, names, unit, status):
 
 def build(device, a, r=0, **sizes):
     """Our model at rank r, of the bench's sizes unless `sizes` says otherwise, seeded."""
-    sizes = {**dict(vocab_size=a.vocab_size, n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head), **sizes}
     torch.manual_seed(0)
-    return L.GPT2LMModel(L.GPT2Config(**sizes, lora_attn_dim=r, lora_attn_alpha=a.alpha)).to(device)
+    return L.GPT2LMModel(L.GPT2Config(**{**a.sizes, **sizes}, lora_attn_dim=r, lora_attn_alpha=a.alpha)).to(device)
 
 
 def make_batch(batch_size, block_size, vocab_size, device, seed=1):
@@ -214,13 +210,12 @@ def start_memory_children(a):
 
 # ---- the comparisons: each returns its rows and adds its notes ---------------------------------
 
-def train_rows(comparison, a, device, base, cand, bound):
-    """Timed training steps and trainable parameters of two (name, model, step) candidates."""
-    (b, b_model, b_step), (c, c_model, c_step) = base, cand
-    ms = time_interleaved({b: b_step, c: c_step}, a.repeats, a.warmup, device)
-    return (make_rows(comparison, ms, b, "ms", {c: ("≤", bound)})
-            + make_rows(f"{comparison}: trainable params", {b: [trainable(b_model)], c: [trainable(c_model)]},
-                        b, "params"))
+def train_rows(comparison, a, device, cands, targets):
+    """Timed training steps and trainable parameters of (name, model, step) candidates, the first the baseline."""
+    ms = time_interleaved({n: step for n, _, step in cands}, a.repeats, a.warmup, device)
+    return (make_rows(comparison, ms, cands[0][0], "ms", targets)
+            + make_rows(f"{comparison}: trainable params", {n: [trainable(m)] for n, m, _ in cands}, cands[0][0],
+                        "params"))
 
 
 def bench_train(a, device, notes, children):
@@ -228,18 +223,17 @@ def bench_train(a, device, notes, children):
     if any(proc.returncode for proc in children.values()):
         raise RuntimeError("a memory measurement failed (its error is printed above)")
     mem = {r: json.loads(o.splitlines()[-1]) for r, o in out.items()}
-    full, full_step = ours_train(a, device, 0)
-    lora, lora_step = ours_train(a, device, a.rank)
+    (full, full_step), (lora, lora_step) = ours_train(a, device, 0), ours_train(a, device, a.rank)
     name = f"LoRA r={a.rank} (Q,V)"
-    rows = train_rows("train", a, device, ("full fine-tuning", full, full_step), (name, lora, lora_step),
-                      0.45)
+    rows = train_rows("train", a, device, [("full fine-tuning", full, full_step), (name, lora, lora_step)],
+                      {name: ("≤", 0.45)})
     what = "GPU allocated" if device.type == "cuda" else "RSS"
     for key, label in (("peak", f"peak {what}"), ("above_model", f"peak {what} above model")):
         rows += make_rows(f"train: {label}", {"full fine-tuning": [mem[0][key]], name: [mem[a.rank][key]]},
                           "full fine-tuning", "MiB", {name: ("<", 1.0)})
-    notes.append(f"memory: {'max_memory_allocated' if device.type == 'cuda' else 'VmHWM'} of a fresh process "
-                 f"over 2 steps; gradients + AdamW states alone (trainable × 12 bytes): full "
-                 f"{trainable(full) * 12 / 2**20:.1f} MiB, LoRA {trainable(lora) * 12 / 2**20:.2f} MiB")
+    notes.append(f"memory: {'max_memory_allocated' if device.type == 'cuda' else 'VmHWM'} of a fresh process over 2 "
+                 f"steps; gradients + AdamW states (trainable × 12 bytes): full {trainable(full) * 12 / 2**20:.1f} "
+                 f"MiB, LoRA {trainable(lora) * 12 / 2**20:.2f} MiB")
     return rows
 
 
@@ -255,11 +249,9 @@ def bench_infer(a, device, notes):
         ref = plain(inp)[0]
         diff = max((m(inp)[0] - ref).abs().max().item() for m in (lora, merged))
     notes.append(f"infer: the three models agree, max |Δlogit| = {diff:.2e}")
-
-    def fwd(m):
-        return torch.no_grad()(no_host_sync(device)(lambda: m(inp)))
     base, unmerged, merged_name = "plain GPT-2 (r=0)", f"LoRA r={a.rank} unmerged", f"LoRA r={a.rank} merged"
-    fns = {base: fwd(plain), unmerged: fwd(lora), merged_name: fwd(merged)}
+    fns = {name: torch.no_grad()(no_host_sync(device)(lambda m=m: m(inp)))
+           for name, m in ((base, plain), (unmerged, lora), (merged_name, merged))}
     # twice the repeats: the 2% target is within the spread of a handful of samples
     return make_rows("infer", time_interleaved(fns, 2 * a.repeats, a.warmup, device), base, "ms",
                      {unmerged: ("≤", 1.10), merged_name: ("≤", 1.02)})
@@ -325,41 +317,45 @@ def bench_hf(a, device, notes):
 
     def hf_loss():
         return F.cross_entropy(hf(input_ids=inp, use_cache=False).logits.flatten(0, 1), lab.flatten())
-    rows = train_rows("hf", a, device, (peft_name, hf, train_step(hf, hf_loss, device, ours=False)),
-                      (ours_name, *ours_train(a, device, a.rank)), 1.0)
-    notes.append(f"hf: transformers {transformers.__version__}, peft {peft.__version__}, attention "
-                 f"'{getattr(hf.config, '_attn_implementation', '?')}' (ours: scaled_dot_product_attention), "
-                 f"the same loss (mean cross entropy); peft's adapter adapts Q, K and V (A: r×C, B: 3C×r), "
-                 f"ours Q and V (A: 2r×C, B: 2C×r)")
+    rows = train_rows("hf", a, device, [(peft_name, hf, train_step(hf, hf_loss, device, ours=False)),
+                                        (ours_name, *ours_train(a, device, a.rank))], {ours_name: ("≤", 1.0)})
+    notes.append(f"hf: transformers {transformers.__version__}, peft {peft.__version__}, attention '"
+                 f"{getattr(hf.config, '_attn_implementation', '?')}' (ours: scaled_dot_product_attention), the same "
+                 f"loss; peft's adapter adapts Q, K and V (A: r×C, B: 3C×r), ours Q and V (A: 2r×C, B: 2C×r)")
     return rows
 
 
 def bench_nanogpt(a, device, notes):
     theirs_name, ours_name = "nanoGPT model.py GPT", "ours, full fine-tuning (r=0)"
+    arch_name = "nanoGPT model.py GPT with GPT-2's biases and tanh GELU"
     if not a.nanogpt:
         return missing_rows("nanogpt", [theirs_name, ours_name], "ms", "not installed (--nanogpt PATH)")
     spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(a.nanogpt, "model.py"))
     ng = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ng)
-    c = NANOGPT_CPU
-    torch.manual_seed(0)
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints its parameter count
-        theirs = ng.GPT(ng.GPTConfig(**{k: v for k, v in c.items() if k != "batch_size"})).to(device)
-    ours = build(device, a, vocab_size=c["vocab_size"], n_positions=c["block_size"], n_ctx=c["block_size"],
-                 n_embd=c["n_embd"], n_layer=c["n_layer"], n_head=c["n_head"])
-    inp, lab = make_batch(c["batch_size"], c["block_size"], c["vocab_size"], device)
-    rows = train_rows("nanogpt", a, device,
-                      (theirs_name, theirs, train_step(theirs, lambda: theirs(inp, lab)[1], device, False)),
-                      (ours_name, ours, train_step(ours, lambda: ours(inp, lm_labels=lab)[1], device)), 1.0)
-    notes.append(f"nanogpt: {a.nanogpt} at its CPU Shakespeare configuration: "
-                 + ", ".join(f"{k} {v}" for k, v in c.items())
-                 + " (ours keeps GPT-2's biases); no compile; the same AdamW and batch for both")
+    c, models = NANOGPT_CPU, {}
+    for name, bias in ((theirs_name, c["bias"]), (arch_name, True)):  # the second does the work our GPT-2 does
+        torch.manual_seed(0)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints its parameter count
+            models[name] = ng.GPT(ng.GPTConfig(**{**c, "bias": bias})).to(device)
+    gelus = [m for m in models[arch_name].modules() if isinstance(m, torch.nn.GELU)]
+    for m in gelus:
+        m.approximate = "tanh"
+    models[ours_name] = build(device, a, vocab_size=c["vocab_size"], n_positions=c["block_size"],
+                              n_ctx=c["block_size"], n_embd=c["n_embd"], n_layer=c["n_layer"], n_head=c["n_head"])
+    inp, lab = make_batch(NANOGPT_BATCH, c["block_size"], c["vocab_size"], device)  # their targets, our lm_labels
+    rows = train_rows("nanogpt", a, device, [(n, m, train_step(m, lambda m=m: m(inp, lab)[1], device, n == ours_name))
+                                             for n, m in models.items()], {ours_name: ("≤", 1.0)})
+    arch = {r["candidate"]: r["samples"] for r in rows[1:3]}  # ours against the same work in nanoGPT's code
+    rows[3:3] = make_rows("nanogpt: GPT-2's work", arch, arch_name, "ms")
+    notes.append(f"nanogpt: {a.nanogpt} at its CPU Shakespeare configuration: batch_size {NANOGPT_BATCH}, "
+                 + ", ".join(f"{k} {v}" for k, v in c.items()) + "; no compile; the same AdamW and batch for "
+                 f"all; '{arch_name}': bias=True, its {len(gelus)} nn.GELU set to approximate='tanh'")
     return rows
 
 
 def bench_gen(a, device, notes):
-    nl, ne, nh, V = ((a.n_layer, a.n_embd, a.n_head, a.vocab_size) if a.gen_model == "bench"
-                     else (int(v) for v in a.gen_model.split(",")))
+    nl, ne, nh, V = a.sizes.values() if a.gen_model == "bench" else map(int, a.gen_model.split(","))
     model = build(device, a, a.rank, vocab_size=V, n_layer=nl, n_embd=ne, n_head=nh).eval()
     randomize_lora_B(model)
     L.merge_lora(model)
@@ -378,8 +374,7 @@ def bench_gen(a, device, notes):
 def bench_ckpt(a, device, notes):
     rows = []
     for name in [p for p in a.ckpt_presets.split(",") if p]:
-        sizes = L.PRESETS[name] if name != "bench" else dict(vocab_size=a.vocab_size, n_layer=a.n_layer,
-                                                             n_embd=a.n_embd, n_head=a.n_head)
+        sizes = L.PRESETS[name] if name != "bench" else a.sizes
         cfg = L.GPT2Config(**sizes, lora_attn_dim=a.rank, lora_attn_alpha=a.alpha)
         with torch.device("meta"):  # no initializer runs: the size does not depend on the values
             model = L.GPT2LMModel(cfg)
@@ -406,17 +401,15 @@ def table_lines(rows):
         else:
             rng = "—" if not r["ratio_range"] else "{:#.3g}–{:#.3g}".format(*r["ratio_range"])
             met = "—" if r["met"] is None else ("yes" if r["met"] else "MISSED")
-            cells = [fmt(r["median"], r["unit"]), r["unit"], f"{r['ratio']:#.3g}", rng, r["target"] or "—",
-                     met]
+            cells = [fmt(r["median"], r["unit"]), r["unit"], f"{r['ratio']:#.3g}", rng, r["target"] or "—", met]
         lines.append("| " + " | ".join([r["comparison"], r["candidate"]] + cells) + " |")
     return lines
 
 
 def processor_name():
-    name = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return name or platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return platform.processor() or platform.machine()
 
 
 # ---- output and command line -------------------------------------------------------------------
@@ -435,11 +428,17 @@ def parse_args(argv):
             (a.preset and a.preset not in L.PRESETS, f"--preset: choose from {', '.join(L.PRESETS)}"),
             (a.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda: no CUDA"),
             (a.nanogpt and not os.path.isfile(os.path.join(a.nanogpt, "model.py")), "--nanogpt: no model.py"),
-            (a.gen_prompt + a.gen_tokens > 1024, "--gen-prompt + --gen-tokens must not exceed n_ctx 1024"),
+            (max(a.gen_prompt + a.gen_tokens, a.block_size) > 1024,
+             "--block-size and --gen-prompt + --gen-tokens must not exceed n_ctx 1024"),
             (min(a.repeats, a.gen_repeats, a.block_size, a.batch_size, a.rank, a.threads) < 1,
-             "--repeats, --gen-repeats, --block-size, --batch-size, --rank, --threads must be >= 1")):
+             "--repeats, --gen-repeats, --block-size, --batch-size, --rank, --threads must be >= 1"),
+            (not re.fullmatch(r"bench|\d+,\d+,\d+,\d+", a.gen_model), "--gen-model: bench or L,C,H,V"),
+            (not re.fullmatch(r"[\d,]*", a.layer_widths), "--layer-widths: widths, comma-separated"),
+            (set(a.ckpt_presets.split(",")) - {"", "bench", *L.PRESETS}, "--ckpt-presets: bench or presets")):
         if bad:
-            p.error(message)
+            raise ValueError(f"{message} (see --help)")
+    a.sizes = {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size")}  # the bench's model
+    L.GPT2Config(**a.sizes, lora_attn_dim=a.rank, lora_attn_alpha=a.alpha)  # a bad size is named before any run
     return a
 
 
@@ -459,10 +458,9 @@ def main(argv=None):
 def run(a):
     device, t_start, load = torch.device(a.device), time.perf_counter(), os.getloadavg()[0]
     meta = dict(torch=torch.__version__, python=platform.python_version(), processor=processor_name(),
-                cpu_count=os.cpu_count(), dtype="float32",
+                cpu_count=os.cpu_count(), dtype="float32", load_average_1min=load,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                **{k: getattr(a, k) for k in DEFAULTS}, optimizer="torch.optim.AdamW(lr=1e-4)",
-                load_average_1min=load)
+                **{k: getattr(a, k) for k in DEFAULTS}, optimizer="torch.optim.AdamW(lr=1e-4)")
     print(f"# bench_lora_gpt2.py\n\ntorch {meta['torch']} | Python {meta['python']} | processor: "
           f"{meta['processor']} ({meta['cpu_count']} CPUs) | threads: {meta['threads']} | device: {device}"
           + (f" ({meta['gpu']})" if meta["gpu"] else "") + f" | float32 | load average at start: {load:.2f}"
@@ -470,8 +468,7 @@ def run(a):
           f"batch {a.batch_size} × block {a.block_size} | LoRA r={a.rank} α={a.alpha:g} | AdamW | "
           f"{a.repeats} interleaved repeats after {a.warmup} warm-up; median, paired ratio\n", flush=True)
 
-    # The memory children start first and end before anything is timed; meanwhile the references,
-    # whose import takes seconds, are imported.
+    # The memory children run first, while the references (seconds to import) are imported.
     children = start_memory_children(a) if "train" in a.only else None
     for module, comp in (("transformers", "hf"), ("peft", "hf"), ("loralib", "layer")):
         if comp in a.only and importlib.util.find_spec(module) is not None:
@@ -497,4 +494,7 @@ def run(a):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, RuntimeError, OSError) as e:  # bad sizes, a device torch does not know, a --json path
+        sys.exit(f"error: {str(e).splitlines()[0]}")

@@ -2105,11 +2105,12 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.gelu = nn.GELU()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         print("number of parameters: %d" % sum(p.numel() for p in self.parameters()))
 
     def forward(self, idx, targets=None):
-        logits = self.lm_head(self.wte(idx))
+        logits = self.lm_head(self.gelu(self.wte(idx)))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 '''
@@ -2199,24 +2200,44 @@ def test_bench_without_nanogpt_path_its_rows_read_not_installed(tiny_run):
 
 
 def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
-    """With --nanogpt pointing at a folder holding a model.py of nanoGPT's interface, the row times
-    its GPT against ours at nanoGPT's CPU configuration; its construction message is not printed."""
+    """With --nanogpt pointing at a folder holding a model.py of nanoGPT's interface, the rows time
+    its GPT as configured there and doing GPT-2's work (biases, tanh GELU) against ours, all three
+    interleaved; its construction message is not printed."""
     (tmp_path / "model.py").write_text(NANOGPT_STANDIN, encoding="utf-8")
     text, payload = _run(BENCH_TINY + ["--only", "nanogpt", "--nanogpt", str(tmp_path)])
     assert "number of parameters" not in text
+    theirs, work, ours = "nanoGPT model.py GPT", "nanoGPT model.py GPT with GPT-2's biases and tanh GELU", \
+        "ours, full fine-tuning (r=0)"
     rows = {(r["comparison"], r["candidate"]): r for r in payload["rows"]}
-    theirs, ours = rows[("nanogpt", "nanoGPT model.py GPT")], rows[("nanogpt", "ours, full fine-tuning (r=0)")]
-    assert theirs["target"] == "baseline" and theirs["median"] > 0
-    assert ours["median"] > 0 and ours["ratio"] > 0 and ours["met"] in (True, False)
+    assert rows[("nanogpt", theirs)]["target"] == "baseline" and rows[("nanogpt", theirs)]["median"] > 0
+    assert rows[("nanogpt", ours)]["ratio"] > 0 and rows[("nanogpt", ours)]["met"] in (True, False)
+    # the second comparison pairs the very samples of the first
+    assert rows[("nanogpt: GPT-2's work", work)]["samples"] == rows[("nanogpt", work)]["samples"]
+    assert rows[("nanogpt: GPT-2's work", ours)]["samples"] == rows[("nanogpt", ours)]["samples"]
     c = bench.NANOGPT_CPU
-    standin_params = c["vocab_size"] * c["n_embd"] * 2  # wte and an untied, bias-free lm_head
-    assert rows[("nanogpt: trainable params", "nanoGPT model.py GPT")]["median"] == standin_params
-    assert any(n.startswith(f"nanogpt: {tmp_path}") for n in payload["notes"])
+    params = {n: rows[("nanogpt: trainable params", n)]["median"] for n in (theirs, work)}
+    assert params[theirs] == c["vocab_size"] * c["n_embd"] * 2  # wte and an untied, bias-free lm_head
+    assert params[work] == params[theirs] + c["vocab_size"]  # ... and the bias it gets
+    assert any(n.startswith(f"nanogpt: {tmp_path}") and "its 1 nn.GELU set to approximate='tanh'" in n
+               for n in payload["notes"])
 
 
-def test_bench_nanogpt_path_without_model_py_is_refused(tmp_path):
-    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
-        bench.main(BENCH_TINY + ["--only", "nanogpt", "--nanogpt", str(tmp_path)])
+@pytest.mark.parametrize("option, value, message", [
+    ("--nanogpt", None, "--nanogpt: no model.py"),
+    ("--ckpt-presets", "bench,gpt2.xs", "--ckpt-presets"),
+    ("--gen-model", "4,256,8", "--gen-model"),
+    ("--layer-widths", "768,wide", "--layer-widths"),
+    ("--n-head", "3", "n_head"),
+    ("--block-size", "2048", "--block-size")])
+def test_bench_refuses_bad_options_before_measuring(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        bench.main(BENCH_TINY + [option, str(tmp_path) if value is None else value])
+
+
+def test_bench_command_line_error_is_one_line():
+    out = subprocess.run([sys.executable, bench.__file__, "--gen-model", "4,256"], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: --gen-model") and out.stderr.count("\n") == 1
 
 
 def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeypatch):
