@@ -131,18 +131,13 @@ def read_text(s, rt) -> str:
 
 @functools.lru_cache(maxsize=None)  # built once, not once per encode or decode
 def gpt2_bpe() -> tuple:
-    """(encode, decode) of GPT-2's BPE from tiktoken, or else transformers."""
-    with contextlib.suppress(ImportError):
-        import tiktoken
-        return tiktoken.get_encoding("gpt2").encode_ordinary, tiktoken.get_encoding("gpt2").decode
+    """(encode, decode) of GPT-2's BPE, from tiktoken."""
     try:
-        from transformers import GPT2TokenizerFast
+        import tiktoken
     except ImportError:
         raise ValueError("GPT-2's tokenizer needs a package: pip install tiktoken") from None
-    tokenizer = GPT2TokenizerFast.from_pretrained("gpt2")
-    if len(tokenizer) != 50257:  # what transformers hands back offline, without a cached copy: encodes to nothing
-        raise ValueError("GPT-2's tokenizer could not be loaded (no network?): pip install tiktoken")
-    return tokenizer.encode, tokenizer.decode
+    bpe = tiktoken.get_encoding("gpt2")
+    return bpe.encode_ordinary, bpe.decode
 
 
 def encode(tokenizer: dict, text: str, what: str) -> list:
@@ -229,6 +224,8 @@ def read_checkpoint(path: str, *kinds: str) -> dict:
 @contextlib.contextmanager
 def claim(out_dir: str):
     """Hold --out-dir: a second run into it is refused. The kernel drops a flock however its process ends."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} is a file; pass a folder")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ".lock"), "w") as lock:
         if fcntl is not None:
@@ -294,10 +291,11 @@ def evaluate(model: GPT2LMModel, val, windows, s, rt) -> tuple:
     return sums[0].item() / len(windows), sums[1].item() / (len(windows) * s.block_size)
 
 
-def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float, save, resume=None) -> list:
+def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float, save, resume=None) -> tuple:
     """Train what requires grad to step `iters` (from `resume` if given), evaluating, logging and saving every
     --eval-interval steps. A step seeds its draws from (seed, step), dropout's also from the process: a resumed run
-    draws what the uninterrupted one drew, and all processes draw the same positions and take their share."""
+    draws what the uninterrupted one drew, and all processes draw the same positions and take their share.
+    Returns the history and the evaluation of the final weights if this call made one, else None."""
     params = [p for p in model.parameters() if p.requires_grad]  # matrices decay, vectors do not
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -315,7 +313,7 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
     runner = torch.compile(model) if s.compile else model
     if rt.world > 1:  # frozen weights do not require grad, so DDP leaves them alone
         runner = nn.parallel.DistributedDataParallel(runner)
-    losses, t0 = [], time.perf_counter()
+    losses, t0, evaluation = [], time.perf_counter(), None
     while step < iters:
         model.train()
         step_lr = learning_rate(step, lr, s.warmup, iters)
@@ -348,13 +346,13 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
         step, losses = step + 1, losses + [loss]
         if step % s.eval_interval == 0 or step == iters:
             sec, train_loss = (time.perf_counter() - t0) / len(losses), sum(losses) / len(losses)
-            val_loss = evaluate(model, val, windows, s, rt)[0]
+            evaluation = val_loss, val_accuracy = evaluate(model, val, windows, s, rt)
             rt.log(f"[{phase}] step {step:>5}/{iters} | train {train_loss:.4f} | val {val_loss:.4f} | "
                    f"{1000 * sec:5.0f} ms/step | {(iters - step) * sec:.0f}s left")
-            history.append(dict(step=step, train_loss=train_loss, val_loss=val_loss))
+            history.append(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_accuracy=val_accuracy))
             save(dict(step=step, history=history, optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
             losses, t0 = [], time.perf_counter()
-    return history
+    return history, evaluation
 
 
 # ---- The run
@@ -405,6 +403,7 @@ def run(s, resume, rt, last: dict) -> dict:
                              weights=trainable_weights(model), **state), os.path.join(s.out_dir, "ckpt.pt"))
         last.update(phase=phase, step=state["step"])
     # The base: pretrained, cached, or pretrained now; its cache key covers the precision, not the process count.
+    base_evaluation = None  # made by its training, if it is trained now
     if scratch:
         recipe = [config.to_dict(), data_sha, str(rt.dtype)] + [getattr(s, k) for k in ("base_iters", "base_lr",
                   "warmup", "block_size", "batch_size", "grad_accum", "weight_decay", "grad_clip", "seed")]
@@ -416,8 +415,9 @@ def run(s, resume, rt, last: dict) -> dict:
         else:
             base = GPT2LMModel(config).to(rt.device)  # drawn from --seed, set above
             rt.log(f"pretraining a char-level base on {len(base_ids):,} tokens for {s.base_iters} steps")
-            train(base, base_ids, val, windows, s, rt, phase="base", iters=s.base_iters, lr=s.base_lr,
-                  save=lambda state: save("base", base, state), resume=None if adapting else resume)
+            base_evaluation = train(base, base_ids, val, windows, s, rt, phase="base", iters=s.base_iters,
+                                    lr=s.base_lr, save=lambda state: save("base", base, state),
+                                    resume=None if adapting else resume)[1]
             if rt.rank == 0:
                 save_atomic(dict(format=FORMAT, kind="base", config=config.to_dict(), tokenizer=tokenizer,
                                  weights=trainable_weights(base)), path)
@@ -427,7 +427,7 @@ def run(s, resume, rt, last: dict) -> dict:
     base_info["fingerprint"] = check_base(base, resume["base"] if adapting else None)
 
     # The adaptation: adapters on Q and V, all else frozen (--rank 0: all of it trains); first the base's figures.
-    base_loss, base_acc = evaluate(base, val, windows, s, rt)
+    base_loss, base_acc = base_evaluation or evaluate(base, val, windows, s, rt)
     torch.manual_seed(s.seed)  # the same adapter init on every process
     model = GPT2LMModel(lora_config).to(rt.device).load_weight(base.state_dict()) if s.rank else base
     base = None  # one copy of the weights in memory, not two (GPT-2 XL is 6 GB in float32)
@@ -436,9 +436,9 @@ def run(s, resume, rt, last: dict) -> dict:
     rt.log(f"adapting {base_info['source']} with {f'LoRA rank {s.rank} on Q and V' if s.rank else 'all weights'} "
            f"on {len(adapt_ids):,} tokens; {rt.device}, {str(rt.dtype)[6:]}, {rt.world} process(es)")
     t0 = time.perf_counter()
-    history = train(model, adapt_ids, val, windows, s, rt, phase="adapt", iters=s.max_iters, lr=s.lr,
-                    save=lambda state: save("adapt", model, state), resume=resume if adapting else None)
-    loss, acc = evaluate(model, val, windows, s, rt)
+    history, evaluation = train(model, adapt_ids, val, windows, s, rt, phase="adapt", iters=s.max_iters, lr=s.lr,
+                                save=lambda state: save("adapt", model, state), resume=resume if adapting else None)
+    loss, acc = evaluation or evaluate(model, val, windows, s, rt)
     figures = dict(base_loss=base_loss, adapted_loss=loss, base_accuracy=base_acc, adapted_accuracy=acc,
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    total=sum(p.numel() for p in model.parameters()), history=history,
