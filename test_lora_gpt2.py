@@ -661,6 +661,21 @@ def test_sampling_respects_top_k_and_generator():
     assert torch.equal(a, b)
 
 
+def test_generation_records_no_autograd_history(monkeypatch):
+    """Every forward inside generate runs without grad, even on a model whose weights require it: with the
+    cache, a recorded graph would link each step to all earlier ones and keep their activations alive."""
+    config = L.GPT2Config(vocab_size=23, n_positions=16, n_ctx=16, n_embd=8, n_layer=1, n_head=2, lora_attn_dim=2)
+    model = tiny_model(config, 3).eval().requires_grad_(True)
+    forward, grad_enabled = L.GPT2Model.forward, []
+
+    def recording(self, *args, **kwargs):
+        grad_enabled.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(L.GPT2Model, "forward", recording)
+    model.generate(token_batch(config, 0, length=3), 5)
+    assert grad_enabled == [False] * 5 and torch.is_grad_enabled()
+
+
 # ---- 4. loss ---------------------------------------------------------------------------------
 
 @given(config=tiny_configs(), seed=seeds, eps=st.sampled_from([0.0, 0.1, 0.3]),
