@@ -50,7 +50,6 @@ TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline"
 # nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides (batch 12), bias=False from train.py
 NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
 NANOGPT_BATCH = 12
-MIN_SAMPLE_S = 0.02
 OPS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: x >= y}
 
 # Options: --name value, of the default's type (None: an int, the preset's size when not given).
@@ -98,7 +97,7 @@ def time_interleaved(fns, repeats, warmup, device):
     calls = dict.fromkeys(fns, 1)
     for _ in range(warmup):
         for name, fn in fns.items():
-            calls[name] = max(1, math.ceil(MIN_SAMPLE_S / max(timed(fn, 1), 1e-9)))
+            calls[name] = max(1, math.ceil(0.02 / max(timed(fn, 1), 1e-9)))  # samples of 20 ms or more
     samples = {name: [] for name in fns}
     for r in range(repeats):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
@@ -329,7 +328,7 @@ def bench_nanogpt(a, device, notes):
     theirs_name, ours_name = "nanoGPT model.py GPT", "ours, full fine-tuning (r=0)"
     arch_name = "nanoGPT model.py GPT with GPT-2's biases and tanh GELU"
     if not a.nanogpt:
-        return missing_rows("nanogpt", [theirs_name, ours_name], "ms", "not installed (--nanogpt PATH)")
+        return missing_rows("nanogpt", [theirs_name, arch_name, ours_name], "ms", "not installed (--nanogpt PATH)")
     spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(a.nanogpt, "model.py"))
     ng = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ng)
@@ -346,8 +345,8 @@ def bench_nanogpt(a, device, notes):
     inp, lab = make_batch(NANOGPT_BATCH, c["block_size"], c["vocab_size"], device)  # their targets, our lm_labels
     steps = [(n, m, train_step(m, lambda m=m: m(inp, lab)[1], device, n == ours_name)) for n, m in models.items()]
     rows = train_rows("nanogpt", a, device, steps, {ours_name: ("≤", 1.0)}, 8 * a.repeats)  # cheap: 8× the samples
-    arch = {r["candidate"]: r["samples"] for r in rows[1:3]}  # ours against the same work in nanoGPT's code
-    rows[3:3] = make_rows("nanogpt: GPT-2's work", arch, arch_name, "ms")
+    arch = {r["candidate"]: r["samples"] for r in rows if r["unit"] == "ms" and r["candidate"] != theirs_name}
+    rows[len(models):len(models)] = make_rows("nanogpt: GPT-2's work", arch, arch_name, "ms")  # ours vs the same work
     notes.append(f"nanogpt: {a.nanogpt} at its CPU Shakespeare configuration: batch_size {NANOGPT_BATCH}, "
                  + ", ".join(f"{k} {v}" for k, v in c.items()) + "; no compile; the same AdamW and batch for "
                  f"all; '{arch_name}': bias=True, its {len(gelus)} nn.GELU set to approximate='tanh'")
@@ -355,7 +354,7 @@ def bench_nanogpt(a, device, notes):
 
 
 def bench_gen(a, device, notes):
-    nl, ne, nh, V = a.sizes.values() if a.gen_model == "bench" else map(int, a.gen_model.split(","))
+    nl, ne, nh, V = a.gen_sizes.values()
     model = build(device, a, a.rank, vocab_size=V, n_layer=nl, n_embd=ne, n_head=nh).eval()
     randomize_lora_B(model)
     L.merge_lora(model)
@@ -406,12 +405,6 @@ def table_lines(rows):
     return lines
 
 
-def processor_name():
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return platform.processor() or platform.machine()
-
-
 # ---- output and command line -------------------------------------------------------------------
 
 def parse_args(argv):
@@ -426,19 +419,24 @@ def parse_args(argv):
     for bad, message in (
             (set(a.only) - set(COMPARISONS), f"--only: choose from {','.join(COMPARISONS)}"),
             (a.preset and a.preset not in L.PRESETS, f"--preset: choose from {', '.join(L.PRESETS)}"),
-            (a.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda: no CUDA"),
+            (not re.fullmatch(r"cpu|cuda(:\d+)?", a.device) or a.device != "cpu" and not torch.cuda.is_available(),
+             "--device: cpu, or cuda or cuda:N where CUDA is available"),
+            (a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))), "--json: no such folder"),
             (a.nanogpt and not os.path.isfile(os.path.join(a.nanogpt, "model.py")), "--nanogpt: no model.py"),
             (max(a.gen_prompt + a.gen_tokens, a.block_size) > 1024,
              "--block-size and --gen-prompt + --gen-tokens must not exceed n_ctx 1024"),
-            (min(a.repeats, a.gen_repeats, a.block_size, a.batch_size, a.rank, a.threads) < 1,
-             "--repeats, --gen-repeats, --block-size, --batch-size, --rank, --threads must be >= 1"),
+            (min(a.repeats, a.gen_repeats, a.gen_tokens, a.gen_prompt, a.block_size, a.batch_size, a.rank,
+                 a.threads) < 1, "--repeats, --gen-*, --block-size, --batch-size, --rank, --threads must be >= 1"),
             (not re.fullmatch(r"bench|\d+,\d+,\d+,\d+", a.gen_model), "--gen-model: bench or L,C,H,V"),
-            (not re.fullmatch(r"[\d,]*", a.layer_widths), "--layer-widths: widths, comma-separated"),
-            (set(a.ckpt_presets.split(",")) - {"", "bench", *L.PRESETS}, "--ckpt-presets: bench or presets")):
+            (not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", a.layer_widths), "--layer-widths: widths >= 1, comma-separated"),
+            (set(a.ckpt_presets.split(",")) - {"", "bench", *L.PRESETS},
+             f"--ckpt-presets: bench, {', '.join(L.PRESETS)}, comma-separated")):
         if bad:
-            raise ValueError(f"{message} (see --help)")
+            raise ValueError(message)
     a.sizes = {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size")}  # the bench's model
-    L.GPT2Config(**a.sizes, lora_attn_dim=a.rank, lora_attn_alpha=a.alpha)  # a bad size is named before any run
+    a.gen_sizes = a.sizes if a.gen_model == "bench" else dict(zip(a.sizes, map(int, a.gen_model.split(","))))
+    for sizes in (a.sizes, a.gen_sizes):  # a bad size is named before anything runs
+        L.GPT2Config(**sizes, lora_attn_dim=a.rank, lora_attn_alpha=a.alpha)
     return a
 
 
@@ -456,8 +454,10 @@ def main(argv=None):
 
 
 def run(a):
-    device, t_start, load = torch.device(a.device), time.perf_counter(), os.getloadavg()[0]
-    meta = dict(torch=torch.__version__, python=platform.python_version(), processor=processor_name(),
+    device, t_start, load, cpu = torch.device(a.device), time.perf_counter(), os.getloadavg()[0], ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    meta = dict(torch=torch.__version__, python=platform.python_version(), processor=cpu or platform.machine(),
                 cpu_count=os.cpu_count(), dtype="float32", load_average_1min=load,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 **{k: getattr(a, k) for k in DEFAULTS}, optimizer="torch.optim.AdamW(lr=1e-4)")
@@ -496,5 +496,5 @@ def run(a):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, RuntimeError, OSError) as e:  # bad sizes, a device torch does not know, a --json path
-        sys.exit(f"error: {str(e).splitlines()[0]}")
+    except ValueError as e:  # bad options, refused before anything runs; other failures keep their traceback
+        sys.exit(f"error: {e}")

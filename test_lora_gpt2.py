@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -1848,6 +1849,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "shape"),
     (["--out-dir", "{short}/sub"], "Not a directory"),
     (["--out-dir", "{short}"], "short.txt is a file; pass a folder"),
+    (["--resume", "--out-dir", "{short}"], "short.txt is a file; pass a folder"),
 ])
 def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, finished_run, text_file,
                                                                tmp_path, capsys):
@@ -2256,14 +2258,20 @@ def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
 
 @pytest.mark.parametrize("option, value, message", [
     ("--nanogpt", None, "--nanogpt: no model.py"),
-    ("--ckpt-presets", "bench,gpt2.xs", "--ckpt-presets"),
+    ("--ckpt-presets", "bench,gpt2.xs", "--ckpt-presets: bench, gpt2.sm"),
     ("--gen-model", "4,256,8", "--gen-model"),
+    ("--gen-model", "1,30,4,64", "n_embd (30) must be divisible by n_head (4)"),
+    ("--gen-tokens", "0", "--gen-*"),
     ("--layer-widths", "768,wide", "--layer-widths"),
+    ("--layer-widths", "768,0", "--layer-widths"),
+    ("--device", "gpu", "--device"),
+    ("--json", "{tmp}/no/such/folder/bench.json", "--json"),
     ("--n-head", "3", "n_head"),
     ("--block-size", "2048", "--block-size")])
-def test_bench_refuses_bad_options_before_measuring(tmp_path, option, value, message):
-    with pytest.raises(ValueError, match=message):
-        bench.main(BENCH_TINY + [option, str(tmp_path) if value is None else value])
+def test_bench_refuses_bad_options_before_measuring(tmp_path, monkeypatch, option, value, message):
+    monkeypatch.setattr(bench, "run", lambda a: pytest.fail("measured despite a bad option"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.main(BENCH_TINY + [option, str(tmp_path) if value is None else value.format(tmp=tmp_path)])
 
 
 def test_bench_command_line_error_is_one_line():

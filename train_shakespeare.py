@@ -92,6 +92,8 @@ def parse_settings(argv=None) -> tuple:
     a("--save-adapter", metavar="DIR", help="also write the adapters as a PEFT adapter folder")
     argv = sys.argv[1:] if argv is None else list(argv)
     s, resume = p.parse_args(argv), None
+    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):  # checked by every process, before any waits
+        raise ValueError(f"--out-dir {s.out_dir} is a file; pass a folder")
     if s.resume:
         resume = read_checkpoint(os.path.join(s.out_dir, "ckpt.pt"), "ckpt")
         s = p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in resume["settings"].items()
@@ -224,8 +226,6 @@ def read_checkpoint(path: str, *kinds: str) -> dict:
 @contextlib.contextmanager
 def claim(out_dir: str):
     """Hold --out-dir: a second run into it is refused. The kernel drops a flock however its process ends."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out-dir {out_dir} is a file; pass a folder")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ".lock"), "w") as lock:
         if fcntl is not None:
