@@ -597,8 +597,7 @@ class GPT2LMModel(nn.Module):
             raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a tensor of shape (batch, time); for one prompt use ids[None]")
-        n_ctx = self.config.n_ctx
-        idx, past = input_ids, None
+        idx, past, n_ctx = input_ids, None, self.config.n_ctx
         for _ in range(max_new_tokens):
             if use_cache and past is not None and past[0].shape[-2] < n_ctx:
                 hidden, past = self.transformer(idx[:, -1:], past=past)        # one new token
@@ -891,6 +890,7 @@ def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, conf
         save_file(tensors, temps[0], metadata)
         with open(temps[1], "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.chmod(temps[0], os.stat(temps[1]).st_mode)  # safetensors writes 0600: give the mode a new file gets
         if os.path.exists(os.path.join(folder, config_name)):
             os.remove(os.path.join(folder, config_name))
         for name, temp in zip(names, temps):

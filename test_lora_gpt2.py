@@ -1374,6 +1374,21 @@ def test_save_pretrained_leaves_the_model_bit_identical_and_reads_back_to_its_lo
 
 
 @needs_safetensors
+@needs_safetensors
+def test_exported_files_get_the_permissions_of_any_new_file(tmp_path):
+    """Weights and config alike are readable as the umask allows (safetensors alone writes 0600):
+    a folder shared with other users or a web server is readable as a whole."""
+    previous = os.umask(0o022)
+    try:
+        model = tiny_lora_model()
+        L.save_pretrained(model, tmp_path / "hf")
+        L.save_adapter(model, tmp_path / "peft")
+    finally:
+        os.umask(previous)
+    for path in sorted(tmp_path.glob("*/*")):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
 def test_a_plain_model_has_no_adapter_to_save_and_a_file_is_no_folder(tmp_path):
     """save_adapter refuses a rank-0 model; no export writes into a path that is a file."""
     with pytest.raises(ValueError, match="lora_attn_dim = 0"):
