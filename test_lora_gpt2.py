@@ -1374,7 +1374,6 @@ def test_save_pretrained_leaves_the_model_bit_identical_and_reads_back_to_its_lo
 
 
 @needs_safetensors
-@needs_safetensors
 def test_exported_files_get_the_permissions_of_any_new_file(tmp_path):
     """Weights and config alike are readable as the umask allows (safetensors alone writes 0600):
     a folder shared with other users or a web server is readable as a whole."""
@@ -1389,6 +1388,7 @@ def test_exported_files_get_the_permissions_of_any_new_file(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
+@needs_safetensors
 def test_a_plain_model_has_no_adapter_to_save_and_a_file_is_no_folder(tmp_path):
     """save_adapter refuses a rank-0 model; no export writes into a path that is a file."""
     with pytest.raises(ValueError, match="lora_attn_dim = 0"):
@@ -2245,6 +2245,7 @@ def test_bench_without_nanogpt_path_its_rows_read_not_installed(tiny_run):
     _, rows = _table(tiny_run[0])
     status = {r[1]: r[2] for r in rows if r[0] == "nanogpt"}
     assert status == {"nanoGPT model.py GPT": "not installed (--nanogpt PATH)",
+                      "nanoGPT model.py GPT with GPT-2's biases and tanh GELU": "no baseline",
                       "ours, full fine-tuning (r=0)": "no baseline"}
 
 
