@@ -1858,6 +1858,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--prompt", "€"], "--prompt has characters outside the corpus's alphabet"),
     (["--resume"], "No such file"),
     (["--init-from", "{tmp}/missing"], "no checkpoint at"),
+    (["--init-from", "{run}/ckpt.pt"], "checkpoint entry 'format' holds str, not a tensor: not a state dict"),
     (["--save-adapter", "{tmp}/peft", "--rank", "0"], "--save-adapter"),
     (["--resume", "--out-dir", "{run}", "--data", "{other}"], "not the text"),
     (["--resume", "--out-dir", "{run}", "--rank", "4"], "does not fit this run"),
