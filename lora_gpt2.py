@@ -757,7 +757,7 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
     out, head = {}, None
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint entry {key!r} holds {type(value).__name__}, not a tensor: not a state dict")
+            raise ValueError(f"checkpoint entry {key!r} -> {type(value).__name__}: not a state dict (names -> tensors)")
         k = key.removeprefix("module.").removeprefix("_orig_mod.")  # DDP, torch.compile
         if k in _HEAD_KEYS:
             head = value

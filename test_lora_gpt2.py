@@ -1134,7 +1134,7 @@ def test_malformed_checkpoints_raise_value_error(tmp_path):
     torch.save({**sd, 3: torch.zeros(1)}, tmp_path / "int-keys.bin")
     torch.save({**sd, "transformer.wte.weight": torch.zeros(44)}, tmp_path / "flat-wte.bin")
     (tmp_path / "random.bin").write_bytes(os.urandom(256))
-    for name, message in [("int-keys.bin", "3 is not a name"), ("flat-wte.bin", "2-D wte"),
+    for name, message in [("int-keys.bin", "entry 3 -> Tensor: not a state dict"), ("flat-wte.bin", "2-D wte"),
                           ("random.bin", "cannot read")]:
         with pytest.raises(ValueError, match=message) as e:
             L.GPT2LMModel.from_pretrained(tmp_path / name)
@@ -1858,7 +1858,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--prompt", "€"], "--prompt has characters outside the corpus's alphabet"),
     (["--resume"], "No such file"),
     (["--init-from", "{tmp}/missing"], "no checkpoint at"),
-    (["--init-from", "{run}/ckpt.pt"], "checkpoint entry 'format' holds str, not a tensor: not a state dict"),
+    (["--init-from", "{run}/ckpt.pt"], "checkpoint entry 'format' -> str: not a state dict (names -> tensors)"),
     (["--save-adapter", "{tmp}/peft", "--rank", "0"], "--save-adapter"),
     (["--resume", "--out-dir", "{run}", "--data", "{other}"], "not the text"),
     (["--resume", "--out-dir", "{run}", "--rank", "4"], "does not fit this run"),
