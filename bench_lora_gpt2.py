@@ -8,9 +8,8 @@ to three minutes on a 2-core CPU; the options are DEFAULTS below). The compariso
   layer    the fused Q,K,V projection, forward and backward: ours, loralib's MergedLinear, and
            the frozen base layer (r=0) as a floor.
   hf       a LoRA training step: ours versus transformers' GPT-2 with peft's LoRA on c_attn.
-  nanogpt  a full fine-tuning step at nanoGPT's CPU Shakespeare configuration: ours versus the GPT
-           of nanoGPT's model.py (--nanogpt PATH), as configured there and doing GPT-2's work
-           (biases, tanh GELU).
+  nanogpt  a full fine-tuning step at nanoGPT's CPU Shakespeare settings: ours versus nanoGPT's GPT
+           (--nanogpt PATH), as configured there and doing GPT-2's work (biases, tanh GELU).
   gen      greedy generation, with the key/value cache versus without.
   ckpt     bytes of torch.save: the adapter alone versus the whole state dict.
 
@@ -409,6 +408,7 @@ def table_lines(rows):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = lambda message: sys.exit(f"error: {message} (the options are DEFAULTS in bench_lora_gpt2.py)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), default=v, type=int if v is None else type(v))
     p.add_argument("--_child", type=int, help=argparse.SUPPRESS)

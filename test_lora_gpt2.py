@@ -2291,10 +2291,13 @@ def test_bench_refuses_bad_options_before_measuring(tmp_path, monkeypatch, optio
         bench.main(BENCH_TINY + [option, str(tmp_path) if value is None else value.format(tmp=tmp_path)])
 
 
-def test_bench_command_line_error_is_one_line():
-    out = subprocess.run([sys.executable, bench.__file__, "--gen-model", "4,256"], capture_output=True, text=True)
+@pytest.mark.parametrize("argv, start", [(["--gen-model", "4,256"], "error: --gen-model"),
+                                         (["--repeats", "x"], "error: argument --repeats: invalid int value")])
+def test_bench_command_line_error_is_one_line(argv, start):
+    """Our checks and argparse's alike: one line on stderr, exit status 1, no usage dump or traceback."""
+    out = subprocess.run([sys.executable, bench.__file__, *argv], capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.startswith("error: --gen-model") and out.stderr.count("\n") == 1
+    assert out.stderr.startswith(start) and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeypatch):
