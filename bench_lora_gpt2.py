@@ -354,7 +354,7 @@ def bench_nanogpt(a, device, notes):
 
 def bench_gen(a, device, notes):
     nl, ne, nh, V = a.gen_sizes.values()
-    model = build(device, a, a.rank, vocab_size=V, n_layer=nl, n_embd=ne, n_head=nh).eval()
+    model = build(device, a, a.rank, **a.gen_sizes).eval()
     randomize_lora_B(model)
     L.merge_lora(model)
     prompt = torch.randint(0, V, (1, a.gen_prompt), generator=torch.Generator().manual_seed(3)).to(device)

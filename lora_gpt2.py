@@ -211,7 +211,7 @@ class LoRALayer(nn.Linear):
         """nn.Linear's init for W0, b and A (in (out, in) terms), and B = 0: a fresh adapter changes nothing."""
         nn.init.kaiming_uniform_(self._T(self.weight), a=math.sqrt(5))
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            bound = 1 / math.sqrt(self.in_features)  # in_features >= 1, checked above
             nn.init.uniform_(self.bias, -bound, bound)
         if self.has_lora:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -643,8 +643,8 @@ def _is_lora_name(model: nn.Module, name: str, bias: str) -> bool:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
     if "lora_" in name or (bias == "all" and name.endswith("bias")):
         return True
-    adapted = {f"{n}.bias" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
-    return bias == "lora_only" and name in adapted
+    return bias == "lora_only" and name in {f"{n}.bias" for n, m in model.named_modules()  # built only then
+                                            if isinstance(m, LoRALayer) and m.has_lora}
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
