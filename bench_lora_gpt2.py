@@ -1,15 +1,16 @@
 """Speed and memory of lora_gpt2, side by side with its references. `python bench_lora_gpt2.py
 [--nanogpt PATH] [--json PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two
-to three minutes on a 2-core CPU; the options are DEFAULTS below). The comparisons:
+to three minutes on a 2-core CPU). The comparisons (--only picks some):
 
   train    a training step (forward, backward, AdamW, zero_grad) and the peak memory of two:
-           LoRA r on Q,V versus full fine-tuning.
+           LoRA r on Q,V versus full fine-tuning; on CUDA also the model FLOPs utilization.
   infer    a no-grad forward: plain GPT-2 (r=0) versus LoRA unmerged and merged.
   layer    the fused Q,K,V projection, forward and backward: ours, loralib's MergedLinear, and
            the frozen base layer (r=0) as a floor.
   hf       a LoRA training step: ours versus transformers' GPT-2 with peft's LoRA on c_attn.
-  nanogpt  a full fine-tuning step at nanoGPT's CPU Shakespeare settings: ours versus nanoGPT's GPT
-           (--nanogpt PATH), as configured there and doing GPT-2's work (biases, tanh GELU).
+  nanogpt  a full fine-tuning step: ours versus nanoGPT's GPT (--nanogpt PATH), as configured
+           there and doing GPT-2's work (biases, tanh GELU); at nanoGPT's CPU Shakespeare
+           settings, or at the bench's sizes when --preset is given.
   gen      greedy generation, with the key/value cache versus without.
   ckpt     bytes of torch.save: the adapter alone versus the whole state dict.
 
@@ -49,20 +50,36 @@ TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline"
 # nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides (batch 12), bias=False from train.py
 NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
 NANOGPT_BATCH = 12
+PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense bf16, NVIDIA's data sheets (SXM)
 OPS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: x >= y}
 
-# Options: --name value, of the default's type (None: an int, the preset's size when not given).
-DEFAULTS = dict(
-    only=",".join(COMPARISONS), device="cpu", threads=min(os.cpu_count() or 1, 2), json="",
-    preset="",  # the sizes of a GPT-2 preset (gpt2.sm, ...); default: 4 layers at gpt2.sm's width
-    n_layer=None, n_embd=None, n_head=None, vocab_size=50257, block_size=128, batch_size=4,
-    rank=4, alpha=32.0,  # LoRA r and α
-    repeats=5, warmup=1,  # timed samples per candidate; untimed calls per candidate before them
-    layer_widths="768,1024",  # widths of the fused Q,K,V layer comparison
-    nanogpt="",  # a clone of karpathy/nanoGPT, whose model.py is timed
-    gen_tokens=256, gen_prompt=16, gen_repeats=3,  # gen_repeats: at most --repeats
-    gen_model="4,256,8,8192",  # n_layer,n_embd,n_head,vocab of the generation model, or "bench"
-    ckpt_presets="gpt2.sm,gpt2.md",  # presets saved, comma-separated; "bench": the bench's model
+# Options: --name (default, help); a None default is an int, the preset's size when not given.
+OPTIONS = dict(
+    only=(",".join(COMPARISONS), "the comparisons to run, comma-separated"),
+    device=("cpu", "cpu, cuda or cuda:N"),
+    threads=(min(os.cpu_count() or 1, 2), "CPU threads (torch.set_num_threads)"),
+    json=("", "also write every figure and sample to this JSON file"),
+    preset=("", "the sizes of a GPT-2 preset (gpt2.sm, ...); without it, 4 layers of gpt2.sm"),
+    n_layer=(None, "layers of the bench's model (default: the preset's, or 4)"),
+    n_embd=(None, "its width (default: the preset's, or 768)"),
+    n_head=(None, "its heads (default: the preset's, or 12)"),
+    vocab_size=(50257, "its vocabulary"),
+    block_size=(128, "tokens per sequence"),
+    batch_size=(4, "sequences per step"),
+    rank=(4, "LoRA rank r"),
+    alpha=(32.0, "LoRA alpha"),
+    dtype=("float32", "float32, or bfloat16: autocast in the model comparisons"),
+    compile=(False, "torch.compile every model of train, hf and nanogpt"),
+    peak_tflops=(0.0, "the device's dense bf16 TFLOP/s for MFU; 0: A100, H100, H200 by name"),
+    repeats=(5, "timed samples per candidate"),
+    warmup=(1, "untimed rounds of every candidate before them"),
+    layer_widths=("768,1024", "widths of the fused Q,K,V layer comparison"),
+    nanogpt=("", "a clone of karpathy/nanoGPT, whose model.py is timed"),
+    gen_tokens=(256, "tokens to generate"),
+    gen_prompt=(16, "prompt tokens"),
+    gen_repeats=(3, "timed generations (at most --repeats)"),
+    gen_model=("4,256,8,8192", "n_layer,n_embd,n_head,vocab of the generation model, or bench"),
+    ckpt_presets=("gpt2.sm,gpt2.md", "presets saved, comma-separated; bench: the bench's model"),
 )
 
 
@@ -157,13 +174,20 @@ def trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_step(model, loss_fn, device, ours=True):
-    """forward + backward + AdamW (lr 1e-4, PyTorch's defaults) + zero_grad(set_to_none=True)."""
+def autocast(a, device):
+    return torch.autocast(device.type, torch.bfloat16, enabled=a.dtype == "bfloat16")
+
+
+def train_step(model, loss_fn, device, a, ours=True):
+    """forward (under --dtype's autocast) + backward + AdamW (lr 1e-4, PyTorch's defaults) +
+    zero_grad(set_to_none=True). Compiled code is not watched for syncs: compiling may sync."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        with no_host_sync(device, ours):
-            loss_fn().backward()
+        with no_host_sync(device, ours and not a.compile):
+            with autocast(a, device):
+                loss = loss_fn()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -175,7 +199,8 @@ def ours_train(a, device, r):
     if r > 0:
         L.mark_only_lora_as_trainable(model)
     inp, lab = make_batch(a.batch_size, a.block_size, a.vocab_size, device)
-    return model, train_step(model, lambda: model(inp, lm_labels=lab)[1], device)
+    run = torch.compile(model) if a.compile else model
+    return model, train_step(model, lambda: run(inp, lm_labels=lab)[1], device, a)
 
 
 def peak_memory(a, device, r, steps=2):
@@ -199,8 +224,9 @@ def peak_memory(a, device, r, steps=2):
 
 def start_memory_children(a):
     """A fresh process per training candidate (r=0 and r=rank), both at once; bench_train waits."""
-    argv = [os.path.abspath(__file__), "--threads", str(a.threads), "--device", a.device]
-    for k in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size", "batch_size", "alpha"):
+    argv = [os.path.abspath(__file__)] + ["--compile"] * a.compile
+    for k in ("threads", "device", "dtype", "n_layer", "n_embd", "n_head", "vocab_size", "block_size",
+              "batch_size", "alpha"):
         argv += ["--" + k.replace("_", "-"), str(getattr(a, k))]
     return {r: subprocess.Popen([sys.executable, *argv, "--_child", str(r)], stdout=subprocess.PIPE,
                                 text=True) for r in (0, a.rank)}
@@ -229,10 +255,30 @@ def bench_train(a, device, notes, children):
     for key, label in (("peak", f"peak {what}"), ("above_model", f"peak {what} above model")):
         rows += make_rows(f"train: {label}", {"full fine-tuning": [mem[0][key]], name: [mem[a.rank][key]]},
                           "full fine-tuning", "MiB", {name: ("<", 1.0)})
+    rows += mfu_rows("train", a, device, {r["candidate"]: r["samples"] for r in rows[:2]}, (full, lora),
+                     lora=(name,))
     notes.append(f"memory: {'max_memory_allocated' if device.type == 'cuda' else 'VmHWM'} of a fresh process over 2 "
                  f"steps; gradients + AdamW states (trainable × 12 bytes): full {trainable(full) * 12 / 2**20:.1f} "
                  f"MiB, LoRA {trainable(lora) * 12 / 2**20:.2f} MiB")
     return rows
+
+
+def mfu_rows(comparison, a, device, ms, models, lora=()):
+    """Model FLOPs utilization: the FLOPs a step needs, by nanoGPT's estimate, over its time and
+    the device's peak. Per token: 6N + 12·L·C·T (N: the parameters less wpe; forward 2N, backward
+    4N), and 4N + 12·L·C·T for the `lora` candidates, whose backward computes no gradient of a
+    frozen weight (the adapters' own FLOPs are negligible)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0)
+    if not peak:
+        return []
+    mfu = {}
+    for name, m in zip(ms, models):
+        n = sum(p.numel() for p in m.parameters()) - m.transformer.wpe.weight.numel()
+        flops = a.batch_size * a.block_size * ((4 if name in lora else 6) * n
+                                               + 12 * a.n_layer * a.n_embd * a.block_size)
+        mfu[name] = [100 * flops / (t / 1e3) / (peak * 1e12) for t in ms[name]]
+    return make_rows(f"{comparison}: MFU of {peak:g} TFLOP/s", mfu, next(iter(ms)), "%")
 
 
 def bench_infer(a, device, notes):
@@ -248,7 +294,7 @@ def bench_infer(a, device, notes):
         diff = max((m(inp)[0] - ref).abs().max().item() for m in (lora, merged))
     notes.append(f"infer: the three models agree, max |Δlogit| = {diff:.2e}")
     base, unmerged, merged_name = "plain GPT-2 (r=0)", f"LoRA r={a.rank} unmerged", f"LoRA r={a.rank} merged"
-    fns = {name: torch.no_grad()(no_host_sync(device)(lambda m=m: m(inp)))
+    fns = {name: torch.no_grad()(autocast(a, device)(no_host_sync(device)(lambda m=m: m(inp))))
            for name, m in ((base, plain), (unmerged, lora), (merged_name, merged))}
     # twice the repeats: the 2% target is within the spread of a handful of samples
     return make_rows("infer", time_interleaved(fns, 2 * a.repeats, a.warmup, device), base, "ms",
@@ -312,10 +358,11 @@ def bench_hf(a, device, notes):
         warnings.simplefilter("ignore", FutureWarning)
         hf = peft.get_peft_model(hf.float().to(device), lcfg)
     inp, lab = make_batch(a.batch_size, a.block_size, a.vocab_size, device)
+    run = torch.compile(hf) if a.compile else hf
 
     def hf_loss():
-        return F.cross_entropy(hf(input_ids=inp, use_cache=False).logits.flatten(0, 1), lab.flatten())
-    rows = train_rows("hf", a, device, [(peft_name, hf, train_step(hf, hf_loss, device, ours=False)),
+        return F.cross_entropy(run(input_ids=inp, use_cache=False).logits.flatten(0, 1), lab.flatten())
+    rows = train_rows("hf", a, device, [(peft_name, hf, train_step(hf, hf_loss, device, a, False)),
                                         (ours_name, *ours_train(a, device, a.rank))], {ours_name: ("≤", 1.0)})
     notes.append(f"hf: transformers {transformers.__version__}, peft {peft.__version__}, attention '"
                  f"{getattr(hf.config, '_attn_implementation', '?')}' (ours: scaled_dot_product_attention), the same "
@@ -331,7 +378,11 @@ def bench_nanogpt(a, device, notes):
     spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(a.nanogpt, "model.py"))
     ng = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ng)
-    c, models = NANOGPT_CPU, {}
+    c, batch_size, models = NANOGPT_CPU, NANOGPT_BATCH, {}
+    if a.preset:  # GPT-2's sizes: nanoGPT's own GPT-2 configuration, less its dropout
+        c = dict(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, block_size=a.block_size,
+                 vocab_size=a.vocab_size, dropout=0.0, bias=False)
+        batch_size = a.batch_size
     for name, bias in ((theirs_name, c["bias"]), (arch_name, True)):  # the second does the work our GPT-2 does
         torch.manual_seed(0)
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints its parameter count
@@ -341,13 +392,22 @@ def bench_nanogpt(a, device, notes):
         m.approximate = "tanh"
     models[ours_name] = build(device, a, vocab_size=c["vocab_size"], n_positions=c["block_size"],
                               n_ctx=c["block_size"], n_embd=c["n_embd"], n_layer=c["n_layer"], n_head=c["n_head"])
-    inp, lab = make_batch(NANOGPT_BATCH, c["block_size"], c["vocab_size"], device)  # their targets, our lm_labels
-    steps = [(n, m, train_step(m, lambda m=m: m(inp, lab)[1], device, n == ours_name)) for n, m in models.items()]
-    rows = train_rows("nanogpt", a, device, steps, {ours_name: ("≤", 1.0)}, 8 * a.repeats)  # cheap: 8× the samples
+    inp, lab = make_batch(batch_size, c["block_size"], c["vocab_size"], device)  # their targets, our lm_labels
+    steps = []
+    for n, m in models.items():
+        run = torch.compile(m) if a.compile else m
+        steps.append((n, m, train_step(m, lambda run=run: run(inp, lab)[1], device, a, n == ours_name)))
+    rows = train_rows("nanogpt", a, device, steps, {}, 8 * a.repeats)  # cheap: 8× the samples
     arch = {r["candidate"]: r["samples"] for r in rows if r["unit"] == "ms" and r["candidate"] != theirs_name}
-    rows[len(models):len(models)] = make_rows("nanogpt: GPT-2's work", arch, arch_name, "ms")  # ours vs the same work
-    notes.append(f"nanogpt: {a.nanogpt} at its CPU Shakespeare configuration: batch_size {NANOGPT_BATCH}, "
-                 + ", ".join(f"{k} {v}" for k, v in c.items()) + "; no compile; the same AdamW and batch for "
+    # The target is against the model doing the same work; nanoGPT's own configuration is information.
+    rows[len(models):len(models)] = make_rows("nanogpt: GPT-2's work", arch, arch_name, "ms",
+                                              {ours_name: ("≤", 1.0)})
+    if a.preset:  # the bench's sizes: nanoGPT's MFU, by its own estimate, beside ours
+        rows += mfu_rows("nanogpt", a, device, {r["candidate"]: r["samples"] for r in rows[:len(models)]},
+                         list(models.values()))
+    where = "the bench's sizes" if a.preset else "its CPU Shakespeare configuration"
+    notes.append(f"nanogpt: {a.nanogpt} at {where}: batch_size {batch_size}, "
+                 + ", ".join(f"{k} {v}" for k, v in c.items()) + "; the same AdamW and batch for "
                  f"all; '{arch_name}': bias=True, its {len(gelus)} nn.GELU set to approximate='tanh'")
     return rows
 
@@ -407,10 +467,13 @@ def table_lines(rows):
 # ---- output and command line -------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.error = lambda message: sys.exit(f"error: {message} (the options are DEFAULTS in bench_lora_gpt2.py)")
-    for k, v in DEFAULTS.items():
-        p.add_argument("--" + k.replace("_", "-"), default=v, type=int if v is None else type(v))
+    p = argparse.ArgumentParser(description=__doc__[:__doc__.index("Timing:")],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")
+    for k, (v, text) in OPTIONS.items():
+        kind = dict(action="store_true") if v is False else dict(type=int if v is None else type(v))
+        shown = f" [{v}]" if v not in ("", None, False) else ""
+        p.add_argument("--" + k.replace("_", "-"), default=v, help=text + shown, **kind)
     p.add_argument("--_child", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for k, v in L.PRESETS.get(a.preset, dict(n_layer=4, n_embd=768, n_head=12)).items():
@@ -421,6 +484,7 @@ def parse_args(argv):
             (a.preset and a.preset not in L.PRESETS, f"--preset: choose from {', '.join(L.PRESETS)}"),
             (not re.fullmatch(r"cpu|cuda(:\d+)?", a.device) or a.device != "cpu" and not torch.cuda.is_available(),
              "--device: cpu, or cuda or cuda:N where CUDA is available"),
+            (a.dtype not in ("float32", "bfloat16"), "--dtype: float32 or bfloat16"),
             (a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))), "--json: no such folder"),
             (a.nanogpt and not os.path.isfile(os.path.join(a.nanogpt, "model.py")), "--nanogpt: no model.py"),
             (max(a.gen_prompt + a.gen_tokens, a.block_size) > 1024,
@@ -458,12 +522,12 @@ def run(a):
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     meta = dict(torch=torch.__version__, python=platform.python_version(), processor=cpu or platform.machine(),
-                cpu_count=os.cpu_count(), dtype="float32", load_average_1min=load,
+                cpu_count=os.cpu_count(), load_average_1min=load,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                **{k: getattr(a, k) for k in DEFAULTS}, optimizer="torch.optim.AdamW(lr=1e-4)")
+                **{k: getattr(a, k) for k in OPTIONS}, optimizer="torch.optim.AdamW(lr=1e-4)")
     print(f"# bench_lora_gpt2.py\n\ntorch {meta['torch']} | Python {meta['python']} | processor: "
           f"{meta['processor']} ({meta['cpu_count']} CPUs) | threads: {meta['threads']} | device: {device}"
-          + (f" ({meta['gpu']})" if meta["gpu"] else "") + f" | float32 | load average at start: {load:.2f}"
+          + (f" ({meta['gpu']})" if meta["gpu"] else "") + f" | {a.dtype}{' compiled' * a.compile} | load average at start: {load:.2f}"
           + f"\nmodel: n_layer={a.n_layer} n_embd={a.n_embd} n_head={a.n_head} vocab={a.vocab_size} | "
           f"batch {a.batch_size} × block {a.block_size} | LoRA r={a.rank} α={a.alpha:g} | AdamW | "
           f"{a.repeats} interleaved repeats after {a.warmup} warm-up; median, paired ratio\n", flush=True)
