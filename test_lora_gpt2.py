@@ -1162,6 +1162,7 @@ def test_no_device_to_host_sync_in_a_cuda_training_step_or_decoding():
     L.mark_only_lora_as_trainable(model)
     ids = torch.randint(0, 50, (2, 8), device="cuda")
     model(ids, lm_labels=ids)[1].backward()  # warm-up: first kernel launches may synchronize
+    len_past = torch.tensor([3, 5], device="cuda")  # a copy from pageable memory synchronizes
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -1170,7 +1171,7 @@ def test_no_device_to_host_sync_in_a_cuda_training_step_or_decoding():
         loss.backward()
         with torch.no_grad():
             _, past = model(ids)
-            model(ids[:, :1], past=past, len_past=torch.tensor([3, 5], device="cuda"))
+            model(ids[:, :1], past=past, len_past=len_past)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -1772,12 +1773,12 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(fini
     assert not glob.glob(os.path.join(out, "base-*.pt"))
     interrupt_at(2)  # a resumed run interrupted before its first checkpoint
     with pytest.raises(KeyboardInterrupt, match="step 10 of the base phase"):
-        ts.main(["--resume", "--out-dir", out])
+        ts.main(["--resume", "--out-dir", out, "--device", "cpu"])  # where the run began
     interrupt_at(20 + 13)  # base steps 11-30, then adaptation step 13
     with pytest.raises(KeyboardInterrupt, match="step 10 of the adapt phase"):
-        ts.main(["--resume", "--out-dir", out])
+        ts.main(["--resume", "--out-dir", out, "--device", "cpu"])
     monkeypatch.setattr(ts, "learning_rate", real_lr)
-    resumed = ts.main(["--resume", "--out-dir", out, "--sample", "16"])
+    resumed = ts.main(["--resume", "--out-dir", out, "--sample", "16", "--device", "cpu"])
 
     assert resumed["history"] == uninterrupted["history"]
     for key in ("base_loss", "adapted_loss", "base_accuracy", "adapted_accuracy", "sample"):
@@ -1792,7 +1793,8 @@ def test_report_after_resume_measures_base_and_adapted_on_the_same_windows(finis
     """--resume with another --eval-iters: both figures come from the new windows."""
     report, run_dir = finished_run
     out = copy_run(run_dir, tmp_path, everything=True)
-    resumed = ts.main(["--resume", "--out-dir", out, "--eval-iters", "2", "--sample", "0"])
+    resumed = ts.main(["--resume", "--out-dir", out, "--eval-iters", "2", "--sample", "0", "--device",
+                       "cpu"])
     base = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])[0]
     assert held_out(base, text_file, eval_iters=2) == pytest.approx(
         (resumed["base_loss"], resumed["base_accuracy"]), rel=1e-5)
@@ -1822,7 +1824,7 @@ def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(finished_r
     out = copy_run(finished_run[1], tmp_path, everything=True)
     for name in ("ckpt.pt.tmp", "base-0123456789ab.pt.tmp"):  # what kill -9 mid-save leaves
         (tmp_path / name).write_bytes(b"partial")
-    ts.main(["--resume", "--out-dir", out, "--sample", "0"])
+    ts.main(["--resume", "--out-dir", out, "--sample", "0", "--device", "cpu"])
     assert not glob.glob(os.path.join(out, "*.tmp"))
 
 
@@ -2096,6 +2098,8 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
     """Two processes started as torchrun starts them (Gloo on CPUs; forked, so that they need not
     import torch again): a step's samples, and so the cached base's key and the adapters, do not
     depend on the number of processes."""
+    if torch.cuda.is_initialized():  # autograd's device threads do not survive a fork
+        pytest.skip("CUDA was used in this process, so it cannot fork; run this test alone")
     argv = TRAIN_TINY + ["--data", text_file, "--lora-dropout", "0", "--sample", "8",
                          "--out-dir", copy_run(finished_run[1], tmp_path / "out")]
     single = ts.main(argv)
