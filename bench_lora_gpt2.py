@@ -1,9 +1,10 @@
-"""Speed and memory of lora_gpt2, side by side with its references. `python bench_lora_gpt2.py
-[--nanogpt PATH] [--json PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two
-to three minutes on a 2-core CPU). The comparisons (--only picks some):
+"""Speed and memory of lora_gpt2 beside its references: `python bench_lora_gpt2.py [--nanogpt
+PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two to three minutes on a
+2-core CPU). The comparisons (--only picks some):
 
-  train    a training step (forward, backward, AdamW, zero_grad) and the peak memory of two:
-           LoRA r on Q,V versus full fine-tuning; on CUDA also the model FLOPs utilization.
+  train    a training step (forward, backward, AdamW, zero_grad), the peak memory of two and
+           the checkpoint's bytes: LoRA r on Q,V versus full fine-tuning; on CUDA also the
+           model FLOPs utilization.
   infer    a no-grad forward: plain GPT-2 (r=0) versus LoRA unmerged and merged.
   layer    the fused Q,K,V projection, forward and backward: ours, loralib's MergedLinear, and
            the frozen base layer (r=0) as a floor.
@@ -12,15 +13,10 @@ to three minutes on a 2-core CPU). The comparisons (--only picks some):
            there and doing GPT-2's work (biases, tanh GELU); at nanoGPT's CPU Shakespeare
            settings, or at the bench's sizes when --preset is given.
   gen      greedy generation, with the key/value cache versus without.
-  ckpt     bytes of torch.save: the adapter alone versus the whole state dict.
 
-Timing: one process, pinned threads, a warm-up, then the candidates interleaved in A B, B A, ...
-order, so that a drift of the machine's speed hits all alike; a sample loops for at least 20 ms.
-A row shows the median and the paired ratio (the median of candidate / baseline within a repeat)
-with its range. On CUDA samples are bracketed by synchronize(), and our forward and backward run
-under torch.cuda.set_sync_debug_mode("error"). Memory: two steps in a fresh process per candidate,
-its peak RSS (VmHWM, reset first) or torch.cuda.max_memory_allocated; "above model" subtracts the
-level before the first step. A missing reference leaves its rows "not installed".
+Timing: a warm-up, then the candidates interleaved (A B, B A, ...) so that a drift of the
+machine hits all alike; a row's ratio is the median of candidate / baseline within a repeat. On
+CUDA our uncompiled steps run under set_sync_debug_mode("error"). Memory: a fresh process each.
 """
 
 import argparse
@@ -44,11 +40,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora_gpt2 as L  # noqa: E402
 
-COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen", "ckpt")
+COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen")
 TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline", "ratio range",
                 "target", "met?")
-# nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides (batch 12), bias=False from train.py
-NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
+# nanoGPT's config/train_shakespeare_char.py, its README's CPU overrides (batch 12), bias=False
+NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0,
+                   bias=False)
 NANOGPT_BATCH = 12
 PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense bf16, NVIDIA's data sheets (SXM)
 OPS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: x >= y}
@@ -57,29 +54,25 @@ OPS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: 
 OPTIONS = dict(
     only=(",".join(COMPARISONS), "the comparisons to run, comma-separated"),
     device=("cpu", "cpu, cuda or cuda:N"),
-    threads=(min(os.cpu_count() or 1, 2), "CPU threads (torch.set_num_threads)"),
-    json=("", "also write every figure and sample to this JSON file"),
+    threads=(min(os.cpu_count() or 1, 2), "CPU threads"),
+    json=("", "also write the figures to this JSON file"),
     preset=("", "the sizes of a GPT-2 preset (gpt2.sm, ...); without it, 4 layers of gpt2.sm"),
-    n_layer=(None, "layers of the bench's model (default: the preset's, or 4)"),
-    n_embd=(None, "its width (default: the preset's, or 768)"),
-    n_head=(None, "its heads (default: the preset's, or 12)"),
+    n_layer=(None, "layers of the bench's model (default: the preset's)"),
+    n_embd=(None, "its width (default: the preset's)"),
+    n_head=(None, "its heads (default: the preset's)"),
     vocab_size=(50257, "its vocabulary"),
     block_size=(128, "tokens per sequence"),
     batch_size=(4, "sequences per step"),
     rank=(4, "LoRA rank r"),
     alpha=(32.0, "LoRA alpha"),
-    dtype=("float32", "float32, or bfloat16: autocast in the model comparisons"),
-    compile=(False, "torch.compile every model of train, hf and nanogpt"),
-    peak_tflops=(0.0, "the device's dense bf16 TFLOP/s for MFU; 0: A100, H100, H200 by name"),
+    dtype=("float32", "or bfloat16: autocast of the model comparisons"),
+    compile=(False, "torch.compile the models of train, hf and nanogpt"),
+    peak_tflops=(0.0, "the device's dense bf16 TFLOP/s, for MFU; 0: by GPU name"),
     repeats=(5, "timed samples per candidate"),
-    warmup=(1, "untimed rounds of every candidate before them"),
-    layer_widths=("768,1024", "widths of the fused Q,K,V layer comparison"),
+    layer_widths=("768,1024", "widths of the layer comparison"),
     nanogpt=("", "a clone of karpathy/nanoGPT, whose model.py is timed"),
-    gen_tokens=(256, "tokens to generate"),
-    gen_prompt=(16, "prompt tokens"),
-    gen_repeats=(3, "timed generations (at most --repeats)"),
+    gen_tokens=(256, "tokens to generate, after a prompt of 16"),
     gen_model=("4,256,8,8192", "n_layer,n_embd,n_head,vocab of the generation model, or bench"),
-    ckpt_presets=("gpt2.sm,gpt2.md", "presets saved, comma-separated; bench: the bench's model"),
 )
 
 
@@ -99,8 +92,8 @@ def no_host_sync(device, on=True):
         torch.cuda.set_sync_debug_mode(previous)
 
 
-def time_interleaved(fns, repeats, warmup, device):
-    """Milliseconds per call of each candidate: `warmup` rounds, then `repeats` interleaved ones."""
+def time_interleaved(fns, repeats, device, warm_up=True):
+    """Milliseconds per call of each candidate: a warm-up round, then `repeats` interleaved ones."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def timed(fn, calls):
@@ -111,9 +104,8 @@ def time_interleaved(fns, repeats, warmup, device):
         sync()
         return (time.perf_counter() - t0) / calls
     calls = dict.fromkeys(fns, 1)
-    for _ in range(warmup):
-        for name, fn in fns.items():
-            calls[name] = max(1, math.ceil(0.02 / max(timed(fn, 1), 1e-9)))  # samples of 20 ms or more
+    for name, fn in fns.items() if warm_up else ():
+        calls[name] = max(1, math.ceil(0.02 / max(timed(fn, 1), 1e-9)))  # samples >= 20 ms
     samples = {name: [] for name in fns}
     for r in range(repeats):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
@@ -126,8 +118,9 @@ def make_rows(comparison, values, baseline, unit, targets=None):
     `baseline` paired repeat by repeat, and its target {candidate: (op, bound)} if any."""
     rows = []
     for name, vals in values.items():
-        row = dict(comparison=comparison, candidate=name, median=statistics.median(vals), unit=unit,
-                   ratio=1.0, ratio_range=None, target="baseline", met=None, samples=vals, status="")
+        row = dict(comparison=comparison, candidate=name, median=statistics.median(vals),
+                   unit=unit, ratio=1.0, ratio_range=None, target="baseline", met=None,
+                   samples=vals, status="")
         if name != baseline:
             ratios = [v / b for v, b in zip(vals, values[baseline])]
             row.update(ratio=statistics.median(ratios), target="")
@@ -142,8 +135,9 @@ def make_rows(comparison, values, baseline, unit, targets=None):
 
 def missing_rows(comparison, names, unit, status):
     """Rows not measured: the reference's with `status`, the others "no baseline"."""
-    return [dict(comparison=comparison, candidate=n, median=None, unit=unit, ratio=None, ratio_range=None,
-                 target="", met=None, samples=[], status="no baseline" if i else status)
+    return [dict(comparison=comparison, candidate=n, median=None, unit=unit, ratio=None,
+                 ratio_range=None, target="", met=None, samples=[],
+                 status="no baseline" if i else status)
             for i, n in enumerate(names)]
 
 
@@ -152,7 +146,8 @@ def missing_rows(comparison, names, unit, status):
 def build(device, a, r=0, **sizes):
     """Our model at rank r, of the bench's sizes unless `sizes` says otherwise, seeded."""
     torch.manual_seed(0)
-    return L.GPT2LMModel(L.GPT2Config(**{**a.sizes, **sizes}, lora_attn_dim=r, lora_attn_alpha=a.alpha)).to(device)
+    config = L.GPT2Config(**{**a.sizes, **sizes}, lora_attn_dim=r, lora_attn_alpha=a.alpha)
+    return L.GPT2LMModel(config).to(device)
 
 
 def make_batch(batch_size, block_size, vocab_size, device, seed=1):
@@ -224,22 +219,20 @@ def peak_memory(a, device, r, steps=2):
 
 def start_memory_children(a):
     """A fresh process per training candidate (r=0 and r=rank), both at once; bench_train waits."""
-    argv = [os.path.abspath(__file__)] + ["--compile"] * a.compile
-    for k in ("threads", "device", "dtype", "n_layer", "n_embd", "n_head", "vocab_size", "block_size",
-              "batch_size", "alpha"):
-        argv += ["--" + k.replace("_", "-"), str(getattr(a, k))]
-    return {r: subprocess.Popen([sys.executable, *argv, "--_child", str(r)], stdout=subprocess.PIPE,
-                                text=True) for r in (0, a.rank)}
+    argv = [sys.executable, os.path.abspath(__file__), *a.argv, "--_child"]
+    return {r: subprocess.Popen(argv + [str(r)], stdout=subprocess.PIPE, text=True)
+            for r in (0, a.rank)}
 
 
 # ---- the comparisons: each returns its rows and adds its notes ---------------------------------
 
 def train_rows(comparison, a, device, cands, targets, repeats=None):
-    """Timed training steps and trainable parameters of (name, model, step) candidates, the first the baseline."""
-    ms = time_interleaved({n: step for n, _, step in cands}, repeats or a.repeats, a.warmup, device)
+    """Timed steps and trainable parameters of (name, model, step) candidates; the first is the
+    baseline."""
+    ms = time_interleaved({n: step for n, _, step in cands}, repeats or a.repeats, device)
+    params = {n: [trainable(m)] for n, m, _ in cands}
     return (make_rows(comparison, ms, cands[0][0], "ms", targets)
-            + make_rows(f"{comparison}: trainable params", {n: [trainable(m)] for n, m, _ in cands}, cands[0][0],
-                        "params"))
+            + make_rows(f"{comparison}: trainable params", params, cands[0][0], "params"))
 
 
 def bench_train(a, device, notes, children):
@@ -249,17 +242,23 @@ def bench_train(a, device, notes, children):
     mem = {r: json.loads(o.splitlines()[-1]) for r, o in out.items()}
     (full, full_step), (lora, lora_step) = ours_train(a, device, 0), ours_train(a, device, a.rank)
     name = f"LoRA r={a.rank} (Q,V)"
-    rows = train_rows("train", a, device, [("full fine-tuning", full, full_step), (name, lora, lora_step)],
-                      {name: ("≤", 0.45)})
+    rows = train_rows("train", a, device, [("full fine-tuning", full, full_step),
+                                           (name, lora, lora_step)], {name: ("≤", 0.45)})
     what = "GPU allocated" if device.type == "cuda" else "RSS"
     for key, label in (("peak", f"peak {what}"), ("above_model", f"peak {what} above model")):
-        rows += make_rows(f"train: {label}", {"full fine-tuning": [mem[0][key]], name: [mem[a.rank][key]]},
-                          "full fine-tuning", "MiB", {name: ("<", 1.0)})
-    rows += mfu_rows("train", a, device, {r["candidate"]: r["samples"] for r in rows[:2]}, (full, lora),
-                     lora=(name,))
-    notes.append(f"memory: {'max_memory_allocated' if device.type == 'cuda' else 'VmHWM'} of a fresh process over 2 "
-                 f"steps; gradients + AdamW states (trainable × 12 bytes): full {trainable(full) * 12 / 2**20:.1f} "
-                 f"MiB, LoRA {trainable(lora) * 12 / 2**20:.2f} MiB")
+        values = {"full fine-tuning": [mem[0][key]], name: [mem[a.rank][key]]}
+        rows += make_rows(f"train: {label}", values, "full fine-tuning", "MiB", {name: ("<", 1.0)})
+    nbytes = {}
+    for label, sd in (("full fine-tuning", full.state_dict()), (name, L.lora_state_dict(lora))):
+        torch.save(sd, buf := io.BytesIO())  # the bytes of a file; the tied head is stored once
+        nbytes[label] = [buf.tell() / 1e6]
+    rows += make_rows("train: checkpoint", nbytes, "full fine-tuning", "MB")
+    ms = {r["candidate"]: r["samples"] for r in rows[:2]}
+    rows += mfu_rows("train", a, device, ms, (full, lora), lora=(name,))
+    states = [f"{trainable(m) * 12 / 2**20:.2f}" for m in (full, lora)]  # fp32 grad, exp_avg(_sq)
+    peak = "max_memory_allocated" if device.type == "cuda" else "VmHWM"
+    notes.append(f"memory: {peak} of a fresh process over 2 steps; gradients + AdamW states: "
+                 f"full {states[0]} MiB, LoRA {states[1]} MiB")
     return rows
 
 
@@ -293,11 +292,12 @@ def bench_infer(a, device, notes):
         ref = plain(inp)[0]
         diff = max((m(inp)[0] - ref).abs().max().item() for m in (lora, merged))
     notes.append(f"infer: the three models agree, max |Δlogit| = {diff:.2e}")
-    base, unmerged, merged_name = "plain GPT-2 (r=0)", f"LoRA r={a.rank} unmerged", f"LoRA r={a.rank} merged"
+    base, unmerged, merged_name = "plain GPT-2 (r=0)", f"LoRA r={a.rank} unmerged", \
+        f"LoRA r={a.rank} merged"
     fns = {name: torch.no_grad()(autocast(a, device)(no_host_sync(device)(lambda m=m: m(inp))))
            for name, m in ((base, plain), (unmerged, lora), (merged_name, merged))}
     # twice the repeats: the 2% target is within the spread of a handful of samples
-    return make_rows("infer", time_interleaved(fns, 2 * a.repeats, a.warmup, device), base, "ms",
+    return make_rows("infer", time_interleaved(fns, 2 * a.repeats, device), base, "ms",
                      {unmerged: ("≤", 1.10), merged_name: ("≤", 1.02)})
 
 
@@ -305,14 +305,14 @@ def bench_layer(a, device, notes):
     rows = []
     for C in [int(w) for w in a.layer_widths.split(",") if w]:
         comp, fns = f"layer C={C}", {}
-        kw = dict(r=a.rank, lora_alpha=a.alpha, enable_lora=[True, False, True], fan_in_fan_out=True,
-                  merge_weights=False)
+        kw = dict(r=a.rank, lora_alpha=a.alpha, enable_lora=[True, False, True],
+                  fan_in_fan_out=True, merge_weights=False)
         torch.manual_seed(0)
         ours = L.MergedLinear(C, 3 * C, **kw).to(device)
         randomize_lora_B(ours)
         base = L.MergedLinear(C, 3 * C, r=0, fan_in_fan_out=True, merge_weights=False).to(device)
         base.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" not in k})
-        base.weight.requires_grad_(False)  # frozen as in the LoRA layers; the bias trains in all three
+        base.weight.requires_grad_(False)  # frozen as in the LoRA layers; biases train in all
         x = torch.randn(a.batch_size, a.block_size, C, device=device, requires_grad=True)
         gy = torch.randn(a.batch_size, a.block_size, 3 * C, device=device)
 
@@ -332,17 +332,19 @@ def bench_layer(a, device, notes):
             rows += missing_rows(comp, ["loralib.MergedLinear"], "ms", "not installed (loralib)")
         fns["ours MergedLinear"] = fwd_bwd(ours)
         fns["frozen base only (r=0)"] = fwd_bwd(base)
-        samples = time_interleaved(fns, 3 * a.repeats, a.warmup, device)  # cheap: three times the samples
-        rows += make_rows(comp, samples, next(iter(fns)), "ms",
-                          {"ours MergedLinear": ("≤", 0.6)} if "loralib.MergedLinear" in fns else {})
+        samples = time_interleaved(fns, 3 * a.repeats, device)  # cheap: 3× the samples
+        target = {"ours MergedLinear": ("≤", 0.6)} if "loralib.MergedLinear" in fns else {}
+        rows += make_rows(comp, samples, next(iter(fns)), "ms", target)
     return rows
 
 
 def bench_hf(a, device, notes):
-    ours_name, peft_name = f"ours LoRA r={a.rank} (Q,V)", f"transformers+peft r={a.rank} (c_attn: Q,K,V)"
+    ours_name, peft_name = f"ours LoRA r={a.rank} (Q,V)", \
+        f"transformers+peft r={a.rank} (c_attn: Q,K,V)"
     missing = [p for p in ("transformers", "peft") if importlib.util.find_spec(p) is None]
     if missing:
-        return missing_rows("hf", [peft_name, ours_name], "ms", f"not installed ({' and '.join(missing)})")
+        status = f"not installed ({' and '.join(missing)})"
+        return missing_rows("hf", [peft_name, ours_name], "ms", status)
     import warnings
     import peft
     import transformers
@@ -352,8 +354,8 @@ def bench_hf(a, device, notes):
                                   bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
-    lcfg = peft.LoraConfig(r=a.rank, lora_alpha=a.alpha, target_modules=["c_attn"], fan_in_fan_out=True,
-                           lora_dropout=0.0, bias="none")
+    lcfg = peft.LoraConfig(r=a.rank, lora_alpha=a.alpha, target_modules=["c_attn"],
+                           fan_in_fan_out=True, lora_dropout=0.0, bias="none")
     with warnings.catch_warnings():  # deprecation notices between transformers and peft versions
         warnings.simplefilter("ignore", FutureWarning)
         hf = peft.get_peft_model(hf.float().to(device), lcfg)
@@ -361,12 +363,14 @@ def bench_hf(a, device, notes):
     run = torch.compile(hf) if a.compile else hf
 
     def hf_loss():
-        return F.cross_entropy(run(input_ids=inp, use_cache=False).logits.flatten(0, 1), lab.flatten())
-    rows = train_rows("hf", a, device, [(peft_name, hf, train_step(hf, hf_loss, device, a, False)),
-                                        (ours_name, *ours_train(a, device, a.rank))], {ours_name: ("≤", 1.0)})
-    notes.append(f"hf: transformers {transformers.__version__}, peft {peft.__version__}, attention '"
-                 f"{getattr(hf.config, '_attn_implementation', '?')}' (ours: scaled_dot_product_attention), the same "
-                 f"loss; peft's adapter adapts Q, K and V (A: r×C, B: 3C×r), ours Q and V (A: 2r×C, B: 2C×r)")
+        logits = run(input_ids=inp, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1), lab.flatten())
+    cands = [(peft_name, hf, train_step(hf, hf_loss, device, a, False)),
+             (ours_name, *ours_train(a, device, a.rank))]
+    rows = train_rows("hf", a, device, cands, {ours_name: ("≤", 1.0)})
+    notes.append(f"hf: transformers {transformers.__version__}, peft {peft.__version__}, attention "
+                 f"'{hf.config._attn_implementation}' (ours: SDPA), the same loss; "
+                 f"peft adapts Q, K and V (A: r×C, B: 3C×r), ours Q and V (A: 2r×C, B: 2C×r)")
     return rows
 
 
@@ -374,8 +378,10 @@ def bench_nanogpt(a, device, notes):
     theirs_name, ours_name = "nanoGPT model.py GPT", "ours, full fine-tuning (r=0)"
     arch_name = "nanoGPT model.py GPT with GPT-2's biases and tanh GELU"
     if not a.nanogpt:
-        return missing_rows("nanogpt", [theirs_name, arch_name, ours_name], "ms", "not installed (--nanogpt PATH)")
-    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(a.nanogpt, "model.py"))
+        return missing_rows("nanogpt", [theirs_name, arch_name, ours_name], "ms",
+                            "not installed (--nanogpt PATH)")
+    path = os.path.join(a.nanogpt, "model.py")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     ng = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ng)
     c, batch_size, models = NANOGPT_CPU, NANOGPT_BATCH, {}
@@ -383,75 +389,62 @@ def bench_nanogpt(a, device, notes):
         c = dict(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, block_size=a.block_size,
                  vocab_size=a.vocab_size, dropout=0.0, bias=False)
         batch_size = a.batch_size
-    for name, bias in ((theirs_name, c["bias"]), (arch_name, True)):  # the second does the work our GPT-2 does
+    for name, bias in ((theirs_name, c["bias"]), (arch_name, True)):  # the second does GPT-2's work
         torch.manual_seed(0)
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints its parameter count
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # it prints its size
             models[name] = ng.GPT(ng.GPTConfig(**{**c, "bias": bias})).to(device)
     gelus = [m for m in models[arch_name].modules() if isinstance(m, torch.nn.GELU)]
     for m in gelus:
         m.approximate = "tanh"
     models[ours_name] = build(device, a, vocab_size=c["vocab_size"], n_positions=c["block_size"],
-                              n_ctx=c["block_size"], n_embd=c["n_embd"], n_layer=c["n_layer"], n_head=c["n_head"])
-    inp, lab = make_batch(batch_size, c["block_size"], c["vocab_size"], device)  # their targets, our lm_labels
+                              n_ctx=c["block_size"], n_embd=c["n_embd"], n_layer=c["n_layer"],
+                              n_head=c["n_head"])
+    # their targets, our lm_labels
+    inp, lab = make_batch(batch_size, c["block_size"], c["vocab_size"], device)
     steps = []
     for n, m in models.items():
         run = torch.compile(m) if a.compile else m
-        steps.append((n, m, train_step(m, lambda run=run: run(inp, lab)[1], device, a, n == ours_name)))
+        loss = lambda run=run: run(inp, lab)[1]  # noqa: E731
+        steps.append((n, m, train_step(m, loss, device, a, n == ours_name)))
     rows = train_rows("nanogpt", a, device, steps, {}, 8 * a.repeats)  # cheap: 8× the samples
-    arch = {r["candidate"]: r["samples"] for r in rows if r["unit"] == "ms" and r["candidate"] != theirs_name}
-    # The target is against the model doing the same work; nanoGPT's own configuration is information.
+    arch = {r["candidate"]: r["samples"] for r in rows[1:len(models)]}
+    # The target is against the model doing the same work; nanoGPT's configuration is information.
     rows[len(models):len(models)] = make_rows("nanogpt: GPT-2's work", arch, arch_name, "ms",
                                               {ours_name: ("≤", 1.0)})
     if a.preset:  # the bench's sizes: nanoGPT's MFU, by its own estimate, beside ours
-        rows += mfu_rows("nanogpt", a, device, {r["candidate"]: r["samples"] for r in rows[:len(models)]},
-                         list(models.values()))
+        ms = {r["candidate"]: r["samples"] for r in rows[:len(models)]}
+        rows += mfu_rows("nanogpt", a, device, ms, list(models.values()))
     where = "the bench's sizes" if a.preset else "its CPU Shakespeare configuration"
     notes.append(f"nanogpt: {a.nanogpt} at {where}: batch_size {batch_size}, "
-                 + ", ".join(f"{k} {v}" for k, v in c.items()) + "; the same AdamW and batch for "
-                 f"all; '{arch_name}': bias=True, its {len(gelus)} nn.GELU set to approximate='tanh'")
+                 + ", ".join(f"{k} {v}" for k, v in c.items()) + "; the same AdamW and batch "
+                 f"for all; '{arch_name}': bias=True, its {len(gelus)} nn.GELU approximate='tanh'")
     return rows
 
 
 def bench_gen(a, device, notes):
-    nl, ne, nh, V = a.gen_sizes.values()
     model = build(device, a, a.rank, **a.gen_sizes).eval()
     randomize_lora_B(model)
     L.merge_lora(model)
-    prompt = torch.randint(0, V, (1, a.gen_prompt), generator=torch.Generator().manual_seed(3)).to(device)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, a.gen_sizes["vocab_size"], (1, 16), generator=g).to(device)
     n, short = a.gen_tokens, min(a.gen_tokens, 8)
-    gen = lambda k, cache: model.generate(prompt, k, temperature=0, use_cache=cache)  # noqa: E731
-    same = torch.equal(gen(short, True), gen(short, False))  # also the warm-up (short: uncached is slow)
-    notes.append(f"gen: n_layer={nl} n_embd={ne} n_head={nh} vocab={V}, LoRA merged, batch 1, prompt "
-                 f"{a.gen_prompt}, {n} new tokens, greedy; cached = uncached on the first {short}: {same}")
+
+    def gen(k, cache):
+        return model.generate(prompt, k, temperature=0, use_cache=cache)
+    same = torch.equal(gen(short, True), gen(short, False))  # the warm-up too (uncached is slow)
+    notes.append(f"gen: {a.gen_sizes}, LoRA merged, batch 1, prompt 16, {n} new tokens, greedy; "
+                 f"cached = uncached on the first {short}: {same}")
     fns = {"without cache": lambda: gen(n, False), "with KV cache": lambda: gen(n, True)}
-    ms = time_interleaved(fns, min(a.repeats, a.gen_repeats), 0, device)
-    return make_rows("gen", {k: [n / (t / 1e3) for t in v] for k, v in ms.items()}, "without cache",
-                     "tokens/s", {"with KV cache": ("≥", 3.0)})
-
-
-def bench_ckpt(a, device, notes):
-    rows = []
-    for name in [p for p in a.ckpt_presets.split(",") if p]:
-        sizes = L.PRESETS[name] if name != "bench" else a.sizes
-        cfg = L.GPT2Config(**sizes, lora_attn_dim=a.rank, lora_attn_alpha=a.alpha)
-        with torch.device("meta"):  # no initializer runs: the size does not depend on the values
-            model = L.GPT2LMModel(cfg)
-        model.to_empty(device="cpu")
-        model.lm_head.decoder.weight = model.transformer.wte.weight  # to_empty unties them
-        nbytes = {}
-        for label, sd in (("full state_dict", model.state_dict()),
-                          (f"adapter only r={a.rank}", L.lora_state_dict(model))):
-            torch.save(sd, buf := io.BytesIO())  # the bytes a file would get
-            nbytes[label] = [buf.tell() / 1e6]
-        label = name if name != "bench" else f"bench n_layer={cfg.n_layer} n_embd={cfg.n_embd}"
-        rows += make_rows(f"ckpt {label}", nbytes, "full state_dict", "MB")
-    notes.append("ckpt: bytes of torch.save (MB = 10^6 bytes); the full state dict holds the tied head once")
-    return rows
+    ms = time_interleaved(fns, min(a.repeats, 3), device, False)
+    return make_rows("gen", {k: [n / (t / 1e3) for t in v] for k, v in ms.items()},
+                     "without cache", "tokens/s", {"with KV cache": ("≥", 3.0)})
 
 
 def table_lines(rows):
     def fmt(x, unit):
-        return f"{x:,.0f}" if unit == "params" or x >= 1000 else (f"{x:.1f}" if x >= 100 else f"{x:.3g}")
+        if unit == "params" or x >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.1f}" if x >= 100 else f"{x:.3g}"
     lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     for r in rows:
         if r["median"] is None:
@@ -459,7 +452,8 @@ def table_lines(rows):
         else:
             rng = "—" if not r["ratio_range"] else "{:#.3g}–{:#.3g}".format(*r["ratio_range"])
             met = "—" if r["met"] is None else ("yes" if r["met"] else "MISSED")
-            cells = [fmt(r["median"], r["unit"]), r["unit"], f"{r['ratio']:#.3g}", rng, r["target"] or "—", met]
+            cells = [fmt(r["median"], r["unit"]), r["unit"], f"{r['ratio']:#.3g}", rng,
+                     r["target"] or "—", met]
         lines.append("| " + " | ".join([r["comparison"], r["candidate"]] + cells) + " |")
     return lines
 
@@ -476,29 +470,36 @@ def parse_args(argv):
         p.add_argument("--" + k.replace("_", "-"), default=v, help=text + shown, **kind)
     p.add_argument("--_child", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.argv = argv  # for the memory measurements' processes
     for k, v in L.PRESETS.get(a.preset, dict(n_layer=4, n_embd=768, n_head=12)).items():
         setattr(a, k, getattr(a, k) or v)
     a.only = [c for c in a.only.split(",") if c]
+    positive = ("repeats", "gen_tokens", "block_size", "batch_size", "rank", "threads")
     for bad, message in (
             (set(a.only) - set(COMPARISONS), f"--only: choose from {','.join(COMPARISONS)}"),
-            (a.preset and a.preset not in L.PRESETS, f"--preset: choose from {', '.join(L.PRESETS)}"),
-            (not re.fullmatch(r"cpu|cuda(:\d+)?", a.device) or a.device != "cpu" and not torch.cuda.is_available(),
+            (a.preset and a.preset not in L.PRESETS,
+             f"--preset: choose from {', '.join(L.PRESETS)}"),
+            (not re.fullmatch(r"cpu|cuda(:\d+)?", a.device)
+             or a.device != "cpu" and not torch.cuda.is_available(),
              "--device: cpu, or cuda or cuda:N where CUDA is available"),
             (a.dtype not in ("float32", "bfloat16"), "--dtype: float32 or bfloat16"),
-            (a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))), "--json: no such folder"),
-            (a.nanogpt and not os.path.isfile(os.path.join(a.nanogpt, "model.py")), "--nanogpt: no model.py"),
-            (max(a.gen_prompt + a.gen_tokens, a.block_size) > 1024,
-             "--block-size and --gen-prompt + --gen-tokens must not exceed n_ctx 1024"),
-            (min(a.repeats, a.gen_repeats, a.gen_tokens, a.gen_prompt, a.block_size, a.batch_size, a.rank,
-                 a.threads) < 1, "--repeats, --gen-*, --block-size, --batch-size, --rank, --threads must be >= 1"),
-            (not re.fullmatch(r"bench|\d+,\d+,\d+,\d+", a.gen_model), "--gen-model: bench or L,C,H,V"),
-            (not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", a.layer_widths), "--layer-widths: widths >= 1, comma-separated"),
-            (set(a.ckpt_presets.split(",")) - {"", "bench", *L.PRESETS},
-             f"--ckpt-presets: bench, {', '.join(L.PRESETS)}, comma-separated")):
+            (a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))),
+             "--json: no such folder"),
+            (a.nanogpt and not os.path.isfile(os.path.join(a.nanogpt, "model.py")),
+             "--nanogpt: no model.py"),
+            (max(16 + a.gen_tokens, a.block_size) > 1024,
+             "--block-size and 16 + --gen-tokens must not exceed n_ctx 1024"),
+            (min(getattr(a, k) for k in positive) < 1,
+             ", ".join("--" + k.replace("_", "-") for k in positive) + " must be >= 1"),
+            (not re.fullmatch(r"bench|\d+,\d+,\d+,\d+", a.gen_model),
+             "--gen-model: bench or L,C,H,V"),
+            (not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", a.layer_widths),
+             "--layer-widths: widths >= 1, comma-separated")):
         if bad:
             raise ValueError(message)
-    a.sizes = {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size")}  # the bench's model
-    a.gen_sizes = a.sizes if a.gen_model == "bench" else dict(zip(a.sizes, map(int, a.gen_model.split(","))))
+    a.sizes = {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
+    a.gen_sizes = a.sizes if a.gen_model == "bench" else dict(
+        zip(a.sizes, map(int, a.gen_model.split(","))))
     for sizes in (a.sizes, a.gen_sizes):  # a bad size is named before anything runs
         L.GPT2Config(**sizes, lora_attn_dim=a.rank, lora_attn_alpha=a.alpha)
     return a
@@ -520,17 +521,22 @@ def main(argv=None):
 def run(a):
     device, t_start, load, cpu = torch.device(a.device), time.perf_counter(), os.getloadavg()[0], ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    meta = dict(torch=torch.__version__, python=platform.python_version(), processor=cpu or platform.machine(),
-                cpu_count=os.cpu_count(), load_average_1min=load,
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    meta = dict(torch=torch.__version__, python=platform.python_version(),
+                processor=cpu or platform.machine(), cpu_count=os.cpu_count(),
+                load_average_1min=load,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 **{k: getattr(a, k) for k in OPTIONS}, optimizer="torch.optim.AdamW(lr=1e-4)")
+    gpu = f" ({meta['gpu']})" if meta["gpu"] else ""
     print(f"# bench_lora_gpt2.py\n\ntorch {meta['torch']} | Python {meta['python']} | processor: "
-          f"{meta['processor']} ({meta['cpu_count']} CPUs) | threads: {meta['threads']} | device: {device}"
-          + (f" ({meta['gpu']})" if meta["gpu"] else "") + f" | {a.dtype}{' compiled' * a.compile} | load average at start: {load:.2f}"
-          + f"\nmodel: n_layer={a.n_layer} n_embd={a.n_embd} n_head={a.n_head} vocab={a.vocab_size} | "
-          f"batch {a.batch_size} × block {a.block_size} | LoRA r={a.rank} α={a.alpha:g} | AdamW | "
-          f"{a.repeats} interleaved repeats after {a.warmup} warm-up; median, paired ratio\n", flush=True)
+          f"{meta['processor']} ({meta['cpu_count']} CPUs) | threads: {a.threads} | device: "
+          f"{device}"
+          f"{gpu} | {a.dtype}{' compiled' * a.compile} | load average at start: {load:.2f}\n"
+          f"model: n_layer={a.n_layer} n_embd={a.n_embd} n_head={a.n_head} vocab={a.vocab_size} | "
+          f"batch {a.batch_size} × block {a.block_size} | LoRA r={a.rank} α={a.alpha:g} | "
+          f"AdamW | "
+          f"{a.repeats} interleaved repeats after a warm-up; median, paired ratio\n",
+          flush=True)
 
     # The memory children run first, while the references (seconds to import) are imported.
     children = start_memory_children(a) if "train" in a.only else None
@@ -540,7 +546,8 @@ def run(a):
     rows, notes, seconds = [], [], {}
     for comp in (c for c in COMPARISONS if c in a.only):
         t0 = time.perf_counter()
-        rows += globals()["bench_" + comp](a, device, notes, *([children] if comp == "train" else []))
+        extra = [children] if comp == "train" else []
+        rows += globals()["bench_" + comp](a, device, notes, *extra)
         seconds[comp] = time.perf_counter() - t0
         print(f"  ({comp}: {seconds[comp]:.1f} s)", file=sys.stderr, flush=True)
 
@@ -560,5 +567,5 @@ def run(a):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad options, refused before anything runs; other failures keep their traceback
+    except ValueError as e:  # bad options, refused before anything runs; others keep a traceback
         sys.exit(f"error: {e}")

@@ -44,9 +44,9 @@ BENCH = ["--device", "cuda", "--preset", "gpt2.sm", "--block-size", "1024", "--b
          "--dtype", "bfloat16", "--compile", "--repeats", "5"]
 BENCH_DRY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size",
              "64", "--block-size", "16", "--batch-size", "2", "--repeats", "1", "--threads", "1",
-             "--layer-widths", "32", "--gen-tokens", "8", "--gen-prompt", "4", "--gen-model", "bench",
-             "--ckpt-presets", "bench", "--dtype", "bfloat16", "--peak-tflops", "1",
-             "--only", "train,infer,layer,gen,ckpt"]
+             "--layer-widths", "32", "--gen-tokens", "8", "--gen-model", "bench",
+             "--dtype", "bfloat16", "--peak-tflops", "1",
+             "--only", "train,infer,layer,gen"]
 
 
 def command(argv, log):

@@ -2130,9 +2130,8 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
 # ==============================================================================================
 
 BENCH_TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "64",
-              "--block-size", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
-              "--layer-widths", "32", "--gen-tokens", "8", "--gen-prompt", "4", "--gen-model", "bench",
-              "--ckpt-presets", "bench", "--threads", "1"]
+              "--block-size", "16", "--batch-size", "2", "--repeats", "1",
+              "--layer-widths", "32", "--gen-tokens", "8", "--gen-model", "bench", "--threads", "1"]
 
 UNMEASURED = ("not installed", "no baseline")  # cells of rows whose reference is missing
 
@@ -2274,13 +2273,13 @@ def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
     params = {n: rows[("nanogpt: trainable params", n)]["median"] for n in (theirs, work)}
     assert params[theirs] == c["vocab_size"] * c["n_embd"] * 2  # wte and an untied, bias-free lm_head
     assert params[work] == params[theirs] + c["vocab_size"]  # ... and the bias it gets
-    assert any(n.startswith(f"nanogpt: {tmp_path}") and "its 1 nn.GELU set to approximate='tanh'" in n
+    assert any(n.startswith(f"nanogpt: {tmp_path}") and "its 1 nn.GELU approximate='tanh'" in n
                for n in payload["notes"])
 
 
 @pytest.mark.parametrize("option, value, message", [
     ("--nanogpt", None, "--nanogpt: no model.py"),
-    ("--ckpt-presets", "bench,gpt2.xs", "--ckpt-presets: bench, gpt2.sm"),
+    ("--preset", "gpt2.xs", "--preset: choose from gpt2.sm"),
     ("--gen-model", "4,256,8", "--gen-model"),
     ("--gen-model", "1,30,4,64", "n_embd (30) must be divisible by n_head (4)"),
     ("--gen-tokens", "0", "--gen-*"),
