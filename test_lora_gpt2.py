@@ -2282,7 +2282,7 @@ def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
     ("--preset", "gpt2.xs", "--preset: choose from gpt2.sm"),
     ("--gen-model", "4,256,8", "--gen-model"),
     ("--gen-model", "1,30,4,64", "n_embd (30) must be divisible by n_head (4)"),
-    ("--gen-tokens", "0", "--gen-*"),
+    ("--gen-tokens", "0", "--gen-tokens"),
     ("--layer-widths", "768,wide", "--layer-widths"),
     ("--layer-widths", "768,0", "--layer-widths"),
     ("--device", "gpu", "--device"),
