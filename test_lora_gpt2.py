@@ -2318,3 +2318,12 @@ def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeyp
     assert _number(status[("layer C=32", "ours MergedLinear")]) > 0
     assert status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")] == "not installed (transformers and peft)"
     assert status[("hf", "ours LoRA r=4 (Q,V)")] == "no baseline"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_offers_the_dry_run():
+    out = subprocess.run([sys.executable, "gpu_check.py"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: no CUDA GPU") and "--dry-run" in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
