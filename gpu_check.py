@@ -38,8 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LOSS_TOLERANCE = 0.05
 TRAIN = ["--base-iters", "400", "--max-iters", "200", "--eval-interval", "100", "--sample", "100"]
 TRAIN_DRY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
-             "--batch-size", "4", "--base-iters", "30", "--max-iters", "10", "--eval-interval", "10",
-             "--eval-iters", "2", "--sample", "8", "--device", "cpu"]  # float16: slow on a CPU
+             "--batch-size", "4", "--base-iters", "30", "--max-iters", "10",
+             "--eval-interval", "10", "--eval-iters", "2", "--sample", "8", "--device", "cpu"]
 BENCH = ["--device", "cuda", "--preset", "gpt2.sm", "--block-size", "1024", "--batch-size", "8",
          "--dtype", "bfloat16", "--compile", "--repeats", "5"]
 BENCH_DRY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size",
@@ -51,7 +51,8 @@ BENCH_DRY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", 
 
 def command(argv, log):
     """Run a command, its output streamed into the log; (exit status, its last line)."""
-    proc = subprocess.Popen(argv, cwd=HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, cwd=HERE, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     last = "no output"
     for line in proc.stdout:
         log(line)
@@ -67,7 +68,7 @@ def suite(a, log):
 
 
 def train_runs(a, log):
-    """float32, bfloat16, float16 and compiled bfloat16 runs of the script, each in a fresh folder."""
+    """float32, bfloat16, float16 and compiled bfloat16 runs of the script, each in a new folder."""
     data = a.data or (os.path.abspath(__file__) if a.dry_run else None)
     common = (TRAIN_DRY if a.dry_run else TRAIN) + (["--data", data] if data else [])
     ways = {"float32": ["--dtype", "float32"], "bfloat16": ["--dtype", "bfloat16"],
@@ -83,16 +84,19 @@ def train_runs(a, log):
                 figures = train_shakespeare.main(argv)
             results[way] = figures["adapted_loss"]
             seconds = time.perf_counter() - t0
-            log(f"{way}: held-out loss {figures['base_loss']:.4f} -> {results[way]:.4f}, {seconds:.0f} s")
+            log(f"{way}: held-out loss {figures['base_loss']:.4f} -> {results[way]:.4f}, "
+                f"{seconds:.0f} s")
         except Exception as e:  # every way is tried, and each failure reported
             log(f"{way}: {type(e).__name__}: {e}")
-            checks.append((f"train {way}", False, f"{type(e).__name__}: {train_shakespeare.one_line(e)}"))
+            reason = f"{type(e).__name__}: {train_shakespeare.one_line(e)}"
+            checks.append((f"train {way}", False, reason))
     shutil.rmtree(scratch)
     reference = results.get("float32")
     for way, loss in results.items():
         if way != "float32":
             ok = reference is not None and abs(loss - reference) <= LOSS_TOLERANCE
-            gap = f"{loss - reference:+.4f} vs float32 {reference:.4f}" if reference else "no fp32 run"
+            gap = "no float32 run" if reference is None else \
+                f"{loss - reference:+.4f} vs float32 {reference:.4f}"
             checks.append((f"train {way}", ok, f"held-out loss {loss:.4f} ({gap})"))
     return checks
 
@@ -100,7 +104,7 @@ def train_runs(a, log):
 def graph_breaks(a, log):
     """torch._dynamo.explain of the training forward and loss, full and LoRA, under autocast."""
     device = torch.device("cpu" if a.dry_run else "cuda")
-    sizes = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64) if a.dry_run else L.PRESETS["gpt2.sm"]
+    sizes = dict(n_layer=1, n_embd=32, n_head=2) if a.dry_run else L.PRESETS["gpt2.sm"]
     checks = []
     for r in (0, 4):
         model = L.GPT2LMModel(L.GPT2Config(**sizes, lora_attn_dim=r, lora_attn_alpha=16)).to(device)
@@ -125,13 +129,16 @@ def bench(a, log):
     status, last = command([sys.executable, "bench_lora_gpt2.py", *argv], log)
     if status:
         return [("bench", False, last)]
-    rows = json.load(open(path, encoding="utf-8"))["rows"]
-    checks = [("bench", True, f"{len(rows)} rows, {sum(r['met'] is False for r in rows)} target(s) missed")]
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    missed = sum(r["met"] is False for r in rows)
+    checks = [("bench", True, f"{len(rows)} rows, {missed} target(s) missed")]
     for r in rows:  # a missed speed target is a figure to report, not a broken path
         if r["median"] is not None and (r["unit"] in ("%", "MiB") or r["met"] is not None):
             ratio = f", {r['ratio']:.3g}× {r['target'] or 'baseline'}" if r["ratio"] != 1 else ""
-            checks.append((f"  {r['comparison']}: {r['candidate']}", {True: "met", False: "MISSED"}.get(
-                r["met"], ""), f"{r['median']:.4g} {r['unit']}{ratio}"))
+            status = {True: "met", False: "MISSED"}.get(r["met"], "")
+            checks.append((f"  {r['comparison']}: {r['candidate']}", status,
+                           f"{r['median']:.4g} {r['unit']}{ratio}"))
     return checks
 
 
@@ -175,7 +182,8 @@ def main(argv=None) -> bool:
             t0 = time.perf_counter()
             result = step(a, log)
             checks += [("test suite", *result)] if step is suite else result
-            print(f"  ({step.__name__}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            seconds = time.perf_counter() - t0
+            print(f"  ({step.__name__}: {seconds:.0f} s)", file=sys.stderr, flush=True)
         status = {True: "PASS", False: "FAIL"}
         summary = [f"{status.get(ok, ok):6} {name}: {what}" for name, ok, what in checks]
         log("\n".join(["", "summary:"] + summary))
