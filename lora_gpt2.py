@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -459,6 +460,15 @@ class GPT2Model(nn.Module):
         if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,) or T != 1):
             raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), with exactly one new "
                              f"token per row, input_ids ({B}, 1); got {_describe(len_past)} and {T} new tokens")
+        dev, dtypes = self.wte.weight.device, {self.wte.weight.dtype}
+        if torch.is_autocast_enabled(dev.type):  # then c_attn gives keys and values in autocast's dtype
+            dtypes.add(torch.get_autocast_dtype(dev.type))
+        for name, t in (("input_ids", input_ids), ("past", past and past[0]), ("len_past", len_past)):
+            if t is not None and t.device != dev:
+                raise ValueError(f"{name} is on {t.device}, the model on {dev}: move it there with .to({str(dev)!r})")
+        if past is not None and past[0].dtype not in dtypes:
+            raise ValueError(f"past holds {past[0].dtype}, but this model computes keys and values in "
+                             f"{' or '.join(map(str, dtypes))}: pass the caches it returned")
         if len_past is not None:
             _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
                             "pad the prompts to leave room for the tokens to generate")
@@ -604,6 +614,9 @@ class GPT2LMModel(nn.Module):
             else:
                 hidden, past = self.transformer(idx[:, -n_ctx:], use_cache=use_cache)  # (re)read the context
             logits = self.lm_head(hidden[:, -1, :]).float()                    # (B, V): last position only
+            if logits.isnan().any():  # argmax would pick token 0, multinomial fail deep inside
+                raise ValueError("the model produced NaN logits: its weights hold NaN or inf, or its activations "
+                                 "overflowed (in float16, try bfloat16 or float32)")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -689,16 +702,70 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A SHA-256 of the frozen base, which an adapter records to refuse another base: the trunk's
-    tensors by name, shape and value as float32, except LoRA tensors and the weights they adapt,
-    which a merge/unmerge cycle moves by rounding."""
-    h, sd = hashlib.sha256(), model.state_dict()
-    adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
-    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and k not in adapted):
+def _frozen_hash(sd: Mapping[str, torch.Tensor], skip) -> str:
+    h = hashlib.sha256()
+    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and k not in skip):
         v = sd[k].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{k}:{tuple(v.shape)};".encode() + v.numpy().tobytes())
     return h.hexdigest()
+
+
+def _probes(w: torch.Tensor) -> List[float]:
+    """‖W‖_F and 8 projections uᵀ W v, in float64. u, v are fixed cosine patterns of unit variance,
+    not random draws, so that no change of torch's random generator can change a record."""
+    n, m = w.shape
+    f = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()        # (8,)
+    U = torch.cos(torch.arange(1, n + 1, dtype=torch.float64)[:, None] * f) * math.sqrt(2)  # (n, 8)
+    V = torch.cos(torch.arange(1, m + 1, dtype=torch.float64)[:, None] * f * math.pi) * math.sqrt(2)
+    w = w.detach().to("cpu", torch.float64)
+    return [w.norm().item()] + (U.t() @ w @ V).diagonal().tolist()
+
+
+def base_fingerprint(model: nn.Module, bias: str = "none") -> str:
+    """The record of the frozen base that adapters and the training script keep (JSON): the dtype,
+    a SHA-256 of the trunk's tensors by name, shape and value as float32, except LoRA's own, the
+    biases `bias` names (an adapter carries those) and the weights LoRA may adapt (c_attn's W0);
+    for each of those, its norm and 8 projections (_probes), which base_difference compares within
+    a tolerance: a merge/unmerge cycle moves W0 by rounding."""
+    sd = model.state_dict()
+    adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    skip = adapted | {k for k in sd if _is_lora_name(model, k, bias)}
+    return json.dumps(dict(dtype=str(model.transformer.wte.weight.dtype).replace("torch.", ""),
+                           frozen=_frozen_hash(sd, skip), adapted={k: _probes(sd[k]) for k in sorted(adapted)}))
+
+
+# W0 within a tolerance relative to ‖W0‖_F, the rest bit for bit. A merge/unmerge cycle rounds each
+# element of W twice, each time by at most u·|W0 + ΔW| (unit roundoff u: 2^-24 in float32, 2^-8 in
+# bfloat16), with signs that do not line up, so k cycles move W by about u·sqrt(2k)·‖W0 + ΔW‖_F, and
+# each projection by as much. 1e-4 leaves float32 room for about 10^5 cycles even with ‖ΔW‖ = ‖W0‖
+# (the tests run 300 with a ΔW that large), and still refuses a merged export with ‖ΔW‖ ≥ 1e-3·‖W0‖:
+# a ΔW counted twice that changes each output of c_attn by a thousandth of its size. In 16 bits one
+# cycle already moves W by ~3e-3·‖W‖, so there the tolerance is 2^-5 (about 50 bfloat16 cycles).
+_BASE_TOLERANCE = {"float16": 2 ** -5, "bfloat16": 2 ** -5}
+
+
+def base_difference(model: nn.Module, record: str, bias: str = "none") -> Optional[str]:
+    """None if `model` holds the base that `record` (base_fingerprint's, or an older bare SHA-256
+    of the frozen parts alone, checked as it was) describes; else what differs."""
+    sd = model.state_dict()
+    if re.fullmatch("[0-9a-f]{64}", str(record)):  # records before W0 was covered
+        adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
+        return None if _frozen_hash(sd, adapted) == record else "another base (its weights differ)"
+    try:
+        rec, mine = json.loads(record), json.loads(base_fingerprint(model, bias))
+        tolerance = _BASE_TOLERANCE.get(rec["dtype"], 1e-4)
+        differs = rec["frozen"] != mine["frozen"] or set(rec["adapted"]) != set(mine["adapted"])
+        far = [k for k, p in rec["adapted"].items() if not differs and any(
+            abs(a - b) > tolerance * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return "a base record this version cannot read"
+    if (differs or far) and rec["dtype"] != mine["dtype"]:
+        return (f"another precision ({mine['dtype']}; the record's base was {rec['dtype']}): cast the base "
+                f"first, model.to(torch.{rec['dtype']})")
+    if far:
+        return (f"another base: {far[0]} is not the W0 the record describes, beyond merge/unmerge rounding "
+                f"(a merged export of an adapted model, or another model)")
+    return "another base (its weights differ)" if differs else None
 
 
 # ---- 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out -------------------
@@ -717,6 +784,7 @@ def _safetensors():
 def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     safe_open = _safetensors().safe_open
     try:
+        open(path, "rb").close()  # safetensors reports an unreadable file as a missing one
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # truncated or foreign files
@@ -740,7 +808,7 @@ def _read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested too deep
         raise ValueError(f"cannot read {path} as JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
@@ -759,6 +827,8 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} -> {type(value).__name__}: not a state dict (names -> tensors)")
         k = key.removeprefix("module.").removeprefix("_orig_mod.")  # DDP, torch.compile
+        if not value.is_floating_point() and not k.endswith(_IGNORED_SUFFIXES):  # never cast silently
+            raise ValueError(f"checkpoint tensor {key!r} is {value.dtype}: GPT-2 and LoRA weights are floating point")
         if k in _HEAD_KEYS:
             head = value
         elif not k.endswith(_IGNORED_SUFFIXES):
@@ -808,8 +878,12 @@ def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             values = _config_from_hf_json(_read_json(os.path.join(path, "config.json")), path)
+        shards = [f for f in os.listdir(path) if f.endswith(".index.json")]
         path = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")
                      if os.path.isfile(os.path.join(path, f))), path + "/model.safetensors")
+        if shards and not os.path.isfile(path):
+            raise ValueError(f"{os.path.dirname(path)} holds a sharded checkpoint ({shards[0]}), which is not read: "
+                             f"save it as one file, e.g. with save_pretrained(folder, max_shard_size='100GB')")
     elif not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of {', '.join(HUB_MODELS)}")
     sd = _normalize_state_dict(_read_weights(path))
@@ -884,6 +958,9 @@ def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, conf
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
     os.makedirs(folder, exist_ok=True)
     names = (weights_name, config_name)
+    for name in os.listdir(folder):  # what a killed export left
+        if re.fullmatch(rf"\.({'|'.join(map(re.escape, names))})\.\d+\.tmp", name):
+            os.remove(os.path.join(folder, name))
     temps = [os.path.join(folder, f".{name}.{os.getpid()}.tmp") for name in names]
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     try:
@@ -895,6 +972,8 @@ def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, conf
             os.remove(os.path.join(folder, config_name))
         for name, temp in zip(names, temps):
             os.replace(temp, os.path.join(folder, name))
+    except Exception as e:  # a full disk, safetensors' own errors: one line, naming the folder
+        raise OSError(f"cannot write {folder}: {e}") from None
     finally:
         for temp in filter(os.path.exists, temps):
             os.remove(temp)
@@ -920,6 +999,24 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
 _PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
 
 
+def _peft_bias_keys(model: GPT2LMModel, bias: str) -> Dict[str, str]:
+    """{our state-dict key: PEFT's key} of the biases an adapter with `bias` carries (PEFT names
+    the bias of a layer it wraps base_layer.bias)."""
+    keys = [k for k in model.state_dict() if _is_lora_name(model, k, bias) and "lora_" not in k]
+    return {k: "base_model.model." + k.replace(".c_attn.bias", ".c_attn.base_layer.bias") for k in keys}
+
+
+def _trained_bias_mode(model: GPT2LMModel) -> str:
+    """PEFT's bias mode of what requires grad outside LoRA: none, lora_only (c_attn's) or all biases."""
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    for bias in _BIAS_MODES:
+        if trained == [n for n, _ in model.named_parameters() if _is_lora_name(model, n, bias) and "lora_" not in n]:
+            return bias
+    raise ValueError(f"parameters outside the adapters require grad ({_short(trained)}), and a PEFT adapter "
+                     f"carries only LoRA and biases (all, or c_attn's): if they were trained, save_pretrained "
+                     f"writes the whole model; if not, freeze them first (mark_only_lora_as_trainable)")
+
+
 def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
     """Write the LoRA weights as a PEFT adapter folder: peft.PeftModel.from_pretrained(hf_gpt2,
     folder) gives this model's logits, and load_adapter reads it back exactly.
@@ -927,13 +1024,16 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
     PEFT puts one LoRA on the whole fused c_attn, ΔW = B'A'; we have two, B_q A_q on Q and B_v A_v
     on V. They are the same update with A' = [A_q; A_v] (2r × C, our lora_A as it is) and B'
     (3C × 2r) block-diagonal: B_q against A_q's half in the Q rows, zero K rows, B_v against A_v's
-    half in the V rows. One rank-2r LoRA with α' = 2α, so α'/r' = α/r. The base fingerprint goes in
-    the safetensors metadata (PEFT warns of unknown config keys)."""
+    half in the V rows. One rank-2r LoRA with α' = 2α, so α'/r' = α/r. Biases that require grad
+    go with it, as PEFT's bias "lora_only" (c_attn's) or "all"; any other parameter that requires
+    grad is refused, as an adapter cannot carry it. The base record (base_fingerprint) goes in the
+    safetensors metadata (PEFT warns of unknown config keys)."""
     cfg, r, C = model.config, model.config.lora_attn_dim, model.config.n_embd
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     if r == 0:
         raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained saves it whole")
-    tensors = {}
+    bias, sd = _trained_bias_mode(model), model.state_dict()
+    tensors = {peft: sd[k] for k, peft in _peft_bias_keys(model, bias).items()}
     for i, block in enumerate(model.transformer.h):
         A, B = block.attn.c_attn.lora_A.detach(), block.attn.c_attn.lora_B.detach()  # (2r, C), (2C, r)
         B2 = B.new_zeros(3 * C, 2 * r)                                        # (3C, 2r), K rows stay 0
@@ -941,38 +1041,51 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
         tensors[_PEFT_KEY.format(i, "A")], tensors[_PEFT_KEY.format(i, "B")] = A, B2
     adapter_config = dict(
         peft_type="LORA", task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * cfg.lora_attn_alpha,
-        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias="none",
+        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias=bias,
         use_rslora=False, use_dora=False,
         base_model_name_or_path=base and _path(base, "base_model_name_or_path"))
-    metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model)}
+    metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model, bias)}
     _write_folder(folder, "adapter_model.safetensors", tensors, metadata, "adapter_config.json", adapter_config)
 
 
+# adapter_config.json fields that may hold any value: what an adapter is and where it comes from,
+# and training-only settings. The modeled ones (peft_type, r, lora_alpha, target_modules, bias,
+# init_lora_weights) are checked one by one; every other field, known to PEFT (layers_to_transform,
+# exclude_modules, rank_pattern, use_dora, modules_to_save, ...) or newer than this reader, changes
+# which layers adapt or how, and is refused unless neutral (null, false, empty).
+_PEFT_FREE_FIELDS = ("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                     "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core", "runtime_config",
+                     "qalora_group_size")
+
+
 def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
-    """Set the LoRA weights from a PEFT adapter folder as save_adapter writes it; the model needs
-    lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses what this model cannot represent (K rows
-    in B', a B' not block-diagonal, other modules, rsLoRA, DoRA, another rank or base), changing nothing."""
+    """Set the LoRA weights (and biases, with bias "lora_only" or "all") from a PEFT adapter folder
+    as save_adapter writes it; the model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError
+    refuses what this model cannot represent (K rows in B', a B' not block-diagonal, any field
+    _PEFT_FREE_FIELDS does not free at a non-neutral value, another rank), or another base than
+    the one recorded (base_difference), changing nothing."""
     folder = _path(folder, "the adapter folder")
     cfg_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     ac = _read_json(cfg_path)
     sd, metadata = _read_safetensors(weights_path)
-    cfg, r2, alpha2 = model.config, ac.get("r"), ac.get("lora_alpha")
+    cfg, r2, alpha2, bias = model.config, ac.get("r"), ac.get("lora_alpha"), ac.get("bias", "none")
     r, C = cfg.lora_attn_dim, cfg.n_embd
-    unsupported = {k: ac.get(k) for k in ("use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern")}
-    unsupported.update(peft_type=ac.get("peft_type") != "LORA",
-                       target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]))
-    for key, bad in unsupported.items():
-        if bad:
-            raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model holds plain LoRA "
-                             f"on c_attn (Q and V), one r and α")
+    modeled = dict(peft_type=ac.get("peft_type") != "LORA", r=False, lora_alpha=False, bias=bias not in _BIAS_MODES,
+                   target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]),
+                   init_lora_weights=ac.get("init_lora_weights", True) not in (True, False, "gaussian"))
+    for key in ac:
+        if modeled.get(key, key not in _PEFT_FREE_FIELDS and ac[key] not in (None, False, {}, [], "")):
+            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds plain LoRA "
+                             f"on c_attn (Q and V) of every layer, one r and α")
     if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r)):
         raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with lora_attn_dim = r'/2 "
                          f"(r' even) and lora_attn_alpha = α'/2; this one has {r} and {cfg.lora_attn_alpha}")
-    expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"}
+    biases = _peft_bias_keys(model, bias)
+    expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"} | set(biases.values())
     if set(sd) != expected:
         raise ValueError(f"{weights_path}: weights this model cannot hold: {_short(sorted(set(sd) - expected))}; "
                          f"missing: {_short(sorted(expected - set(sd)))}")
-    new = {}
+    new = {k.removeprefix("transformer."): sd[peft] for k, peft in biases.items()}
     for i in range(cfg.n_layer):
         A2, B2 = sd[_PEFT_KEY.format(i, "A")], sd[_PEFT_KEY.format(i, "B")]   # (2r, C), (3C, 2r)
         if A2.shape != (2 * r, C) or B2.shape != (3 * C, 2 * r):
@@ -984,9 +1097,10 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
                              f"A_q's); this model gives Q and V separate A's")
         new[f"h.{i}.attn.c_attn.lora_A"] = A2                                 # [A_q; A_v] (2r, C)
         new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B2[:C, :r], B2[2 * C:, r:]))  # [B_q; B_v] (2C, r)
-    if metadata.get("base_fingerprint") not in (None, base_fingerprint(model)):
-        raise ValueError(f"{folder} was saved on another base model (its base_fingerprint differs); "
-                         f"load it onto the base it was trained on")
+    why = "base_fingerprint" in metadata and base_difference(model, metadata["base_fingerprint"], bias)
+    if why:
+        raise ValueError(f"{folder} does not go onto this model: {why}; load it onto the "
+                         f"base it was trained on")
     return model.load_weight(new)  # copies in place, and keeps a merged model merged
 
 

@@ -16,10 +16,12 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -27,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora_gpt2 import GPT2Config, GPT2LMModel, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
+from lora_gpt2 import (GPT2Config, GPT2LMModel, base_difference, base_fingerprint, lora_state_dict,
+                       mark_only_lora_as_trainable)
 
 try:
     import fcntl  # locks --out-dir; Windows has none, and runs there go unlocked
@@ -98,6 +101,13 @@ def parse_settings(argv=None) -> tuple:
         resume = read_checkpoint(os.path.join(s.out_dir, "ckpt.pt"), "ckpt")
         s = p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in resume["settings"].items()
                           if k not in FRESH and v is not None] + argv)
+        # What the saved numbers mean: the positions and sizes of a scratch base, and α/r of trained adapters.
+        fixed = ["block_size"] + ["n_layer", "n_head", "n_embd"] * (s.init_from == "scratch")
+        for k in fixed + ["rank", "alpha"] * (resume.get("phase") == "adapt"):
+            if k in resume["settings"] and getattr(s, k) != resume["settings"][k]:
+                raise ValueError(f"--{k.replace('_', '-')} {getattr(s, k)}: the run in {s.out_dir} was trained with "
+                                 f"{resume['settings'][k]}, which --resume keeps; to change it, start a run in "
+                                 f"another --out-dir")
     s.lr = s.lr if s.lr is not None else 5e-3 if s.rank > 0 else 5e-4  # adapters take a larger step
     return s, resume
 
@@ -253,12 +263,40 @@ def load_model(path: str, device="cpu") -> tuple:
 
 
 def check_base(base: GPT2LMModel, info: dict | None) -> str:
-    """The fingerprint of `base`, refused if `info` (a checkpoint's record of its base) has another."""
-    fingerprint = base_fingerprint(base)
-    if info is not None and info["fingerprint"] != fingerprint:
+    """The record of `base` (base_fingerprint), refused if `info` (a checkpoint's record of its base) differs."""
+    why = info is not None and base_difference(base, info["fingerprint"])
+    if why:
         raise ValueError(f"{info.get('file') or info['source']} is not the base the checkpoint was trained on "
-                         f"(the weights differ); restore that base, or train anew")
-    return fingerprint
+                         f"({why}); restore that base, or train anew")
+    return base_fingerprint(base)
+
+
+def check_exports(s) -> None:
+    """Refuse, before the first step, an export that cannot be written, or that would write over the
+    --init-from base, the run's checkpoints or the other export."""
+    def inside(a, b):
+        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+    given = {"--save-pretrained": s.save_pretrained, "--save-adapter": s.save_adapter}
+    paths = {option: os.path.realpath(path) for option, path in given.items() if path}
+    if len(paths) == 2 and (inside(*paths.values()) or inside(*reversed(paths.values()))):
+        raise ValueError("--save-pretrained and --save-adapter must be two separate folders: transformers "
+                         "would apply the adapter it finds on top of the merged weights")
+    base = os.path.realpath(s.init_from) if s.init_from != "scratch" and os.path.exists(s.init_from) else None
+    for option, path in paths.items():
+        where = f"{option} {given[option]}"
+        if base and (inside(path, base) if os.path.isdir(base) else path == os.path.dirname(base)):
+            raise ValueError(f"{where} would write into the --init-from base {s.init_from}; give another folder")
+        if path == os.path.realpath(s.out_dir):
+            raise ValueError(f"{where} is --out-dir, which holds the run's checkpoints; give another folder")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{where} is a file; give a folder")
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        try:  # the nearest folder that exists must take a new file (the export makes the rest)
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            raise OSError(f"{where}: cannot write in {parent} ({(e.strerror or str(e)).lower()})") from None
 
 
 def trainable_weights(model: nn.Module) -> dict:
@@ -394,6 +432,7 @@ def run(s, resume, rt, last: dict) -> dict:
         {**config.to_dict(), "lora_attn_dim": s.rank, "lora_attn_alpha": s.alpha, "lora_dropout": s.lora_dropout})
     if s.save_adapter and not s.rank:
         raise ValueError("--save-adapter needs adapters (--rank > 0); use --save-pretrained")
+    check_exports(s)
     torch.manual_seed(s.seed)
 
     def save(phase, model, state):
@@ -468,8 +507,18 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
         print(f"sample ({s.sample} tokens):\n{f['sample']}", flush=True)
     if s.save_pretrained:
         model.save_pretrained(s.save_pretrained)
-    if s.save_adapter:  # peft loads the base from a hub name or a path; a scratch base has neither
-        model.save_adapter(s.save_adapter, None if s.init_from == "scratch" else s.init_from)
+    if s.save_adapter and s.init_from == "scratch":  # the base goes inside, for peft to find
+        base = os.path.join(s.save_adapter, "base")
+        frozen = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+        GPT2LMModel(GPT2Config.from_dict({**model.config.to_dict(), "lora_attn_dim": 0})).load_weight(
+            frozen).save_pretrained(base)
+        model.save_adapter(s.save_adapter, base)
+    elif s.save_adapter:
+        model.save_adapter(s.save_adapter, s.init_from)
+    for folder in filter(None, (s.save_pretrained, s.save_adapter) if "chars" in tokenizer else ()):
+        with open(os.path.join(folder, ".chars.json.tmp"), "w", encoding="utf-8") as f:
+            json.dump({"chars": tokenizer["chars"]}, f)  # token id i is the character chars[i]
+        os.replace(os.path.join(folder, ".chars.json.tmp"), os.path.join(folder, "chars.json"))
 
 
 # ---- The command line
