@@ -1934,16 +1934,32 @@ def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text
 
 
 @needs_safetensors
-def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run):
+def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, monkeypatch):
+    """A scratch run's adapter folder holds its base (base/, named by a path relative to where the run
+    ran, which is where peft looks) and both exports the character vocabulary (chars.json)."""
     out = copy_run(finished_run[1], tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5", "--sample", "0",
-                                   "--save-pretrained", str(tmp_path / "hf"), "--save-adapter", str(tmp_path / "peft")])
+                                   "--save-pretrained", "hf", "--save-adapter", "peft"])
     figures = (report["adapted_loss"], report["adapted_accuracy"])
     assert held_out(L.GPT2LMModel.from_pretrained(tmp_path / "hf"), text_file) == pytest.approx(figures, rel=1e-5)
     base = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])[0]
     adapted = L.GPT2LMModel(L.GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": 2, "lora_attn_alpha": 8}))
     adapted.load_weight(base.state_dict()).load_adapter(tmp_path / "peft")
     assert held_out(adapted, text_file) == pytest.approx(figures, rel=1e-5)
+    assert json.load(open("peft/adapter_config.json"))["base_model_name_or_path"] == os.path.join("peft", "base")
+    exported = L.GPT2LMModel.from_pretrained("peft/base", lora_attn_dim=2, lora_attn_alpha=8).load_adapter("peft")
+    assert held_out(exported, text_file) == pytest.approx(figures, rel=1e-5)
+    text = open(text_file, encoding="utf-8").read()
+    for folder in ("hf", "peft"):
+        assert json.load(open(f"{folder}/chars.json")) == {"chars": "".join(sorted(set(text)))}
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    chars = json.load(open("peft/chars.json"))["chars"]  # the README's example, as written there
+    ids = torch.tensor([[chars.index(c) for c in "ROMEO:"]])
+    with torch.no_grad():
+        got = peft.AutoPeftModelForCausalLM.from_pretrained("peft")(ids).logits
+    assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -2061,8 +2077,16 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--init-from", "{run}/ckpt.pt"], "checkpoint entry 'format' -> str: not a state dict (names -> tensors)"),
     (["--save-adapter", "{tmp}/peft", "--rank", "0"], "--save-adapter"),
     (["--resume", "--out-dir", "{run}", "--data", "{other}"], "not the text"),
-    (["--resume", "--out-dir", "{run}", "--rank", "4"], "does not fit this run"),
-    (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "shape"),
+    (["--resume", "--out-dir", "{run}", "--rank", "4"], "--rank 4: the run in"),
+    (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "--n-embd 32: the run in"),
+    (["--resume", "--out-dir", "{run}", "--alpha", "4"], "trained with 8.0, which --resume keeps"),
+    (["--resume", "--out-dir", "{run}", "--block-size", "16"], "--block-size 16: the run in"),
+    (["--save-pretrained", "{tmp}/x", "--save-adapter", "{tmp}/x"], "two separate folders"),
+    (["--save-pretrained", "{tmp}/x/hf", "--save-adapter", "{tmp}/x"], "two separate folders"),
+    (["--save-adapter", "{short}"], "short.txt is a file; give a folder"),
+    (["--save-pretrained", "{short}/hf"], "cannot write in"),
+    (["--save-pretrained", "/proc/no/such/hf"], "cannot write in /proc"),
+    (["--save-adapter", "{tmp}/out"], "is --out-dir, which holds the run's checkpoints"),
     (["--out-dir", "{short}/sub"], "Not a directory"),
     (["--out-dir", "{short}"], "short.txt is a file; pass a folder"),
     (["--resume", "--out-dir", "{short}"], "short.txt is a file; pass a folder"),
@@ -2205,6 +2229,36 @@ def test_an_adapter_exported_from_a_pretrained_base_names_that_base(text_file, t
                         "--out-dir", str(tmp_path / "out"), "--save-adapter", str(tmp_path / "peft")])
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(folder)
+
+
+@needs_safetensors
+def test_exports_into_the_init_from_base_are_refused_before_the_first_step(text_file, tmp_path, monkeypatch,
+                                                                         capsys):
+    """--save-pretrained over the base would replace the user's model, and --save-adapter into it
+    would make transformers apply the adapter to every later load of the base."""
+    monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
+    folder = tmp_path / "hf"
+    _hf_folder(folder, seed=0)
+    for option, target in (("--save-pretrained", folder), ("--save-adapter", folder / "peft"),
+                           ("--save-adapter", folder / ".." / "hf")):
+        err = one_line_error(SCHEDULE + ["--data", text_file, "--init-from", str(folder), "--out-dir",
+                                         str(tmp_path / "out"), option, str(target)], capsys)
+        assert "would write into the --init-from base" in err
+    assert sorted(os.listdir(folder)) == ["config.json", "pytorch_model.bin"]
+    assert not glob.glob(str(tmp_path / "out" / "*.pt"))
+
+
+@needs_safetensors
+def test_a_failed_export_write_is_one_line(text_file, tmp_path, finished_run, monkeypatch, capsys):
+    import safetensors.torch
+
+    def full(*args):
+        raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", copy_run(finished_run[1], tmp_path / "o"),
+                                       "--max-iters", "1", "--sample", "0", "--save-pretrained", str(tmp_path / "hf")],
+                         capsys)
+    assert f"cannot write {tmp_path / 'hf'}: Error while serializing: No space left" in err
 
 
 def test_without_tiktoken_gpt2s_tokenizer_is_a_one_line_error_naming_the_package(monkeypatch):
