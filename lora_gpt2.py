@@ -5,16 +5,13 @@ weight matrix W0 frozen and learns a low-rank update next to it:
 
     h = W0 x + ΔW x,    ΔW = B A,    B ∈ R^{d_out × r},  A ∈ R^{r × d_in},  r ≪ min(d_in, d_out)
 
-and scales the update by α/r, so that changing r does not force a new learning rate. A starts
-random and B at zero, so before any training ΔW = 0 and the model is exactly the pretrained one.
-Once trained, ΔW can be added into W0 ("merged"), and inference costs nothing extra.
+scaled by α/r, so that changing r does not force a new learning rate. A starts random and B at
+zero: before training ΔW = 0. Once trained, ΔW can be added into W0 ("merged"), at no extra cost.
 
 This module follows microsoft/LoRA: its `loralib` layers (`Linear`, `MergedLinear`, with the same
 parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys and forward
-arguments), so that checkpoints and scripts move freely between the two. It reads top to bottom:
-the config, the LoRA layers, GPT-2's Conv1D, attention with LoRA on Q and V, the MLP and block,
-the trunk, the head tied to the embedding, the language model with its loss and generation, the
-presets, the helpers (what to train, what to save, merging), and last the checkpoint formats.
+arguments), so that checkpoints and scripts move freely between the two. It reads top to bottom, as the
+numbered sections say, from the config to the checkpoint formats.
 
 Shapes in comments use B (batch), T (time), C (n_embd), nh (heads), hs (head size), V (vocab),
 r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
@@ -52,7 +49,7 @@ class GPT2Config:
     lora_attn_alpha     α; the update ΔW = BA is scaled by α / r.
     lora_dropout        dropout on the adapter's input x, before A (as in loralib).
 
-    Two fields are stored but never used by microsoft's GPT-2; here they mean (both 0, off, by default):
+    Two fields microsoft's GPT-2 stores but never uses; here they mean (both 0, off, by default):
     lora_r_dropout      dropout on the rank-r intermediate A x, between A and B.
     fix_dropout         the model's own dropout: embeddings, attention weights, both residual branches.
     """
@@ -167,19 +164,17 @@ def _describe(x) -> str:
 
 # ---- 2. LoRA layers: loralib's arguments, parameter names and shapes ------------------------------
 class LoRALayer(nn.Linear):
-    """A dense layer W0 (with bias b) whose output is split into k equal groups of d = out/k rows,
-    with a low-rank update on each of the m groups that `enable_lora` names: the base of Linear
-    (k = m = 1) and MergedLinear. `lora_A` stacks the A_g as (r·m, in), `lora_B` the B_g as
-    (d·m, r), as in loralib. `weight` is W0 as (out, in), or (in, out) with `fan_in_fan_out=True`
+    """A dense layer W0 (bias b), output in k groups of d = out/k rows, a low-rank update on the m
+    groups `enable_lora` names: Linear (k = m = 1) and MergedLinear. `lora_A` stacks the A_g as
+    (r·m, in), `lora_B` the B_g as (d·m, r), as in loralib. `weight` is W0 as (out, in), or (in, out) with `fan_in_fan_out=True`
     (GPT-2's Conv1D layout); with an adapter, W0 and only W0 is frozen. `merged` says whether
     scaling·ΔW sits inside `weight`; merge() and unmerge() move it in and out (each idempotent).
     With `merge_weights=True`, eval() merges and train() unmerges.
 
-    Three promises loralib does not keep. A state dict always holds W0, merged or not, and loading
-    into a merged layer re-merges with the loaded A and B: ΔW is never counted twice. Merging writes
-    a new tensor, so a tensor someone else holds (an earlier state dict, the source of
-    load_state_dict(assign=True)) never changes; W0 comes back up to rounding (about one ulp per
-    cycle in bfloat16). The forward pass never forms the (out × in) ΔW.
+    Three promises loralib does not keep. A state dict always holds W0, and loading into a merged
+    layer re-merges with the loaded A and B: ΔW is never counted twice. Merging writes a new tensor:
+    one someone else holds (an earlier state dict, load_state_dict(assign=True)'s source) never
+    changes; W0 comes back up to rounding. The forward pass never forms the (out × in) ΔW.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
@@ -326,15 +321,14 @@ class Conv1D(nn.Module):
 
 # ---- 4. Attention, with LoRA on Q and V ----------------------------------------------------------
 class Attention(nn.Module):
-    """Causal multi-head self-attention. `c_attn` projects x to Q, K and V at once (a (C, 3C)
-    Conv1D weight), built as a MergedLinear with fan_in_fan_out=True and enable_lora=[True, False,
-    True]: LoRA adapts W_q and W_v and leaves W_k frozen, the paper's best choice for a fixed
-    parameter budget; merge_weights=False, so a training loop's eval() does not fold ΔW into W.
+    """Causal multi-head self-attention. `c_attn` projects x to Q, K and V at once ((C, 3C), as
+    Conv1D), a MergedLinear with enable_lora=[True, False, True]: LoRA on W_q and W_v, W_k frozen,
+    the paper's best choice for a parameter budget; merge_weights=False: eval() does not merge.
 
     `layer_past` (2, B, nh, T_past, hs) holds earlier keys and values; without `len_past` this call's
-    are appended, so decoding a token costs O(T), not O(T²). With `len_past` (B,) the cache has a
-    fixed size, as in microsoft's beam search over right-padded prompts: row b's one new token sits at
-    position len_past[b], its key and value overwrite cache row len_past[b], and it sees rows 0..len_past[b]."""
+    are appended: a token costs O(T), not O(T²). With `len_past` (B,) the cache has a fixed size (as
+    in microsoft's beam search): row b's new token sits at position len_past[b], overwrites that row
+    of the cache, and sees rows 0..len_past[b]."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -447,28 +441,23 @@ class GPT2Model(nn.Module):
         if past is None and len_past is not None:
             raise ValueError("len_past needs past: make a first call without len_past to get the cache")
         nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
+        dev, dtype = self.wte.weight.device, self.wte.weight.dtype
+        autocast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else dtype
         if past is not None and (not isinstance(past, Sequence) or len(past) != cfg.n_layer or not all(
-                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype == past[0].dtype for p in past)
-                or past[0].shape[0] != 2 or past[0].shape[2] != nh or past[0].shape[4] != hs):
-            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a previous call returned")
+                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype in (dtype, autocast) and p.device == dev
+                for p in past) or past[0].shape[0] != 2 or past[0].shape[2] != nh or past[0].shape[4] != hs):
+            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a previous call returned "
+                             f"({dtype}, on {dev})")
         if past is not None and past[0].shape[1] != B:
             raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed the same batch")
         past_length = 0 if past is None else past[0].shape[-2]
         if past_length + (T if len_past is None else 0) > cfg.n_ctx:
             raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must lie "
                              f"in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last {cfg.n_ctx} tokens")
-        if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,) or T != 1):
-            raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), with exactly one new "
-                             f"token per row, input_ids ({B}, 1); got {_describe(len_past)} and {T} new tokens")
-        dev, dtypes = self.wte.weight.device, {self.wte.weight.dtype}
-        if torch.is_autocast_enabled(dev.type):  # then c_attn gives keys and values in autocast's dtype
-            dtypes.add(torch.get_autocast_dtype(dev.type))
-        for name, t in (("input_ids", input_ids), ("past", past and past[0]), ("len_past", len_past)):
-            if t is not None and t.device != dev:
-                raise ValueError(f"{name} is on {t.device}, the model on {dev}: move it there with .to({str(dev)!r})")
-        if past is not None and past[0].dtype not in dtypes:
-            raise ValueError(f"past holds {past[0].dtype}, but this model computes keys and values in "
-                             f"{' or '.join(map(str, dtypes))}: pass the caches it returned")
+        if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,) or T != 1
+                                     or len_past.device != dev):
+            raise ValueError(f"len_past must be a torch.long tensor on {dev} of shape (batch,) = ({B},), with exactly "
+                             f"one new token per row, input_ids ({B}, 1); got {_describe(len_past)} and {T} new tokens")
         if len_past is not None:
             _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
                             "pad the prompts to leave room for the tokens to generate")
@@ -494,12 +483,10 @@ class GPT2LMHead(nn.Module):
 class GPT2LMModel(nn.Module):
     """GPT-2 language model with optional LoRA adapters on Q and V (rank config.lora_attn_dim).
 
-    forward takes microsoft's arguments in microsoft's order and returns (logits (B, T, V), caches)
-    without labels, for decoding with `past` / `len_past`; with labels (logits, loss), or (logits,
-    loss, t1_acc, all_acc) with is_report_accuracy. As in microsoft/LoRA the caller aligns the
-    labels: lm_labels[b, t] is the target of position t (for next-token prediction, the inputs
-    shifted left by one). A negative label (microsoft's -1, Hugging Face's -100) means "no target
-    here", like lm_mask 0."""
+    forward takes microsoft's arguments in its order and returns (logits (B, T, V), caches) without
+    labels, for decoding with `past` / `len_past`; with labels (logits, loss), or (logits, loss,
+    t1_acc, all_acc) with is_report_accuracy. As in microsoft/LoRA, lm_labels[b, t] is the target of
+    position t (the inputs shifted left by one); a negative label (-1, -100) is none, like lm_mask 0."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -585,7 +572,7 @@ class GPT2LMModel(nn.Module):
         save_pretrained(self, folder)
 
     def save_adapter(self, folder: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None) -> None:
-        save_adapter(self, folder, base_model_name_or_path)  # a PEFT LoRA folder: one rank-2r LoRA on c_attn
+        save_adapter(self, folder, base_model_name_or_path)  # a PEFT LoRA folder
 
     def load_adapter(self, folder: Union[str, os.PathLike]) -> "GPT2LMModel":  # reads save_adapter's folder
         return load_adapter(self, folder)
@@ -597,8 +584,8 @@ class GPT2LMModel(nn.Module):
                  top_k: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Append `max_new_tokens` tokens to `input_ids` (B, T): the most likely (temperature 0), or
-        sampled from softmax(logits / temperature) among the `top_k` most likely. With the cache each
-        step feeds only the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
+        drawn from softmax(logits / temperature) among the `top_k` most likely. With the cache a step
+        feeds the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if not (_is_real(temperature) and temperature >= 0):
@@ -615,8 +602,7 @@ class GPT2LMModel(nn.Module):
                 hidden, past = self.transformer(idx[:, -n_ctx:], use_cache=use_cache)  # (re)read the context
             logits = self.lm_head(hidden[:, -1, :]).float()                    # (B, V): last position only
             if logits.isnan().any():  # argmax would pick token 0, multinomial fail deep inside
-                raise ValueError("the model produced NaN logits: its weights hold NaN or inf, or its activations "
-                                 "overflowed (in float16, try bfloat16 or float32)")
+                raise ValueError("the model produced NaN logits (NaN or inf weights, or an overflow)")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -673,8 +659,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
 
 
 def lora_parameter_count(config: GPT2Config) -> int:
-    """Trainable LoRA parameters: n_layer × 2 (Q and V) × (n_embd + n_embd) × r, since per adapted
-    projection A is (r, C) and B is (C, r)."""
+    """Trainable LoRA parameters: n_layer × 2 (Q, V) × (C + C) × r, as A is (r, C) and B (C, r)."""
     return config.n_layer * 2 * (config.n_embd + config.n_embd) * config.lora_attn_dim
 
 
@@ -691,8 +676,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A plain state dict with ΔW folded into the weights and no LoRA tensors, for a rank-0 model of the
-    same sizes (for Hugging Face, use model.save_pretrained). The model itself is left as it was."""
+    """A state dict with ΔW folded in and no LoRA tensors, for a rank-0 model of the same sizes (for
+    Hugging Face, use save_pretrained). The model is left as it was."""
     sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -711,60 +696,49 @@ def _frozen_hash(sd: Mapping[str, torch.Tensor], skip) -> str:
 
 
 def _probes(w: torch.Tensor) -> List[float]:
-    """‖W‖_F and 8 projections uᵀ W v, in float64. u, v are fixed cosine patterns of unit variance,
-    not random draws, so that no change of torch's random generator can change a record."""
-    n, m = w.shape
-    f = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()        # (8,)
-    U = torch.cos(torch.arange(1, n + 1, dtype=torch.float64)[:, None] * f) * math.sqrt(2)  # (n, 8)
-    V = torch.cos(torch.arange(1, m + 1, dtype=torch.float64)[:, None] * f * math.pi) * math.sqrt(2)
+    """‖W‖ and 8 projections uᵀWv in float64, u and v fixed cosines (no RNG that may change)."""
+    f = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()
+    U, V = (torch.cos(torch.arange(1, n + 1, dtype=torch.float64)[:, None] * f * c) * math.sqrt(2)
+            for n, c in zip(w.shape, (1, math.pi)))                           # (rows, 8), (cols, 8)
     w = w.detach().to("cpu", torch.float64)
     return [w.norm().item()] + (U.t() @ w @ V).diagonal().tolist()
 
 
 def base_fingerprint(model: nn.Module, bias: str = "none") -> str:
-    """The record of the frozen base that adapters and the training script keep (JSON): the dtype,
-    a SHA-256 of the trunk's tensors by name, shape and value as float32, except LoRA's own, the
-    biases `bias` names (an adapter carries those) and the weights LoRA may adapt (c_attn's W0);
-    for each of those, its norm and 8 projections (_probes), which base_difference compares within
-    a tolerance: a merge/unmerge cycle moves W0 by rounding."""
+    """The record of the base an adapter keeps (JSON): the dtype, a SHA-256 of the trunk but LoRA,
+    the biases `bias` names and the adapted W0, and each W0's _probes, for base_difference."""
     sd = model.state_dict()
     adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     skip = adapted | {k for k in sd if _is_lora_name(model, k, bias)}
-    return json.dumps(dict(dtype=str(model.transformer.wte.weight.dtype).replace("torch.", ""),
-                           frozen=_frozen_hash(sd, skip), adapted={k: _probes(sd[k]) for k in sorted(adapted)}))
+    return json.dumps(dict(dtype=str(model.transformer.wte.weight.dtype)[6:], frozen=_frozen_hash(sd, skip),
+                           adapted={k: _probes(sd[k]) for k in sorted(adapted)}))
 
 
-# W0 within a tolerance relative to ‖W0‖_F, the rest bit for bit. A merge/unmerge cycle rounds each
-# element of W twice, each time by at most u·|W0 + ΔW| (unit roundoff u: 2^-24 in float32, 2^-8 in
-# bfloat16), with signs that do not line up, so k cycles move W by about u·sqrt(2k)·‖W0 + ΔW‖_F, and
-# each projection by as much. 1e-4 leaves float32 room for about 10^5 cycles even with ‖ΔW‖ = ‖W0‖
-# (the tests run 300 with a ΔW that large), and still refuses a merged export with ‖ΔW‖ ≥ 1e-3·‖W0‖:
-# a ΔW counted twice that changes each output of c_attn by a thousandth of its size. In 16 bits one
-# cycle already moves W by ~3e-3·‖W‖, so there the tolerance is 2^-5 (about 50 bfloat16 cycles).
-_BASE_TOLERANCE = {"float16": 2 ** -5, "bfloat16": 2 ** -5}
+# W0 within tol·‖W0‖: a merge/unmerge cycle rounds each element twice by ≤ u·|W0 + ΔW| (u = 2^-24 in
+# float32, 2^-8 in bfloat16), signs at random, so k cycles move W (and a probe) ~u·sqrt(2k)·‖W0 + ΔW‖.
+# 1e-4 gives float32 ~10^5 cycles at ‖ΔW‖ = ‖W0‖ and refuses merged exports from ‖ΔW‖ ≈ 1e-3·‖W0‖;
+# 16 bits get 2^-5 (~50 bfloat16 cycles).
 
 
 def base_difference(model: nn.Module, record: str, bias: str = "none") -> Optional[str]:
-    """None if `model` holds the base that `record` (base_fingerprint's, or an older bare SHA-256
-    of the frozen parts alone, checked as it was) describes; else what differs."""
+    """None if `model` holds the base that `record` (base_fingerprint's, or an older SHA-256 of the
+    frozen parts alone) describes, else what differs."""
     sd = model.state_dict()
-    if re.fullmatch("[0-9a-f]{64}", str(record)):  # records before W0 was covered
+    if re.fullmatch("[0-9a-f]{64}", str(record)):
         adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
         return None if _frozen_hash(sd, adapted) == record else "another base (its weights differ)"
     try:
         rec, mine = json.loads(record), json.loads(base_fingerprint(model, bias))
-        tolerance = _BASE_TOLERANCE.get(rec["dtype"], 1e-4)
+        tol = 2 ** -5 if rec["dtype"] in ("float16", "bfloat16") else 1e-4
         differs = rec["frozen"] != mine["frozen"] or set(rec["adapted"]) != set(mine["adapted"])
         far = [k for k, p in rec["adapted"].items() if not differs and any(
-            abs(a - b) > tolerance * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
+            abs(a - b) > tol * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
     except (ValueError, TypeError, KeyError, AttributeError, IndexError):
         return "a base record this version cannot read"
     if (differs or far) and rec["dtype"] != mine["dtype"]:
-        return (f"another precision ({mine['dtype']}; the record's base was {rec['dtype']}): cast the base "
-                f"first, model.to(torch.{rec['dtype']})")
+        return f"another precision ({mine['dtype']}, not {rec['dtype']}): cast it first, model.to(torch.{rec['dtype']})"
     if far:
-        return (f"another base: {far[0]} is not the W0 the record describes, beyond merge/unmerge rounding "
-                f"(a merged export of an adapted model, or another model)")
+        return f"another base: {far[0]} is not the W0 recorded, beyond rounding (a merged export?)"
     return "another base (its weights differ)" if differs else None
 
 
@@ -784,7 +758,7 @@ def _safetensors():
 def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     safe_open = _safetensors().safe_open
     try:
-        open(path, "rb").close()  # safetensors reports an unreadable file as a missing one
+        open(path, "rb").close()  # safetensors calls an unreadable file missing
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # truncated or foreign files
@@ -808,7 +782,7 @@ def _read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested too deep
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"cannot read {path} as JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
@@ -878,12 +852,10 @@ def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             values = _config_from_hf_json(_read_json(os.path.join(path, "config.json")), path)
-        shards = [f for f in os.listdir(path) if f.endswith(".index.json")]
-        path = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")
-                     if os.path.isfile(os.path.join(path, f))), path + "/model.safetensors")
-        if shards and not os.path.isfile(path):
-            raise ValueError(f"{os.path.dirname(path)} holds a sharded checkpoint ({shards[0]}), which is not read: "
-                             f"save it as one file, e.g. with save_pretrained(folder, max_shard_size='100GB')")
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
+        if not files and any(f.endswith(".index.json") for f in os.listdir(path)):
+            raise ValueError(f"{path}: sharded checkpoints are not read; save the model as one file")
+        path = os.path.join(path, (files + ["model.safetensors"])[0])
     elif not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of {', '.join(HUB_MODELS)}")
     sd = _normalize_state_dict(_read_weights(path))
@@ -951,8 +923,8 @@ def _download_from_hub(repo_id: str) -> str:
 
 
 def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str, config: dict):
-    """Write so that an interruption never leaves a folder that loads wrong: both files go to temporary
-    names, the old config goes (new weights must never meet it), then the weights, the config last."""
+    """Write so that an interruption never leaves a folder that loads wrong: both files to temporary
+    names, the old config goes (new weights never meet it), then the weights, the config last."""
     save_file, folder = _safetensors().torch.save_file, _path(folder, "the folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
@@ -972,7 +944,7 @@ def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, conf
             os.remove(os.path.join(folder, config_name))
         for name, temp in zip(names, temps):
             os.replace(temp, os.path.join(folder, name))
-    except Exception as e:  # a full disk, safetensors' own errors: one line, naming the folder
+    except Exception as e:  # a full disk, safetensors' errors
         raise OSError(f"cannot write {folder}: {e}") from None
     finally:
         for temp in filter(os.path.exists, temps):
@@ -980,9 +952,9 @@ def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, conf
 
 
 def save_pretrained(model: GPT2LMModel, folder) -> None:
-    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, no LoRA
-    tensors, the tied head stored once (as wte): transformers' GPT2LMHeadModel.from_pretrained and
-    ours give this model's logits from it. The model itself is left as it was, merged or not."""
+    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, the tied
+    head stored once (as wte): transformers and from_pretrained give this model's logits from it.
+    The model is left as it was, merged or not."""
     cfg, p = model.config, model.config.fix_dropout
     tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
@@ -999,41 +971,34 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
 _PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
 
 
-def _peft_bias_keys(model: GPT2LMModel, bias: str) -> Dict[str, str]:
-    """{our state-dict key: PEFT's key} of the biases an adapter with `bias` carries (PEFT names
-    the bias of a layer it wraps base_layer.bias)."""
+def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:  # {our key: PEFT's}
     keys = [k for k in model.state_dict() if _is_lora_name(model, k, bias) and "lora_" not in k]
     return {k: "base_model.model." + k.replace(".c_attn.bias", ".c_attn.base_layer.bias") for k in keys}
 
 
 def _trained_bias_mode(model: GPT2LMModel) -> str:
-    """PEFT's bias mode of what requires grad outside LoRA: none, lora_only (c_attn's) or all biases."""
     trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     for bias in _BIAS_MODES:
-        if trained == [n for n, _ in model.named_parameters() if _is_lora_name(model, n, bias) and "lora_" not in n]:
+        if trained == list(_peft_biases(model, bias)):
             return bias
-    raise ValueError(f"parameters outside the adapters require grad ({_short(trained)}), and a PEFT adapter "
-                     f"carries only LoRA and biases (all, or c_attn's): if they were trained, save_pretrained "
-                     f"writes the whole model; if not, freeze them first (mark_only_lora_as_trainable)")
+    raise ValueError(f"{_short(trained)} require grad: if trained, save_pretrained writes the whole model; "
+                     f"if not, mark_only_lora_as_trainable(model) first")
 
 
 def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
     """Write the LoRA weights as a PEFT adapter folder: peft.PeftModel.from_pretrained(hf_gpt2,
-    folder) gives this model's logits, and load_adapter reads it back exactly.
+    folder) gives this model's logits, load_adapter reads it back exactly.
 
-    PEFT puts one LoRA on the whole fused c_attn, ΔW = B'A'; we have two, B_q A_q on Q and B_v A_v
-    on V. They are the same update with A' = [A_q; A_v] (2r × C, our lora_A as it is) and B'
-    (3C × 2r) block-diagonal: B_q against A_q's half in the Q rows, zero K rows, B_v against A_v's
-    half in the V rows. One rank-2r LoRA with α' = 2α, so α'/r' = α/r. Biases that require grad
-    go with it, as PEFT's bias "lora_only" (c_attn's) or "all"; any other parameter that requires
-    grad is refused, as an adapter cannot carry it. The base record (base_fingerprint) goes in the
-    safetensors metadata (PEFT warns of unknown config keys)."""
+    PEFT has one LoRA on the fused c_attn; ours on Q and V are the same ΔW with A' = [A_q; A_v]
+    (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so α'/r' = α/r. Biases that
+    require grad go too (bias "lora_only" or "all"); other trainable weights are refused. The
+    base_fingerprint goes in the safetensors metadata (PEFT warns of unknown config keys)."""
     cfg, r, C = model.config, model.config.lora_attn_dim, model.config.n_embd
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     if r == 0:
         raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained saves it whole")
     bias, sd = _trained_bias_mode(model), model.state_dict()
-    tensors = {peft: sd[k] for k, peft in _peft_bias_keys(model, bias).items()}
+    tensors = {peft: sd[k] for k, peft in _peft_biases(model, bias).items()}
     for i, block in enumerate(model.transformer.h):
         A, B = block.attn.c_attn.lora_A.detach(), block.attn.c_attn.lora_B.detach()  # (2r, C), (2C, r)
         B2 = B.new_zeros(3 * C, 2 * r)                                        # (3C, 2r), K rows stay 0
@@ -1048,39 +1013,34 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
     _write_folder(folder, "adapter_model.safetensors", tensors, metadata, "adapter_config.json", adapter_config)
 
 
-# adapter_config.json fields that may hold any value: what an adapter is and where it comes from,
-# and training-only settings. The modeled ones (peft_type, r, lora_alpha, target_modules, bias,
-# init_lora_weights) are checked one by one; every other field, known to PEFT (layers_to_transform,
-# exclude_modules, rank_pattern, use_dora, modules_to_save, ...) or newer than this reader, changes
-# which layers adapt or how, and is refused unless neutral (null, false, empty).
-_PEFT_FREE_FIELDS = ("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                     "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core", "runtime_config",
-                     "qalora_group_size")
+# adapter_config.json fields free to hold anything (names, training-only settings, r and α, checked
+# apart); any other (layers_to_transform, use_dora, a newer field...) must be null, false or empty.
+_PEFT_FREE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                     "revision", "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core",
+                     "runtime_config", "qalora_group_size")
 
 
 def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
-    """Set the LoRA weights (and biases, with bias "lora_only" or "all") from a PEFT adapter folder
-    as save_adapter writes it; the model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError
-    refuses what this model cannot represent (K rows in B', a B' not block-diagonal, any field
-    _PEFT_FREE_FIELDS does not free at a non-neutral value, another rank), or another base than
-    the one recorded (base_difference), changing nothing."""
+    """Set the LoRA weights (and biases) from a PEFT adapter folder as save_adapter writes it; the
+    model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses, changing nothing, what
+    it cannot represent (K rows in B', a B' not block-diagonal, a field not neutral) or another base."""
     folder = _path(folder, "the adapter folder")
     cfg_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     ac = _read_json(cfg_path)
     sd, metadata = _read_safetensors(weights_path)
     cfg, r2, alpha2, bias = model.config, ac.get("r"), ac.get("lora_alpha"), ac.get("bias", "none")
     r, C = cfg.lora_attn_dim, cfg.n_embd
-    modeled = dict(peft_type=ac.get("peft_type") != "LORA", r=False, lora_alpha=False, bias=bias not in _BIAS_MODES,
+    modeled = dict(peft_type=ac.get("peft_type") != "LORA", bias=bias not in _BIAS_MODES,
                    target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]),
                    init_lora_weights=ac.get("init_lora_weights", True) not in (True, False, "gaussian"))
     for key in ac:
         if modeled.get(key, key not in _PEFT_FREE_FIELDS and ac[key] not in (None, False, {}, [], "")):
-            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds plain LoRA "
-                             f"on c_attn (Q and V) of every layer, one r and α")
+            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds plain "
+                             f"LoRA on every c_attn (Q, V), one r and α")
     if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r)):
         raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with lora_attn_dim = r'/2 "
                          f"(r' even) and lora_attn_alpha = α'/2; this one has {r} and {cfg.lora_attn_alpha}")
-    biases = _peft_bias_keys(model, bias)
+    biases = _peft_biases(model, bias)
     expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"} | set(biases.values())
     if set(sd) != expected:
         raise ValueError(f"{weights_path}: weights this model cannot hold: {_short(sorted(set(sd) - expected))}; "
@@ -1093,14 +1053,12 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
         if B2[C:2 * C].any():
             raise ValueError(f"layer {i}: B' has non-zero K rows; this model keeps W_k frozen (LoRA on Q, V only)")
         if B2[:C, r:].any() or B2[2 * C:, :r].any():
-            raise ValueError(f"layer {i}: B' is not block-diagonal (Q rows read A_v's half of A', or V rows "
-                             f"A_q's); this model gives Q and V separate A's")
+            raise ValueError(f"layer {i}: B' is not block-diagonal; this model gives Q and V separate A's")
         new[f"h.{i}.attn.c_attn.lora_A"] = A2                                 # [A_q; A_v] (2r, C)
         new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B2[:C, :r], B2[2 * C:, r:]))  # [B_q; B_v] (2C, r)
     why = "base_fingerprint" in metadata and base_difference(model, metadata["base_fingerprint"], bias)
     if why:
-        raise ValueError(f"{folder} does not go onto this model: {why}; load it onto the "
-                         f"base it was trained on")
+        raise ValueError(f"{folder} does not go onto this model: {why}; load it onto its own base")
     return model.load_weight(new)  # copies in place, and keeps a merged model merged
 
 
