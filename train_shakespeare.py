@@ -101,13 +101,10 @@ def parse_settings(argv=None) -> tuple:
         resume = read_checkpoint(os.path.join(s.out_dir, "ckpt.pt"), "ckpt")
         s = p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in resume["settings"].items()
                           if k not in FRESH and v is not None] + argv)
-        # What the saved numbers mean: the positions and sizes of a scratch base, and α/r of trained adapters.
-        fixed = ["block_size"] + ["n_layer", "n_head", "n_embd"] * (s.init_from == "scratch")
-        for k in fixed + ["rank", "alpha"] * (resume.get("phase") == "adapt"):
+        for k in ("block_size", "n_layer", "n_head", "n_embd", "rank", "alpha"):  # what saved numbers mean
             if k in resume["settings"] and getattr(s, k) != resume["settings"][k]:
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(s, k)}: the run in {s.out_dir} was trained with "
-                                 f"{resume['settings'][k]}, which --resume keeps; to change it, start a run in "
-                                 f"another --out-dir")
+                                 f"{resume['settings'][k]}, which --resume keeps; start anew in another --out-dir")
     s.lr = s.lr if s.lr is not None else 5e-3 if s.rank > 0 else 5e-4  # adapters take a larger step
     return s, resume
 
@@ -263,7 +260,7 @@ def load_model(path: str, device="cpu") -> tuple:
 
 
 def check_base(base: GPT2LMModel, info: dict | None) -> str:
-    """The record of `base` (base_fingerprint), refused if `info` (a checkpoint's record of its base) differs."""
+    """The record of `base`, refused if `info` (a checkpoint's record of its base) describes another."""
     why = info is not None and base_difference(base, info["fingerprint"])
     if why:
         raise ValueError(f"{info.get('file') or info['source']} is not the base the checkpoint was trained on "
@@ -272,31 +269,27 @@ def check_base(base: GPT2LMModel, info: dict | None) -> str:
 
 
 def check_exports(s) -> None:
-    """Refuse, before the first step, an export that cannot be written, or that would write over the
-    --init-from base, the run's checkpoints or the other export."""
+    """Refuse an export that cannot be written, or would write over the base, the run or the other export."""
     def inside(a, b):
-        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+        return os.path.commonpath([a, b]) == b
     given = {"--save-pretrained": s.save_pretrained, "--save-adapter": s.save_adapter}
     paths = {option: os.path.realpath(path) for option, path in given.items() if path}
     if len(paths) == 2 and (inside(*paths.values()) or inside(*reversed(paths.values()))):
-        raise ValueError("--save-pretrained and --save-adapter must be two separate folders: transformers "
-                         "would apply the adapter it finds on top of the merged weights")
+        raise ValueError("--save-pretrained and --save-adapter need separate folders (transformers would "
+                         "apply the adapter to the merged model)")
     base = os.path.realpath(s.init_from) if s.init_from != "scratch" and os.path.exists(s.init_from) else None
     for option, path in paths.items():
-        where = f"{option} {given[option]}"
         if base and (inside(path, base) if os.path.isdir(base) else path == os.path.dirname(base)):
-            raise ValueError(f"{where} would write into the --init-from base {s.init_from}; give another folder")
+            raise ValueError(f"{option} would write into the --init-from base; give another folder")
         if path == os.path.realpath(s.out_dir):
-            raise ValueError(f"{where} is --out-dir, which holds the run's checkpoints; give another folder")
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{where} is a file; give a folder")
+            raise ValueError(f"{option} is --out-dir, which holds the run's checkpoints; give another folder")
         parent = path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
-        try:  # the nearest folder that exists must take a new file (the export makes the rest)
+        try:  # the nearest folder that exists must take a file
             tempfile.TemporaryFile(dir=parent).close()
         except OSError as e:
-            raise OSError(f"{where}: cannot write in {parent} ({(e.strerror or str(e)).lower()})") from None
+            raise OSError(f"{option}: cannot write in {parent} ({(e.strerror or str(e)).lower()})") from None
 
 
 def trainable_weights(model: nn.Module) -> dict:
@@ -507,18 +500,17 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
         print(f"sample ({s.sample} tokens):\n{f['sample']}", flush=True)
     if s.save_pretrained:
         model.save_pretrained(s.save_pretrained)
-    if s.save_adapter and s.init_from == "scratch":  # the base goes inside, for peft to find
-        base = os.path.join(s.save_adapter, "base")
-        frozen = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
-        GPT2LMModel(GPT2Config.from_dict({**model.config.to_dict(), "lora_attn_dim": 0})).load_weight(
-            frozen).save_pretrained(base)
-        model.save_adapter(s.save_adapter, base)
-    elif s.save_adapter:
-        model.save_adapter(s.save_adapter, s.init_from)
+    if s.save_adapter:  # a scratch base goes inside, where the adapter's name for it leads peft
+        name = os.path.join(s.save_adapter, "base") if s.init_from == "scratch" else s.init_from
+        if name != s.init_from:
+            base = GPT2LMModel(GPT2Config.from_dict({**model.config.to_dict(), "lora_attn_dim": 0}))
+            base.load_weight({k: v for k, v in model.state_dict().items() if "lora_" not in k}).save_pretrained(name)
+        model.save_adapter(s.save_adapter, name)
     for folder in filter(None, (s.save_pretrained, s.save_adapter) if "chars" in tokenizer else ()):
-        with open(os.path.join(folder, ".chars.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump({"chars": tokenizer["chars"]}, f)  # token id i is the character chars[i]
-        os.replace(os.path.join(folder, ".chars.json.tmp"), os.path.join(folder, "chars.json"))
+        path = os.path.join(folder, "chars.json")  # token id i is the character chars[i]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"chars": tokenizer["chars"]}, f)
+        os.replace(path + ".tmp", path)
 
 
 # ---- The command line
