@@ -10,8 +10,8 @@ zero: before training ΔW = 0. Once trained, ΔW can be added into W0 ("merged")
 
 This module follows microsoft/LoRA: its `loralib` layers (`Linear`, `MergedLinear`, with the same
 parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys and forward
-arguments), so that checkpoints and scripts move freely between the two. It reads top to bottom, as the
-numbered sections say, from the config to the checkpoint formats.
+arguments), so that checkpoints and scripts move freely between the two. It reads top to bottom,
+as the numbered sections say, from the config to the checkpoint formats.
 
 Shapes in comments use B (batch), T (time), C (n_embd), nh (heads), hs (head size), V (vocab),
 r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
@@ -166,9 +166,9 @@ def _describe(x) -> str:
 class LoRALayer(nn.Linear):
     """A dense layer W0 (bias b), output in k groups of d = out/k rows, a low-rank update on the m
     groups `enable_lora` names: Linear (k = m = 1) and MergedLinear. `lora_A` stacks the A_g as
-    (r·m, in), `lora_B` the B_g as (d·m, r), as in loralib. `weight` is W0 as (out, in), or (in, out) with `fan_in_fan_out=True`
-    (GPT-2's Conv1D layout); with an adapter, W0 and only W0 is frozen. `merged` says whether
-    scaling·ΔW sits inside `weight`; merge() and unmerge() move it in and out (each idempotent).
+    (r·m, in), `lora_B` the B_g as (d·m, r), as in loralib. `weight` is W0 as (out, in), or (in,
+    out) with `fan_in_fan_out=True` (GPT-2's Conv1D); with an adapter, W0 alone is frozen. `merged`
+    says whether scaling·ΔW is inside `weight`; merge() and unmerge() move it (each idempotent).
     With `merge_weights=True`, eval() merges and train() unmerges.
 
     Three promises loralib does not keep. A state dict always holds W0, and loading into a merged
@@ -442,22 +442,25 @@ class GPT2Model(nn.Module):
             raise ValueError("len_past needs past: make a first call without len_past to get the cache")
         nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
         dev, dtype = self.wte.weight.device, self.wte.weight.dtype
-        autocast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else dtype
+        on = torch.is_autocast_enabled(dev.type)
+        autocast = torch.get_autocast_dtype(dev.type) if on else dtype
         if past is not None and (not isinstance(past, Sequence) or len(past) != cfg.n_layer or not all(
-                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype in (dtype, autocast) and p.device == dev
-                for p in past) or past[0].shape[0] != 2 or past[0].shape[2] != nh or past[0].shape[4] != hs):
-            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a previous call returned "
-                             f"({dtype}, on {dev})")
+                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype in (dtype, autocast)
+                and p.device == dev for p in past)
+                or past[0].shape[0] != 2 or past[0].shape[2] != nh or past[0].shape[4] != hs):
+            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a previous "
+                             f"call returned ({dtype}, on {dev})")
         if past is not None and past[0].shape[1] != B:
             raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed the same batch")
         past_length = 0 if past is None else past[0].shape[-2]
         if past_length + (T if len_past is None else 0) > cfg.n_ctx:
             raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must lie "
                              f"in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last {cfg.n_ctx} tokens")
-        if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,) or T != 1
-                                     or len_past.device != dev):
-            raise ValueError(f"len_past must be a torch.long tensor on {dev} of shape (batch,) = ({B},), with exactly "
-                             f"one new token per row, input_ids ({B}, 1); got {_describe(len_past)} and {T} new tokens")
+        if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,)
+                                     or T != 1 or len_past.device != dev):
+            raise ValueError(f"len_past must be a torch.long tensor on {dev} of shape (batch,) = ({B},), "
+                             f"with exactly one new token per row, input_ids ({B}, 1); got "
+                             f"{_describe(len_past)} and {T} new tokens")
         if len_past is not None:
             _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
                             "pad the prompts to leave room for the tokens to generate")
@@ -486,7 +489,7 @@ class GPT2LMModel(nn.Module):
     forward takes microsoft's arguments in its order and returns (logits (B, T, V), caches) without
     labels, for decoding with `past` / `len_past`; with labels (logits, loss), or (logits, loss,
     t1_acc, all_acc) with is_report_accuracy. As in microsoft/LoRA, lm_labels[b, t] is the target of
-    position t (the inputs shifted left by one); a negative label (-1, -100) is none, like lm_mask 0."""
+    position t (the inputs shifted left by one); a negative label (-1, -100) is none (lm_mask 0)."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -584,8 +587,8 @@ class GPT2LMModel(nn.Module):
                  top_k: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Append `max_new_tokens` tokens to `input_ids` (B, T): the most likely (temperature 0), or
-        drawn from softmax(logits / temperature) among the `top_k` most likely. With the cache a step
-        feeds the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
+        drawn from softmax(logits / temperature) among the `top_k` most likely. With the cache, a
+        step feeds the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if not (_is_real(temperature) and temperature >= 0):
@@ -601,8 +604,8 @@ class GPT2LMModel(nn.Module):
             else:
                 hidden, past = self.transformer(idx[:, -n_ctx:], use_cache=use_cache)  # (re)read the context
             logits = self.lm_head(hidden[:, -1, :]).float()                    # (B, V): last position only
-            if logits.isnan().any():  # argmax would pick token 0, multinomial fail deep inside
-                raise ValueError("the model produced NaN logits (NaN or inf weights, or an overflow)")
+            if logits.isnan().any():  # else argmax picks token 0
+                raise ValueError("the model produced NaN logits (NaN or inf weights, an overflow)")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -710,22 +713,24 @@ def base_fingerprint(model: nn.Module, bias: str = "none") -> str:
     sd = model.state_dict()
     adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     skip = adapted | {k for k in sd if _is_lora_name(model, k, bias)}
-    return json.dumps(dict(dtype=str(model.transformer.wte.weight.dtype)[6:], frozen=_frozen_hash(sd, skip),
-                           adapted={k: _probes(sd[k]) for k in sorted(adapted)}))
+    probes = {k: _probes(sd[k]) for k in sorted(adapted)}
+    dtype = str(model.transformer.wte.weight.dtype)[6:]
+    return json.dumps(dict(dtype=dtype, frozen=_frozen_hash(sd, skip), adapted=probes))
 
 
-# W0 within tol·‖W0‖: a merge/unmerge cycle rounds each element twice by ≤ u·|W0 + ΔW| (u = 2^-24 in
-# float32, 2^-8 in bfloat16), signs at random, so k cycles move W (and a probe) ~u·sqrt(2k)·‖W0 + ΔW‖.
-# 1e-4 gives float32 ~10^5 cycles at ‖ΔW‖ = ‖W0‖ and refuses merged exports from ‖ΔW‖ ≈ 1e-3·‖W0‖;
-# 16 bits get 2^-5 (~50 bfloat16 cycles).
+# W0 within tol·‖W0‖: a merge/unmerge cycle rounds each element twice by ≤ u·|W0 + ΔW| (u =
+# 2^-24 in float32, 2^-8 in bfloat16), signs at random: k cycles move W (and a probe) by about
+# u·sqrt(2k)·‖W0 + ΔW‖. 1e-4 gives float32 ~10^5 cycles at ‖ΔW‖ = ‖W0‖ and refuses merged exports
+# from ‖ΔW‖ ≈ 1e-3·‖W0‖ up; 16 bits get 2^-5.
 
 
 def base_difference(model: nn.Module, record: str, bias: str = "none") -> Optional[str]:
-    """None if `model` holds the base that `record` (base_fingerprint's, or an older SHA-256 of the
-    frozen parts alone) describes, else what differs."""
+    """None if `model` is the base `record` describes (base_fingerprint's, or an older SHA-256 of
+    the frozen parts), else what differs."""
     sd = model.state_dict()
     if re.fullmatch("[0-9a-f]{64}", str(record)):
-        adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
+        adapted = {f"{n}.weight" for n, m in model.named_modules()
+                   if isinstance(m, LoRALayer) and m.has_lora}
         return None if _frozen_hash(sd, adapted) == record else "another base (its weights differ)"
     try:
         rec, mine = json.loads(record), json.loads(base_fingerprint(model, bias))
@@ -736,7 +741,8 @@ def base_difference(model: nn.Module, record: str, bias: str = "none") -> Option
     except (ValueError, TypeError, KeyError, AttributeError, IndexError):
         return "a base record this version cannot read"
     if (differs or far) and rec["dtype"] != mine["dtype"]:
-        return f"another precision ({mine['dtype']}, not {rec['dtype']}): cast it first, model.to(torch.{rec['dtype']})"
+        dtype = rec["dtype"]
+        return f"another precision ({mine['dtype']}, not {dtype}): cast it first, model.to(torch.{dtype})"
     if far:
         return f"another base: {far[0]} is not the W0 recorded, beyond rounding (a merged export?)"
     return "another base (its weights differ)" if differs else None
@@ -801,8 +807,8 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} -> {type(value).__name__}: not a state dict (names -> tensors)")
         k = key.removeprefix("module.").removeprefix("_orig_mod.")  # DDP, torch.compile
-        if not value.is_floating_point() and not k.endswith(_IGNORED_SUFFIXES):  # never cast silently
-            raise ValueError(f"checkpoint tensor {key!r} is {value.dtype}: GPT-2 and LoRA weights are floating point")
+        if not value.is_floating_point() and not k.endswith(_IGNORED_SUFFIXES):
+            raise ValueError(f"checkpoint tensor {key!r} is {value.dtype}: weights are floating point")
         if k in _HEAD_KEYS:
             head = value
         elif not k.endswith(_IGNORED_SUFFIXES):
@@ -852,9 +858,10 @@ def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             values = _config_from_hf_json(_read_json(os.path.join(path, "config.json")), path)
-        files = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
+        files = [f for f in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.isfile(os.path.join(path, f))]
         if not files and any(f.endswith(".index.json") for f in os.listdir(path)):
-            raise ValueError(f"{path}: sharded checkpoints are not read; save the model as one file")
+            raise ValueError(f"{path}: sharded checkpoints are not read; save the model in one file")
         path = os.path.join(path, (files + ["model.safetensors"])[0])
     elif not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of {', '.join(HUB_MODELS)}")
@@ -924,7 +931,7 @@ def _download_from_hub(repo_id: str) -> str:
 
 def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str, config: dict):
     """Write so that an interruption never leaves a folder that loads wrong: both files to temporary
-    names, the old config goes (new weights never meet it), then the weights, the config last."""
+    names, the old config out (new weights never meet it), the weights in, the config last."""
     save_file, folder = _safetensors().torch.save_file, _path(folder, "the folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
@@ -973,7 +980,7 @@ _PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
 
 def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:  # {our key: PEFT's}
     keys = [k for k in model.state_dict() if _is_lora_name(model, k, bias) and "lora_" not in k]
-    return {k: "base_model.model." + k.replace(".c_attn.bias", ".c_attn.base_layer.bias") for k in keys}
+    return {k: "base_model.model." + k.replace("c_attn.bias", "c_attn.base_layer.bias") for k in keys}
 
 
 def _trained_bias_mode(model: GPT2LMModel) -> str:
@@ -981,8 +988,8 @@ def _trained_bias_mode(model: GPT2LMModel) -> str:
     for bias in _BIAS_MODES:
         if trained == list(_peft_biases(model, bias)):
             return bias
-    raise ValueError(f"{_short(trained)} require grad: if trained, save_pretrained writes the whole model; "
-                     f"if not, mark_only_lora_as_trainable(model) first")
+    raise ValueError(f"{_short(trained)} require grad: if trained, save_pretrained writes the whole "
+                     f"model; if not, mark_only_lora_as_trainable(model) first")
 
 
 def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
@@ -1015,15 +1022,15 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
 
 # adapter_config.json fields free to hold anything (names, training-only settings, r and α, checked
 # apart); any other (layers_to_transform, use_dora, a newer field...) must be null, false or empty.
-_PEFT_FREE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-                     "revision", "inference_mode", "lora_dropout", "fan_in_fan_out", "megatron_core",
-                     "runtime_config", "qalora_group_size")
+_PEFT_FREE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version",
+                     "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
+                     "fan_in_fan_out", "megatron_core", "runtime_config", "qalora_group_size")
 
 
 def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
     """Set the LoRA weights (and biases) from a PEFT adapter folder as save_adapter writes it; the
     model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses, changing nothing, what
-    it cannot represent (K rows in B', a B' not block-diagonal, a field not neutral) or another base."""
+    it cannot hold (K rows in B', a B' not block-diagonal, a field not neutral) or another base."""
     folder = _path(folder, "the adapter folder")
     cfg_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     ac = _read_json(cfg_path)
@@ -1035,13 +1042,14 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
                    init_lora_weights=ac.get("init_lora_weights", True) not in (True, False, "gaussian"))
     for key in ac:
         if modeled.get(key, key not in _PEFT_FREE_FIELDS and ac[key] not in (None, False, {}, [], "")):
-            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds plain "
-                             f"LoRA on every c_attn (Q, V), one r and α")
+            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds "
+                             f"plain LoRA on every c_attn (Q, V), one r and α")
     if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r)):
         raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with lora_attn_dim = r'/2 "
                          f"(r' even) and lora_attn_alpha = α'/2; this one has {r} and {cfg.lora_attn_alpha}")
     biases = _peft_biases(model, bias)
-    expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"} | set(biases.values())
+    expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"}
+    expected |= set(biases.values())
     if set(sd) != expected:
         raise ValueError(f"{weights_path}: weights this model cannot hold: {_short(sorted(set(sd) - expected))}; "
                          f"missing: {_short(sorted(expected - set(sd)))}")
@@ -1053,10 +1061,11 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
         if B2[C:2 * C].any():
             raise ValueError(f"layer {i}: B' has non-zero K rows; this model keeps W_k frozen (LoRA on Q, V only)")
         if B2[:C, r:].any() or B2[2 * C:, :r].any():
-            raise ValueError(f"layer {i}: B' is not block-diagonal; this model gives Q and V separate A's")
+            raise ValueError(f"layer {i}: B' is not block-diagonal; here Q and V have separate A's")
         new[f"h.{i}.attn.c_attn.lora_A"] = A2                                 # [A_q; A_v] (2r, C)
         new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B2[:C, :r], B2[2 * C:, r:]))  # [B_q; B_v] (2C, r)
-    why = "base_fingerprint" in metadata and base_difference(model, metadata["base_fingerprint"], bias)
+    record = metadata.get("base_fingerprint")
+    why = record and base_difference(model, record, bias)
     if why:
         raise ValueError(f"{folder} does not go onto this model: {why}; load it onto its own base")
     return model.load_weight(new)  # copies in place, and keeps a merged model merged

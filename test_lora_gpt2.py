@@ -1152,10 +1152,11 @@ def test_malformed_checkpoints_raise_value_error(tmp_path):
             L.GPT2LMModel.from_pretrained(tmp_path / name)
 
 
-def test_a_cache_of_another_dtype_or_device_a_deep_config_and_nan_logits_raise_value_errors(tmp_path):
-    """Each of these used to fail deep inside torch (or json), or, for greedy decoding of NaN logits,
-    silently pick token 0."""
-    model = tiny_model(L.GPT2Config(vocab_size=20, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)).eval()
+def test_a_foreign_cache_a_deep_config_and_nan_logits_raise_value_errors(tmp_path):
+    """Each of these used to fail deep inside torch (or json), or, for greedy decoding of NaN
+    logits, silently pick token 0."""
+    config = L.GPT2Config(vocab_size=20, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)
+    model = tiny_model(config).eval()
     ids = torch.randint(0, 20, (2, 3))
     _, past = model(ids)
     with pytest.raises(ValueError, match=r"past must be the 1 caches .* \(torch.float32, on cpu\)"):
@@ -1164,7 +1165,7 @@ def test_a_cache_of_another_dtype_or_device_a_deep_config_and_nan_logits_raise_v
         model(ids[:, :1], past=[p.double() for p in past], len_past=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="len_past must be a torch.long tensor on cpu"):
         model(ids[:, :1], past=past, len_past=torch.zeros(2, dtype=torch.long, device="meta"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's caches are in its dtype: accepted
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's caches, in its dtype: accepted
         _, half = model(ids)
         model(ids[:, :1], past=half)
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -1590,13 +1591,13 @@ def test_an_adapter_is_refused_on_the_merged_export_of_its_own_model(tmp_path):
     model = tiny_lora_model()
     model.save_adapter(tmp_path / "ad")
     model.save_pretrained(tmp_path / "merged")
-    merged = L.GPT2LMModel.from_pretrained(tmp_path / "merged", lora_attn_dim=2, lora_attn_alpha=6.0)
-    with pytest.raises(ValueError, match="another base: transformer.h.0.attn.c_attn.weight is not the W0"):
+    merged = L.GPT2LMModel.from_pretrained(tmp_path / "merged", lora_attn_dim=2, lora_attn_alpha=6)
+    with pytest.raises(ValueError, match="another base: transformer.h.0.attn.c_attn.weight is not"):
         merged.load_adapter(tmp_path / "ad")
 
 
 @needs_safetensors
-def test_base_record_accepts_w0_after_300_merge_unmerge_cycles_and_refuses_a_changed_adapted_weight(tmp_path):
+def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_adapted_weight(tmp_path):
     """The record compares W0 of c_attn within 1e-4·‖W0‖: 300 merge/unmerge cycles of a ΔW as large
     as W0 (float32 rounding, ~1e-6·‖W0‖) stay inside; one layer's W0 moved by 1e-3·‖W0‖ is refused,
     by 1e-7·‖W0‖ (below rounding) accepted; so is a record that is not JSON."""
@@ -1626,12 +1627,13 @@ def test_base_record_accepts_w0_after_300_merge_unmerge_cycles_and_refuses_a_cha
 
 
 @needs_safetensors
-def test_an_adapter_of_a_float32_base_refuses_a_bfloat16_one_and_a_bfloat16_one_loads_on_its_upcast(tmp_path):
+def test_a_float32_adapter_refuses_a_bfloat16_base_and_a_bfloat16_one_loads_on_its_upcast(tmp_path):
     """Another precision is named with the cast that fixes it; a base that holds the very values in
     a wider dtype (bfloat16 → float32 is exact) is the same base, as if cast first."""
     model = tiny_lora_model()
     model.save_adapter(tmp_path / "f32")
-    with pytest.raises(ValueError, match=r"another precision \(bfloat16, not float32\): cast it first, model.to\(torch.float32\)"):
+    message = r"another precision \(bfloat16, not float32\): cast it first, model.to\(torch.float32\)"
+    with pytest.raises(ValueError, match=message):
         tiny_lora_model().to(torch.bfloat16).load_adapter(tmp_path / "f32")
     model.to(torch.bfloat16).save_adapter(tmp_path / "bf16")
     upcast = tiny_lora_model().to(torch.bfloat16).float().load_adapter(tmp_path / "bf16")
@@ -1640,15 +1642,17 @@ def test_an_adapter_of_a_float32_base_refuses_a_bfloat16_one_and_a_bfloat16_one_
 
 @needs_safetensors
 def test_an_adapter_recorded_before_w0_was_covered_loads_on_its_frozen_parts(tmp_path):
-    """Older adapters hold a bare SHA-256 of the frozen parts without c_attn: checked as they were."""
+    """Older adapters hold a SHA-256 of the frozen parts without c_attn: checked as they were."""
     import hashlib
     model, h = tiny_lora_model(), hashlib.sha256()
     sd = model.state_dict()
-    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and "c_attn.weight" not in k):
+    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k
+                    and "c_attn.weight" not in k):
         v = sd[k].to(torch.float32).contiguous()
         h.update(f"{k}:{tuple(v.shape)};".encode() + v.numpy().tobytes())
     model.save_adapter(tmp_path)
-    _edit_adapter(tmp_path, tensors=lambda sd: None, metadata={"format": "pt", "base_fingerprint": h.hexdigest()})
+    old_record = {"format": "pt", "base_fingerprint": h.hexdigest()}
+    _edit_adapter(tmp_path, tensors=lambda sd: None, metadata=old_record)
     tiny_lora_model().load_adapter(tmp_path)
     with pytest.raises(ValueError, match="another base"):
         tiny_lora_model(seed=3).load_adapter(tmp_path)
@@ -1696,7 +1700,7 @@ def test_save_adapter_refuses_a_model_with_trainable_weights_an_adapter_cannot_c
 @needs_safetensors
 @pytest.mark.parametrize("field, value", [
     ("layers_to_transform", [0]), ("layers_pattern", "h"), ("exclude_modules", ["h.1.attn.c_attn"]),
-    ("modules_to_save", ["lm_head"]), ("alpha_pattern", {"h.0": 3}), ("layer_replication", [[0, 1]]),
+    ("modules_to_save", ["lm_head"]), ("alpha_pattern", {"h.0": 3}), ("layer_replication", [[0]]),
     ("init_lora_weights", "pissa"), ("lora_bias", True), ("trainable_token_indices", [1]),
     ("a_field_of_a_newer_peft", 1), ("bias", "some")])
 def test_load_adapter_refuses_every_field_it_does_not_model_unless_neutral(tmp_path, field, value):
@@ -1705,14 +1709,14 @@ def test_load_adapter_refuses_every_field_it_does_not_model_unless_neutral(tmp_p
     _edit_adapter(tmp_path, config=lambda c: c.update({field: value}))
     with pytest.raises(ValueError, match=f"{field} = .* is not supported"):
         tiny_lora_model().load_adapter(tmp_path)
-    neutral = {"revision": "main", "inference_mode": True, field: None if field != "bias" else "none",
+    neutral = {field: "none" if field == "bias" else None, "revision": "main", "inference_mode": True,
                "init_lora_weights": "gaussian", "peft_version": "9.9"}
     _edit_adapter(tmp_path, config=lambda c: c.update(neutral))
     tiny_lora_model().load_adapter(tmp_path)
 
 
 @needs_safetensors
-def test_stale_export_temp_files_are_removed_and_a_failed_write_is_one_oserror(tmp_path, monkeypatch):
+def test_stale_export_temp_files_are_removed_and_a_failed_write_is_an_oserror(tmp_path, monkeypatch):
     import safetensors.torch
     model = tiny_lora_model()
     tmp_path.joinpath(".model.safetensors.99999.tmp").write_text("killed")
@@ -1722,9 +1726,9 @@ def test_stale_export_temp_files_are_removed_and_a_failed_write_is_one_oserror(t
     assert sorted(os.listdir(tmp_path)) == [".mine.1.tmp", "config.json", "model.safetensors"]
 
     def full(*args):
-        raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+        raise safetensors.SafetensorError("Error while serializing: No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'a'}: Error while serializing: No space"):
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'a'}: Error while serializing"):
         model.save_adapter(tmp_path / "a")
     assert no_temp_files(tmp_path / "a")
 
@@ -1738,18 +1742,17 @@ def test_weights_that_are_not_floating_point_are_refused_by_name():
 
 
 @needs_safetensors
-def test_an_unreadable_weights_file_says_permission_denied_and_a_sharded_folder_says_sharded(tmp_path,
-                                                                                            monkeypatch):
+def test_an_unreadable_file_says_permission_denied_and_a_sharded_folder_says_sharded(tmp_path, monkeypatch):
     model = tiny_lora_model(r=0)
     model.save_pretrained(tmp_path / "hf")
 
     def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(L, "open", denied, raising=False)  # as for a file of another user (not root)
+    monkeypatch.setattr(L, "open", denied, raising=False)  # as for another user's file (not root)
     with pytest.raises(ValueError, match="Permission denied"):
         L.GPT2LMModel.from_pretrained(tmp_path / "hf")
     monkeypatch.undo()
-    os.rename(tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "model-00001-of-00002.safetensors")
+    os.rename(tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "model-00001-of-00002.bin")
     (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     with pytest.raises(ValueError, match="hf: sharded checkpoints are not read"):
         L.GPT2LMModel.from_pretrained(tmp_path / "hf")
@@ -1935,8 +1938,8 @@ def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text
 
 @needs_safetensors
 def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, monkeypatch):
-    """A scratch run's adapter folder holds its base (base/, named by a path relative to where the run
-    ran, which is where peft looks) and both exports the character vocabulary (chars.json)."""
+    """A scratch run's adapter folder holds its base (base/, named by a path relative to where the
+    run ran, which is where peft looks) and both exports the character vocabulary (chars.json)."""
     out = copy_run(finished_run[1], tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5", "--sample", "0",
@@ -1947,8 +1950,10 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     adapted = L.GPT2LMModel(L.GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": 2, "lora_attn_alpha": 8}))
     adapted.load_weight(base.state_dict()).load_adapter(tmp_path / "peft")
     assert held_out(adapted, text_file) == pytest.approx(figures, rel=1e-5)
-    assert json.load(open("peft/adapter_config.json"))["base_model_name_or_path"] == os.path.join("peft", "base")
-    exported = L.GPT2LMModel.from_pretrained("peft/base", lora_attn_dim=2, lora_attn_alpha=8).load_adapter("peft")
+    config = json.load(open("peft/adapter_config.json"))
+    assert config["base_model_name_or_path"] == os.path.join("peft", "base")
+    exported = L.GPT2LMModel.from_pretrained("peft/base", lora_attn_dim=2, lora_attn_alpha=8)
+    exported.load_adapter("peft")
     assert held_out(exported, text_file) == pytest.approx(figures, rel=1e-5)
     text = open(text_file, encoding="utf-8").read()
     for folder in ("hf", "peft"):
@@ -2086,7 +2091,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--save-adapter", "{short}"], "short.txt (not a directory)"),
     (["--save-pretrained", "{short}/hf"], "cannot write in"),
     (["--save-pretrained", "/proc/no/such/hf"], "cannot write in /proc"),
-    (["--save-adapter", "{tmp}/out"], "is --out-dir, which holds the run's checkpoints"),
+    (["--save-adapter", "{tmp}/out"], "is --out-dir (the checkpoints)"),
     (["--out-dir", "{short}/sub"], "Not a directory"),
     (["--out-dir", "{short}"], "short.txt is a file; pass a folder"),
     (["--resume", "--out-dir", "{short}"], "short.txt is a file; pass a folder"),
@@ -2232,8 +2237,7 @@ def test_an_adapter_exported_from_a_pretrained_base_names_that_base(text_file, t
 
 
 @needs_safetensors
-def test_exports_into_the_init_from_base_are_refused_before_the_first_step(text_file, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_exports_into_the_init_from_base_are_refused(text_file, tmp_path, monkeypatch, capsys):
     """--save-pretrained over the base would replace the user's model, and --save-adapter into it
     would make transformers apply the adapter to every later load of the base."""
     monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
@@ -2241,8 +2245,8 @@ def test_exports_into_the_init_from_base_are_refused_before_the_first_step(text_
     _hf_folder(folder, seed=0)
     for option, target in (("--save-pretrained", folder), ("--save-adapter", folder / "peft"),
                            ("--save-adapter", folder / ".." / "hf")):
-        err = one_line_error(SCHEDULE + ["--data", text_file, "--init-from", str(folder), "--out-dir",
-                                         str(tmp_path / "out"), option, str(target)], capsys)
+        args = ["--data", text_file, "--init-from", str(folder), "--out-dir", str(tmp_path / "out")]
+        err = one_line_error(SCHEDULE + args + [option, str(target)], capsys)
         assert "would write into the --init-from base" in err
     assert sorted(os.listdir(folder)) == ["config.json", "pytorch_model.bin"]
     assert not glob.glob(str(tmp_path / "out" / "*.pt"))
@@ -2253,11 +2257,11 @@ def test_a_failed_export_write_is_one_line(text_file, tmp_path, finished_run, mo
     import safetensors.torch
 
     def full(*args):
-        raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+        raise safetensors.SafetensorError("Error while serializing: No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", copy_run(finished_run[1], tmp_path / "o"),
-                                       "--max-iters", "1", "--sample", "0", "--save-pretrained", str(tmp_path / "hf")],
-                         capsys)
+    out = copy_run(finished_run[1], tmp_path / "o")
+    err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "1",
+                                       "--sample", "0", "--save-pretrained", str(tmp_path / "hf")], capsys)
     assert f"cannot write {tmp_path / 'hf'}: Error while serializing: No space left" in err
 
 
