@@ -1041,6 +1041,7 @@ def test_odd_calls_get_a_value_error_or_work_never_another_exception(tmp_path):
                           lora_attn_dim=np.int64(2), lora_attn_alpha=np.float32(4.0))
     model = tiny_model(config)
     assert type(config.n_embd) is int and type(config.lora_attn_alpha) is float
+    L.mark_only_lora_as_trainable(model)
     model.save_adapter(tmp_path / "adapter")  # plain numbers: JSON can write them
     with pytest.raises(AttributeError):
         config.n_head = 3  # frozen: a config is checked once and never changes
