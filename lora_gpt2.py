@@ -662,7 +662,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
 
 
 def lora_parameter_count(config: GPT2Config) -> int:
-    """Trainable LoRA parameters: n_layer × 2 (Q, V) × (C + C) × r, as A is (r, C) and B (C, r)."""
+    """Trainable LoRA parameters: n_layer × 2 (Q, V) × (C + C) × r: A is (r, C), B (C, r)."""
     return config.n_layer * 2 * (config.n_embd + config.n_embd) * config.lora_attn_dim
 
 
@@ -699,7 +699,7 @@ def _frozen_hash(sd: Mapping[str, torch.Tensor], skip) -> str:
 
 
 def _probes(w: torch.Tensor) -> List[float]:
-    """‖W‖ and 8 projections uᵀWv in float64, u and v fixed cosines (no RNG that may change)."""
+    """‖W‖ and 8 projections uᵀWv in float64, u and v fixed cosines (not an RNG's draws)."""
     f = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()
     U, V = (torch.cos(torch.arange(1, n + 1, dtype=torch.float64)[:, None] * f * c) * math.sqrt(2)
             for n, c in zip(w.shape, (1, math.pi)))                           # (rows, 8), (cols, 8)
@@ -738,8 +738,8 @@ def base_difference(model: nn.Module, record: str, bias: str = "none") -> Option
         differs = rec["frozen"] != mine["frozen"] or set(rec["adapted"]) != set(mine["adapted"])
         far = [k for k, p in rec["adapted"].items() if not differs and any(
             abs(a - b) > tol * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
-        return "a base record this version cannot read"
+    except (ValueError, TypeError, LookupError, AttributeError):
+        return "an unreadable base record"
     if (differs or far) and rec["dtype"] != mine["dtype"]:
         dtype = rec["dtype"]
         return f"another precision ({mine['dtype']}, not {dtype}): cast it first, model.to(torch.{dtype})"
@@ -861,7 +861,7 @@ def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
         files = [f for f in ("model.safetensors", "pytorch_model.bin")
                  if os.path.isfile(os.path.join(path, f))]
         if not files and any(f.endswith(".index.json") for f in os.listdir(path)):
-            raise ValueError(f"{path}: sharded checkpoints are not read; save the model in one file")
+            raise ValueError(f"{path}: sharded checkpoints are not read; save it as one file")
         path = os.path.join(path, (files + ["model.safetensors"])[0])
     elif not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of {', '.join(HUB_MODELS)}")
@@ -931,7 +931,7 @@ def _download_from_hub(repo_id: str) -> str:
 
 def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str, config: dict):
     """Write so that an interruption never leaves a folder that loads wrong: both files to temporary
-    names, the old config out (new weights never meet it), the weights in, the config last."""
+    names, the old config out (new weights never meet it), the weights, the config last."""
     save_file, folder = _safetensors().torch.save_file, _path(folder, "the folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
@@ -997,9 +997,9 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
     folder) gives this model's logits, load_adapter reads it back exactly.
 
     PEFT has one LoRA on the fused c_attn; ours on Q and V are the same ΔW with A' = [A_q; A_v]
-    (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so α'/r' = α/r. Biases that
-    require grad go too (bias "lora_only" or "all"); other trainable weights are refused. The
-    base_fingerprint goes in the safetensors metadata (PEFT warns of unknown config keys)."""
+    (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so α'/r' = α/r. Trained biases
+    go too (bias "lora_only" or "all"); other trainable weights are refused. The base_fingerprint
+    goes in the safetensors metadata, as PEFT warns of unknown config keys."""
     cfg, r, C = model.config, model.config.lora_attn_dim, model.config.n_embd
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     if r == 0:
@@ -1040,10 +1040,10 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
     modeled = dict(peft_type=ac.get("peft_type") != "LORA", bias=bias not in _BIAS_MODES,
                    target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]),
                    init_lora_weights=ac.get("init_lora_weights", True) not in (True, False, "gaussian"))
-    for key in ac:
-        if modeled.get(key, key not in _PEFT_FREE_FIELDS and ac[key] not in (None, False, {}, [], "")):
-            raise ValueError(f"{cfg_path}: {key} = {ac[key]!r} is not supported: this model holds "
-                             f"plain LoRA on every c_attn (Q, V), one r and α")
+    for key in {**modeled, **ac}:  # modeled ones, even absent
+        if modeled.get(key, key not in _PEFT_FREE_FIELDS and ac.get(key) not in (None, False, {}, [], "")):
+            raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model holds "
+                             f"plain LoRA on c_attn (Q, V), one r and α")
     if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r)):
         raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with lora_attn_dim = r'/2 "
                          f"(r' even) and lora_attn_alpha = α'/2; this one has {r} and {cfg.lora_attn_alpha}")

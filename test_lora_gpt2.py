@@ -1601,7 +1601,7 @@ def test_an_adapter_is_refused_on_the_merged_export_of_its_own_model(tmp_path):
 def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_adapted_weight(tmp_path):
     """The record compares W0 of c_attn within 1e-4·‖W0‖: 300 merge/unmerge cycles of a ΔW as large
     as W0 (float32 rounding, ~1e-6·‖W0‖) stay inside; one layer's W0 moved by 1e-3·‖W0‖ is refused,
-    by 1e-7·‖W0‖ (below rounding) accepted; so is a record that is not JSON."""
+    by 1e-7·‖W0‖ (below rounding) accepted; a record that is not JSON is unreadable."""
     saver = tiny_lora_model()
     saver.save_adapter(tmp_path)
     cycled = tiny_lora_model()
@@ -1624,7 +1624,7 @@ def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_ada
                 model.load_adapter(tmp_path)
         else:
             model.load_adapter(tmp_path)
-    assert "cannot read" in L.base_difference(saver, "{not json")
+    assert "an unreadable base record" in L.base_difference(saver, "{not json")
 
 
 @needs_safetensors
