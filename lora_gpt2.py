@@ -5,16 +5,13 @@ weight matrix W0 frozen and learns a low-rank update next to it:
 
     h = W0 x + ΔW x,    ΔW = B A,    B ∈ R^{d_out × r},  A ∈ R^{r × d_in},  r ≪ min(d_in, d_out)
 
-and scales the update by α/r, so that changing r does not force a new learning rate. A starts
-random and B at zero, so before any training ΔW = 0 and the model is exactly the pretrained one.
-Once trained, ΔW can be added into W0 ("merged"), and inference costs nothing extra.
+scaled by α/r, so that changing r does not force a new learning rate. A starts random and B at
+zero: before training ΔW = 0. Once trained, ΔW can be added into W0 ("merged"), at no extra cost.
 
 This module follows microsoft/LoRA: its `loralib` layers (`Linear`, `MergedLinear`, with the same
 parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys and forward
-arguments), so that checkpoints and scripts move freely between the two. It reads top to bottom:
-the config, the LoRA layers, GPT-2's Conv1D, attention with LoRA on Q and V, the MLP and block,
-the trunk, the head tied to the embedding, the language model with its loss and generation, the
-presets, the helpers (what to train, what to save, merging), and last the checkpoint formats.
+arguments), so that checkpoints and scripts move freely between the two. It reads top to bottom,
+as the numbered sections say, from the config to the checkpoint formats.
 
 Shapes in comments use B (batch), T (time), C (n_embd), nh (heads), hs (head size), V (vocab),
 r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
@@ -27,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -51,7 +49,7 @@ class GPT2Config:
     lora_attn_alpha     α; the update ΔW = BA is scaled by α / r.
     lora_dropout        dropout on the adapter's input x, before A (as in loralib).
 
-    Two fields are stored but never used by microsoft's GPT-2; here they mean (both 0, off, by default):
+    Two fields microsoft's GPT-2 stores but never uses; here they mean (both 0, off, by default):
     lora_r_dropout      dropout on the rank-r intermediate A x, between A and B.
     fix_dropout         the model's own dropout: embeddings, attention weights, both residual branches.
     """
@@ -166,19 +164,17 @@ def _describe(x) -> str:
 
 # ---- 2. LoRA layers: loralib's arguments, parameter names and shapes ------------------------------
 class LoRALayer(nn.Linear):
-    """A dense layer W0 (with bias b) whose output is split into k equal groups of d = out/k rows,
-    with a low-rank update on each of the m groups that `enable_lora` names: the base of Linear
-    (k = m = 1) and MergedLinear. `lora_A` stacks the A_g as (r·m, in), `lora_B` the B_g as
-    (d·m, r), as in loralib. `weight` is W0 as (out, in), or (in, out) with `fan_in_fan_out=True`
-    (GPT-2's Conv1D layout); with an adapter, W0 and only W0 is frozen. `merged` says whether
-    scaling·ΔW sits inside `weight`; merge() and unmerge() move it in and out (each idempotent).
+    """A dense layer W0 (bias b), output in k groups of d = out/k rows, a low-rank update on the m
+    groups `enable_lora` names: Linear (k = m = 1) and MergedLinear. `lora_A` stacks the A_g as
+    (r·m, in), `lora_B` the B_g as (d·m, r), as in loralib. `weight` is W0 as (out, in), or (in,
+    out) with `fan_in_fan_out=True` (GPT-2's Conv1D); with an adapter, W0 alone is frozen. `merged`
+    says whether scaling·ΔW is inside `weight`; merge() and unmerge() move it (each idempotent).
     With `merge_weights=True`, eval() merges and train() unmerges.
 
-    Three promises loralib does not keep. A state dict always holds W0, merged or not, and loading
-    into a merged layer re-merges with the loaded A and B: ΔW is never counted twice. Merging writes
-    a new tensor, so a tensor someone else holds (an earlier state dict, the source of
-    load_state_dict(assign=True)) never changes; W0 comes back up to rounding (about one ulp per
-    cycle in bfloat16). The forward pass never forms the (out × in) ΔW.
+    Three promises loralib does not keep. A state dict always holds W0, and loading into a merged
+    layer re-merges with the loaded A and B: ΔW is never counted twice. Merging writes a new tensor:
+    one someone else holds (an earlier state dict, load_state_dict(assign=True)'s source) never
+    changes; W0 comes back up to rounding. The forward pass never forms the (out × in) ΔW.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float,
@@ -325,15 +321,14 @@ class Conv1D(nn.Module):
 
 # ---- 4. Attention, with LoRA on Q and V ----------------------------------------------------------
 class Attention(nn.Module):
-    """Causal multi-head self-attention. `c_attn` projects x to Q, K and V at once (a (C, 3C)
-    Conv1D weight), built as a MergedLinear with fan_in_fan_out=True and enable_lora=[True, False,
-    True]: LoRA adapts W_q and W_v and leaves W_k frozen, the paper's best choice for a fixed
-    parameter budget; merge_weights=False, so a training loop's eval() does not fold ΔW into W.
+    """Causal multi-head self-attention. `c_attn` projects x to Q, K and V at once ((C, 3C), as
+    Conv1D), a MergedLinear with enable_lora=[True, False, True]: LoRA on W_q and W_v, W_k frozen,
+    the paper's best choice for a parameter budget; merge_weights=False: eval() does not merge.
 
     `layer_past` (2, B, nh, T_past, hs) holds earlier keys and values; without `len_past` this call's
-    are appended, so decoding a token costs O(T), not O(T²). With `len_past` (B,) the cache has a
-    fixed size, as in microsoft's beam search over right-padded prompts: row b's one new token sits at
-    position len_past[b], its key and value overwrite cache row len_past[b], and it sees rows 0..len_past[b]."""
+    are appended: a token costs O(T), not O(T²). With `len_past` (B,) the cache has a fixed size (as
+    in microsoft's beam search): row b's new token sits at position len_past[b], overwrites that row
+    of the cache, and sees rows 0..len_past[b]."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -446,19 +441,26 @@ class GPT2Model(nn.Module):
         if past is None and len_past is not None:
             raise ValueError("len_past needs past: make a first call without len_past to get the cache")
         nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
+        dev, dtype = self.wte.weight.device, self.wte.weight.dtype
+        on = torch.is_autocast_enabled(dev.type)
+        autocast = torch.get_autocast_dtype(dev.type) if on else dtype
         if past is not None and (not isinstance(past, Sequence) or len(past) != cfg.n_layer or not all(
-                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype == past[0].dtype for p in past)
+                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype in (dtype, autocast)
+                and p.device == dev for p in past)
                 or past[0].shape[0] != 2 or past[0].shape[2] != nh or past[0].shape[4] != hs):
-            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a previous call returned")
+            raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a previous "
+                             f"call returned ({dtype}, on {dev})")
         if past is not None and past[0].shape[1] != B:
             raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; feed the same batch")
         past_length = 0 if past is None else past[0].shape[-2]
         if past_length + (T if len_past is None else 0) > cfg.n_ctx:
             raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) must lie "
                              f"in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last {cfg.n_ctx} tokens")
-        if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,) or T != 1):
-            raise ValueError(f"len_past must be a torch.long tensor of shape (batch,) = ({B},), with exactly one new "
-                             f"token per row, input_ids ({B}, 1); got {_describe(len_past)} and {T} new tokens")
+        if len_past is not None and (not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,)
+                                     or T != 1 or len_past.device != dev):
+            raise ValueError(f"len_past must be a torch.long tensor on {dev} of shape (batch,) = ({B},), "
+                             f"with exactly one new token per row, input_ids ({B}, 1); got "
+                             f"{_describe(len_past)} and {T} new tokens")
         if len_past is not None:
             _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
                             "pad the prompts to leave room for the tokens to generate")
@@ -484,12 +486,10 @@ class GPT2LMHead(nn.Module):
 class GPT2LMModel(nn.Module):
     """GPT-2 language model with optional LoRA adapters on Q and V (rank config.lora_attn_dim).
 
-    forward takes microsoft's arguments in microsoft's order and returns (logits (B, T, V), caches)
-    without labels, for decoding with `past` / `len_past`; with labels (logits, loss), or (logits,
-    loss, t1_acc, all_acc) with is_report_accuracy. As in microsoft/LoRA the caller aligns the
-    labels: lm_labels[b, t] is the target of position t (for next-token prediction, the inputs
-    shifted left by one). A negative label (microsoft's -1, Hugging Face's -100) means "no target
-    here", like lm_mask 0."""
+    forward takes microsoft's arguments in its order and returns (logits (B, T, V), caches) without
+    labels, for decoding with `past` / `len_past`; with labels (logits, loss), or (logits, loss,
+    t1_acc, all_acc) with is_report_accuracy. As in microsoft/LoRA, lm_labels[b, t] is the target of
+    position t (the inputs shifted left by one); a negative label (-1, -100) is none (lm_mask 0)."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -575,7 +575,7 @@ class GPT2LMModel(nn.Module):
         save_pretrained(self, folder)
 
     def save_adapter(self, folder: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None) -> None:
-        save_adapter(self, folder, base_model_name_or_path)  # a PEFT LoRA folder: one rank-2r LoRA on c_attn
+        save_adapter(self, folder, base_model_name_or_path)  # a PEFT LoRA folder
 
     def load_adapter(self, folder: Union[str, os.PathLike]) -> "GPT2LMModel":  # reads save_adapter's folder
         return load_adapter(self, folder)
@@ -587,8 +587,8 @@ class GPT2LMModel(nn.Module):
                  top_k: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Append `max_new_tokens` tokens to `input_ids` (B, T): the most likely (temperature 0), or
-        sampled from softmax(logits / temperature) among the `top_k` most likely. With the cache each
-        step feeds only the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
+        drawn from softmax(logits / temperature) among the `top_k` most likely. With the cache, a
+        step feeds the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if not (_is_real(temperature) and temperature >= 0):
@@ -604,6 +604,8 @@ class GPT2LMModel(nn.Module):
             else:
                 hidden, past = self.transformer(idx[:, -n_ctx:], use_cache=use_cache)  # (re)read the context
             logits = self.lm_head(hidden[:, -1, :]).float()                    # (B, V): last position only
+            if logits.isnan().any():  # else argmax picks token 0
+                raise ValueError("the model produced NaN logits (NaN or inf weights, an overflow)")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -660,8 +662,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
 
 
 def lora_parameter_count(config: GPT2Config) -> int:
-    """Trainable LoRA parameters: n_layer × 2 (Q and V) × (n_embd + n_embd) × r, since per adapted
-    projection A is (r, C) and B is (C, r)."""
+    """Trainable LoRA parameters: n_layer × 2 (Q, V) × (C + C) × r: A is (r, C), B (C, r)."""
     return config.n_layer * 2 * (config.n_embd + config.n_embd) * config.lora_attn_dim
 
 
@@ -678,8 +679,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A plain state dict with ΔW folded into the weights and no LoRA tensors, for a rank-0 model of the
-    same sizes (for Hugging Face, use model.save_pretrained). The model itself is left as it was."""
+    """A state dict with ΔW folded in and no LoRA tensors, for a rank-0 model of the same sizes (for
+    Hugging Face, use save_pretrained). The model is left as it was."""
     sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -689,16 +690,62 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A SHA-256 of the frozen base, which an adapter records to refuse another base: the trunk's
-    tensors by name, shape and value as float32, except LoRA tensors and the weights they adapt,
-    which a merge/unmerge cycle moves by rounding."""
-    h, sd = hashlib.sha256(), model.state_dict()
-    adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora}
-    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and k not in adapted):
+def _frozen_hash(sd: Mapping[str, torch.Tensor], skip) -> str:
+    h = hashlib.sha256()
+    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k and k not in skip):
         v = sd[k].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{k}:{tuple(v.shape)};".encode() + v.numpy().tobytes())
     return h.hexdigest()
+
+
+def _probes(w: torch.Tensor) -> List[float]:
+    """‖W‖ and 8 projections uᵀWv in float64, u and v fixed cosines (not an RNG's draws)."""
+    f = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()
+    U, V = (torch.cos(torch.arange(1, n + 1, dtype=torch.float64)[:, None] * f * c) * math.sqrt(2)
+            for n, c in zip(w.shape, (1, math.pi)))                           # (rows, 8), (cols, 8)
+    w = w.detach().to("cpu", torch.float64)
+    return [w.norm().item()] + (U.t() @ w @ V).diagonal().tolist()
+
+
+def base_fingerprint(model: nn.Module, bias: str = "none") -> str:
+    """The record of the base an adapter keeps (JSON): the dtype, a SHA-256 of the trunk but LoRA,
+    the biases `bias` names and the adapted W0, and each W0's _probes, for base_difference."""
+    sd = model.state_dict()
+    adapted = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    skip = adapted | {k for k in sd if _is_lora_name(model, k, bias)}
+    probes = {k: _probes(sd[k]) for k in sorted(adapted)}
+    dtype = str(model.transformer.wte.weight.dtype)[6:]
+    return json.dumps(dict(dtype=dtype, frozen=_frozen_hash(sd, skip), adapted=probes))
+
+
+# W0 within tol·‖W0‖: a merge/unmerge cycle rounds each element twice by ≤ u·|W0 + ΔW| (u =
+# 2^-24 in float32, 2^-8 in bfloat16), signs at random: k cycles move W (and a probe) by about
+# u·sqrt(2k)·‖W0 + ΔW‖. 1e-4 gives float32 ~10^5 cycles at ‖ΔW‖ = ‖W0‖ and refuses merged exports
+# from ‖ΔW‖ ≈ 1e-3·‖W0‖ up; 16 bits get 2^-5.
+
+
+def base_difference(model: nn.Module, record: str, bias: str = "none") -> Optional[str]:
+    """None if `model` is the base `record` describes (base_fingerprint's, or an older SHA-256 of
+    the frozen parts), else what differs."""
+    sd = model.state_dict()
+    if re.fullmatch("[0-9a-f]{64}", str(record)):
+        adapted = {f"{n}.weight" for n, m in model.named_modules()
+                   if isinstance(m, LoRALayer) and m.has_lora}
+        return None if _frozen_hash(sd, adapted) == record else "another base (its weights differ)"
+    try:
+        rec, mine = json.loads(record), json.loads(base_fingerprint(model, bias))
+        tol = 2 ** -5 if rec["dtype"] in ("float16", "bfloat16") else 1e-4
+        differs = rec["frozen"] != mine["frozen"] or set(rec["adapted"]) != set(mine["adapted"])
+        far = [k for k, p in rec["adapted"].items() if not differs and any(
+            abs(a - b) > tol * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
+    except (ValueError, TypeError, LookupError, AttributeError):
+        return "an unreadable base record"
+    if (differs or far) and rec["dtype"] != mine["dtype"]:
+        dtype = rec["dtype"]
+        return f"another precision ({mine['dtype']}, not {dtype}): cast it first, model.to(torch.{dtype})"
+    if far:
+        return f"another base: {far[0]} is not the W0 recorded, beyond rounding (a merged export?)"
+    return "another base (its weights differ)" if differs else None
 
 
 # ---- 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out -------------------
@@ -717,6 +764,7 @@ def _safetensors():
 def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     safe_open = _safetensors().safe_open
     try:
+        open(path, "rb").close()  # safetensors calls an unreadable file missing
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # truncated or foreign files
@@ -740,7 +788,7 @@ def _read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"cannot read {path} as JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
@@ -759,6 +807,8 @@ def _normalize_state_dict(sd: Mapping) -> Dict[str, torch.Tensor]:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} -> {type(value).__name__}: not a state dict (names -> tensors)")
         k = key.removeprefix("module.").removeprefix("_orig_mod.")  # DDP, torch.compile
+        if not value.is_floating_point() and not k.endswith(_IGNORED_SUFFIXES):
+            raise ValueError(f"checkpoint tensor {key!r} is {value.dtype}: weights are floating point")
         if k in _HEAD_KEYS:
             head = value
         elif not k.endswith(_IGNORED_SUFFIXES):
@@ -808,8 +858,11 @@ def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             values = _config_from_hf_json(_read_json(os.path.join(path, "config.json")), path)
-        path = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")
-                     if os.path.isfile(os.path.join(path, f))), path + "/model.safetensors")
+        files = [f for f in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.isfile(os.path.join(path, f))]
+        if not files and any(f.endswith(".index.json") for f in os.listdir(path)):
+            raise ValueError(f"{path}: sharded checkpoints are not read; save it as one file")
+        path = os.path.join(path, (files + ["model.safetensors"])[0])
     elif not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of {', '.join(HUB_MODELS)}")
     sd = _normalize_state_dict(_read_weights(path))
@@ -877,13 +930,16 @@ def _download_from_hub(repo_id: str) -> str:
 
 
 def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str, config: dict):
-    """Write so that an interruption never leaves a folder that loads wrong: both files go to temporary
-    names, the old config goes (new weights must never meet it), then the weights, the config last."""
+    """Write so that an interruption never leaves a folder that loads wrong: both files to temporary
+    names, the old config out (new weights never meet it), the weights, the config last."""
     save_file, folder = _safetensors().torch.save_file, _path(folder, "the folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
     os.makedirs(folder, exist_ok=True)
     names = (weights_name, config_name)
+    for name in os.listdir(folder):  # what a killed export left
+        if re.fullmatch(rf"\.({'|'.join(map(re.escape, names))})\.\d+\.tmp", name):
+            os.remove(os.path.join(folder, name))
     temps = [os.path.join(folder, f".{name}.{os.getpid()}.tmp") for name in names]
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     try:
@@ -895,15 +951,17 @@ def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, conf
             os.remove(os.path.join(folder, config_name))
         for name, temp in zip(names, temps):
             os.replace(temp, os.path.join(folder, name))
+    except Exception as e:  # a full disk, safetensors' errors
+        raise OSError(f"cannot write {folder}: {e}") from None
     finally:
         for temp in filter(os.path.exists, temps):
             os.remove(temp)
 
 
 def save_pretrained(model: GPT2LMModel, folder) -> None:
-    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, no LoRA
-    tensors, the tied head stored once (as wte): transformers' GPT2LMHeadModel.from_pretrained and
-    ours give this model's logits from it. The model itself is left as it was, merged or not."""
+    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, the tied
+    head stored once (as wte): transformers and from_pretrained give this model's logits from it.
+    The model is left as it was, merged or not."""
     cfg, p = model.config, model.config.fix_dropout
     tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
@@ -920,20 +978,34 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
 _PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
 
 
+def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:  # {our key: PEFT's}
+    keys = [k for k in model.state_dict() if _is_lora_name(model, k, bias) and "lora_" not in k]
+    return {k: "base_model.model." + k.replace("c_attn.bias", "c_attn.base_layer.bias") for k in keys}
+
+
+def _trained_bias_mode(model: GPT2LMModel) -> str:
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    for bias in _BIAS_MODES:
+        if trained == list(_peft_biases(model, bias)):
+            return bias
+    raise ValueError(f"{_short(trained)} require grad: if trained, save_pretrained writes the whole "
+                     f"model; if not, mark_only_lora_as_trainable(model) first")
+
+
 def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
     """Write the LoRA weights as a PEFT adapter folder: peft.PeftModel.from_pretrained(hf_gpt2,
-    folder) gives this model's logits, and load_adapter reads it back exactly.
+    folder) gives this model's logits, load_adapter reads it back exactly.
 
-    PEFT puts one LoRA on the whole fused c_attn, ΔW = B'A'; we have two, B_q A_q on Q and B_v A_v
-    on V. They are the same update with A' = [A_q; A_v] (2r × C, our lora_A as it is) and B'
-    (3C × 2r) block-diagonal: B_q against A_q's half in the Q rows, zero K rows, B_v against A_v's
-    half in the V rows. One rank-2r LoRA with α' = 2α, so α'/r' = α/r. The base fingerprint goes in
-    the safetensors metadata (PEFT warns of unknown config keys)."""
+    PEFT has one LoRA on the fused c_attn; ours on Q and V are the same ΔW with A' = [A_q; A_v]
+    (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so α'/r' = α/r. Trained biases
+    go too (bias "lora_only" or "all"); other trainable weights are refused. The base_fingerprint
+    goes in the safetensors metadata, as PEFT warns of unknown config keys."""
     cfg, r, C = model.config, model.config.lora_attn_dim, model.config.n_embd
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     if r == 0:
         raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained saves it whole")
-    tensors = {}
+    bias, sd = _trained_bias_mode(model), model.state_dict()
+    tensors = {peft: sd[k] for k, peft in _peft_biases(model, bias).items()}
     for i, block in enumerate(model.transformer.h):
         A, B = block.attn.c_attn.lora_A.detach(), block.attn.c_attn.lora_B.detach()  # (2r, C), (2C, r)
         B2 = B.new_zeros(3 * C, 2 * r)                                        # (3C, 2r), K rows stay 0
@@ -941,38 +1013,47 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
         tensors[_PEFT_KEY.format(i, "A")], tensors[_PEFT_KEY.format(i, "B")] = A, B2
     adapter_config = dict(
         peft_type="LORA", task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * cfg.lora_attn_alpha,
-        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias="none",
+        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias=bias,
         use_rslora=False, use_dora=False,
         base_model_name_or_path=base and _path(base, "base_model_name_or_path"))
-    metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model)}
+    metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model, bias)}
     _write_folder(folder, "adapter_model.safetensors", tensors, metadata, "adapter_config.json", adapter_config)
 
 
+# adapter_config.json fields free to hold anything (names, training-only settings, r and α, checked
+# apart); any other (layers_to_transform, use_dora, a newer field...) must be null, false or empty.
+_PEFT_FREE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version",
+                     "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
+                     "fan_in_fan_out", "megatron_core", "runtime_config", "qalora_group_size")
+
+
 def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
-    """Set the LoRA weights from a PEFT adapter folder as save_adapter writes it; the model needs
-    lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses what this model cannot represent (K rows
-    in B', a B' not block-diagonal, other modules, rsLoRA, DoRA, another rank or base), changing nothing."""
+    """Set the LoRA weights (and biases) from a PEFT adapter folder as save_adapter writes it; the
+    model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses, changing nothing, what
+    it cannot hold (K rows in B', a B' not block-diagonal, a field not neutral) or another base."""
     folder = _path(folder, "the adapter folder")
     cfg_path, weights_path = (os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     ac = _read_json(cfg_path)
     sd, metadata = _read_safetensors(weights_path)
-    cfg, r2, alpha2 = model.config, ac.get("r"), ac.get("lora_alpha")
+    cfg, r2, alpha2, bias = model.config, ac.get("r"), ac.get("lora_alpha"), ac.get("bias", "none")
     r, C = cfg.lora_attn_dim, cfg.n_embd
-    unsupported = {k: ac.get(k) for k in ("use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern")}
-    unsupported.update(peft_type=ac.get("peft_type") != "LORA",
-                       target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]))
-    for key, bad in unsupported.items():
-        if bad:
-            raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model holds plain LoRA "
-                             f"on c_attn (Q and V), one r and α")
+    modeled = dict(peft_type=ac.get("peft_type") != "LORA", bias=bias not in _BIAS_MODES,
+                   target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]),
+                   init_lora_weights=ac.get("init_lora_weights", True) not in (True, False, "gaussian"))
+    for key in {**modeled, **ac}:  # modeled ones, even absent
+        if modeled.get(key, key not in _PEFT_FREE_FIELDS and ac.get(key) not in (None, False, {}, [], "")):
+            raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model holds "
+                             f"plain LoRA on c_attn (Q, V), one r and α")
     if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, cfg.lora_attn_alpha / r)):
         raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with lora_attn_dim = r'/2 "
                          f"(r' even) and lora_attn_alpha = α'/2; this one has {r} and {cfg.lora_attn_alpha}")
+    biases = _peft_biases(model, bias)
     expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"}
+    expected |= set(biases.values())
     if set(sd) != expected:
         raise ValueError(f"{weights_path}: weights this model cannot hold: {_short(sorted(set(sd) - expected))}; "
                          f"missing: {_short(sorted(expected - set(sd)))}")
-    new = {}
+    new = {k.removeprefix("transformer."): sd[peft] for k, peft in biases.items()}
     for i in range(cfg.n_layer):
         A2, B2 = sd[_PEFT_KEY.format(i, "A")], sd[_PEFT_KEY.format(i, "B")]   # (2r, C), (3C, 2r)
         if A2.shape != (2 * r, C) or B2.shape != (3 * C, 2 * r):
@@ -980,13 +1061,13 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
         if B2[C:2 * C].any():
             raise ValueError(f"layer {i}: B' has non-zero K rows; this model keeps W_k frozen (LoRA on Q, V only)")
         if B2[:C, r:].any() or B2[2 * C:, :r].any():
-            raise ValueError(f"layer {i}: B' is not block-diagonal (Q rows read A_v's half of A', or V rows "
-                             f"A_q's); this model gives Q and V separate A's")
+            raise ValueError(f"layer {i}: B' is not block-diagonal; here Q and V have separate A's")
         new[f"h.{i}.attn.c_attn.lora_A"] = A2                                 # [A_q; A_v] (2r, C)
         new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B2[:C, :r], B2[2 * C:, r:]))  # [B_q; B_v] (2C, r)
-    if metadata.get("base_fingerprint") not in (None, base_fingerprint(model)):
-        raise ValueError(f"{folder} was saved on another base model (its base_fingerprint differs); "
-                         f"load it onto the base it was trained on")
+    record = metadata.get("base_fingerprint")
+    why = record and base_difference(model, record, bias)
+    if why:
+        raise ValueError(f"{folder} does not go onto this model: {why}; load it onto its own base")
     return model.load_weight(new)  # copies in place, and keeps a merged model merged
 
 

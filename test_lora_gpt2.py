@@ -1041,6 +1041,7 @@ def test_odd_calls_get_a_value_error_or_work_never_another_exception(tmp_path):
                           lora_attn_dim=np.int64(2), lora_attn_alpha=np.float32(4.0))
     model = tiny_model(config)
     assert type(config.n_embd) is int and type(config.lora_attn_alpha) is float
+    L.mark_only_lora_as_trainable(model)
     model.save_adapter(tmp_path / "adapter")  # plain numbers: JSON can write them
     with pytest.raises(AttributeError):
         config.n_head = 3  # frozen: a config is checked once and never changes
@@ -1150,6 +1151,32 @@ def test_malformed_checkpoints_raise_value_error(tmp_path):
     for name in ("cut.safetensors", "noise.safetensors"):
         with pytest.raises(ValueError, match="cannot read .* as a safetensors file"):
             L.GPT2LMModel.from_pretrained(tmp_path / name)
+
+
+def test_a_foreign_cache_a_deep_config_and_nan_logits_raise_value_errors(tmp_path):
+    """Each of these used to fail deep inside torch (or json), or, for greedy decoding of NaN
+    logits, silently pick token 0."""
+    config = L.GPT2Config(vocab_size=20, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)
+    model = tiny_model(config).eval()
+    ids = torch.randint(0, 20, (2, 3))
+    _, past = model(ids)
+    with pytest.raises(ValueError, match=r"past must be the 1 caches .* \(torch.float32, on cpu\)"):
+        model(ids[:, :1], past=[p.double() for p in past])
+    with pytest.raises(ValueError, match="past must be the 1 caches"):
+        model(ids[:, :1], past=[p.double() for p in past], len_past=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="len_past must be a torch.long tensor on cpu"):
+        model(ids[:, :1], past=past, len_past=torch.zeros(2, dtype=torch.long, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's caches, in its dtype: accepted
+        _, half = model(ids)
+        model(ids[:, :1], past=half)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="cannot read .*config.json as JSON"):
+        L.GPT2LMModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(float("nan"))
+    for temperature in (0, 1.0):
+        with pytest.raises(ValueError, match="the model produced NaN logits"):
+            model.generate(ids, 2, temperature=temperature)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1265,6 +1292,7 @@ def tiny_lora_model(seed=0, r=2, alpha=6.0, **sizes):
     model = L.GPT2LMModel(config).eval()
     if r:
         randomize_lora(model, seed + 1)
+        L.mark_only_lora_as_trainable(model)  # what an adapter carries; save_adapter refuses more
     return model
 
 
@@ -1307,6 +1335,7 @@ def test_exported_folder_and_adapter_give_our_logits_in_transformers_and_peft(dt
         transformers.GPT2LMHeadModel(hf_config).save_pretrained(base)
         ours = L.GPT2LMModel.from_pretrained(base, lora_attn_dim=r, lora_attn_alpha=alpha).to(dtype).eval()
         randomize_lora(ours, seed)
+        L.mark_only_lora_as_trainable(ours)
         expected, ids = logits(ours, seed)
 
         L.save_pretrained(ours, merged)
@@ -1556,6 +1585,180 @@ def test_an_interrupted_first_export_leaves_no_config_and_no_temp_files(tmp_path
     assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
 
 
+# ---- an adapter goes only onto its base: merged exports, W0, precision, biases, fields ---------
+
+@needs_safetensors
+def test_an_adapter_is_refused_on_the_merged_export_of_its_own_model(tmp_path):
+    """The merged export holds W0 + ΔW in c_attn: an adapter loaded on it would count ΔW twice."""
+    model = tiny_lora_model()
+    model.save_adapter(tmp_path / "ad")
+    model.save_pretrained(tmp_path / "merged")
+    merged = L.GPT2LMModel.from_pretrained(tmp_path / "merged", lora_attn_dim=2, lora_attn_alpha=6)
+    with pytest.raises(ValueError, match="another base: transformer.h.0.attn.c_attn.weight is not"):
+        merged.load_adapter(tmp_path / "ad")
+
+
+@needs_safetensors
+def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_adapted_weight(tmp_path):
+    """The record compares W0 of c_attn within 1e-4·‖W0‖: 300 merge/unmerge cycles of a ΔW 41
+    times ‖W0‖ (float32 rounding moves W0 by ~3e-6·‖W0‖) stay inside; one layer's W0 moved by
+    1e-3·‖W0‖ is refused, by 1e-7·‖W0‖ (below rounding) accepted; a record not JSON is unreadable."""
+    saver = tiny_lora_model()
+    saver.save_adapter(tmp_path)
+    cycled = tiny_lora_model()
+    randomize_lora(cycled, 3, std=2.0)  # ‖ΔW‖ = 41·‖W0‖ in layer 0
+    for _ in range(300):
+        L.merge_lora(cycled)
+        L.unmerge_lora(cycled)
+    w0 = saver.transformer.h[1].attn.c_attn.weight
+    assert not torch.equal(cycled.transformer.h[1].attn.c_attn.weight, w0)  # rounding did move it
+    cycled.load_adapter(tmp_path)
+    torch.testing.assert_close(logits(cycled)[0], logits(saver)[0], rtol=0, atol=1e-4)
+    for size, refused in ((1e-3, True), (1e-7, False)):
+        model = tiny_lora_model()
+        with torch.no_grad():
+            noise = torch.randn(w0.shape, generator=torch.Generator().manual_seed(1))
+            model.transformer.h[1].attn.c_attn.weight += noise * size * w0.norm() / noise.norm()
+        if refused:
+            with pytest.raises(ValueError, match="h.1.attn.c_attn.weight is not the W0"):
+                model.load_adapter(tmp_path)
+        else:
+            model.load_adapter(tmp_path)
+    assert "an unreadable base record" in L.base_difference(saver, "{not json")
+
+
+@needs_safetensors
+def test_a_float32_adapter_refuses_a_bfloat16_base_and_a_bfloat16_one_loads_on_its_upcast(tmp_path):
+    """Another precision is named with the cast that fixes it; a base that holds the very values in
+    a wider dtype (bfloat16 → float32 is exact) is the same base, as if cast first."""
+    model = tiny_lora_model()
+    model.save_adapter(tmp_path / "f32")
+    message = r"another precision \(bfloat16, not float32\): cast it first, model.to\(torch.float32\)"
+    with pytest.raises(ValueError, match=message):
+        tiny_lora_model().to(torch.bfloat16).load_adapter(tmp_path / "f32")
+    model.to(torch.bfloat16).save_adapter(tmp_path / "bf16")
+    upcast = tiny_lora_model().to(torch.bfloat16).float().load_adapter(tmp_path / "bf16")
+    assert torch.equal(logits(upcast)[0], logits(model.float())[0])
+
+
+@needs_safetensors
+def test_an_adapter_recorded_before_w0_was_covered_loads_on_its_frozen_parts(tmp_path):
+    """Older adapters hold a SHA-256 of the frozen parts without c_attn: checked as they were."""
+    import hashlib
+    model, h = tiny_lora_model(), hashlib.sha256()
+    sd = model.state_dict()
+    for k in sorted(k for k in sd if k.startswith("transformer.") and "lora_" not in k
+                    and "c_attn.weight" not in k):
+        v = sd[k].to(torch.float32).contiguous()
+        h.update(f"{k}:{tuple(v.shape)};".encode() + v.numpy().tobytes())
+    model.save_adapter(tmp_path)
+    old_record = {"format": "pt", "base_fingerprint": h.hexdigest()}
+    _edit_adapter(tmp_path, tensors=lambda sd: None, metadata=old_record)
+    tiny_lora_model().load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="another base"):
+        tiny_lora_model(seed=3).load_adapter(tmp_path)
+
+
+@needs_safetensors
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_go_with_the_adapter_and_peft_reproduces_our_logits(tmp_path, bias):
+    """After mark_only_lora_as_trainable(bias=...) the adapter says bias = lora_only or all and
+    carries those biases (as PEFT names them); load_adapter onto the untrained base restores the
+    model bit for bit, and peft gives its logits."""
+    model = tiny_lora_model()
+    L.mark_only_lora_as_trainable(model, bias=bias)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.requires_grad:
+                p.add_(1.0)  # "trained"
+    model.save_adapter(tmp_path)
+    assert json.load(open(tmp_path / "adapter_config.json"))["bias"] == bias
+    fresh = tiny_lora_model()
+    fresh.load_adapter(tmp_path)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+    if bias == "all":
+        transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+        base = tiny_lora_model()
+        for layer in L._lora_layers(base):
+            layer.lora_B.data.zero_()
+        base.save_pretrained(tmp_path / "base")  # W0 and the untrained biases
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        expected, ids = logits(model)
+        with torch.no_grad():
+            got = peft.PeftModel.from_pretrained(hf, tmp_path).eval()(ids).logits
+        assert (got - expected).abs().max() < 1e-4
+
+
+def test_save_adapter_refuses_a_model_with_trainable_weights_an_adapter_cannot_carry(tmp_path):
+    model = tiny_lora_model()
+    model.transformer.wte.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"transformer.wte.weight require grad: .*save_pretrained"):
+        model.save_adapter(tmp_path)
+    assert not os.listdir(tmp_path)
+
+
+@needs_safetensors
+@pytest.mark.parametrize("field, value", [
+    ("layers_to_transform", [0]), ("layers_pattern", "h"), ("exclude_modules", ["h.1.attn.c_attn"]),
+    ("modules_to_save", ["lm_head"]), ("alpha_pattern", {"h.0": 3}), ("layer_replication", [[0]]),
+    ("init_lora_weights", "pissa"), ("lora_bias", True), ("trainable_token_indices", [1]),
+    ("a_field_of_a_newer_peft", 1), ("bias", "some")])
+def test_load_adapter_refuses_every_field_it_does_not_model_unless_neutral(tmp_path, field, value):
+    model = tiny_lora_model()
+    model.save_adapter(tmp_path)
+    _edit_adapter(tmp_path, config=lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=f"{field} = .* is not supported"):
+        tiny_lora_model().load_adapter(tmp_path)
+    neutral = {field: "none" if field == "bias" else None, "revision": "main", "inference_mode": True,
+               "init_lora_weights": "gaussian", "peft_version": "9.9"}
+    _edit_adapter(tmp_path, config=lambda c: c.update(neutral))
+    tiny_lora_model().load_adapter(tmp_path)
+
+
+@needs_safetensors
+def test_stale_export_temp_files_are_removed_and_a_failed_write_is_an_oserror(tmp_path, monkeypatch):
+    import safetensors.torch
+    model = tiny_lora_model()
+    tmp_path.joinpath(".model.safetensors.99999.tmp").write_text("killed")
+    tmp_path.joinpath(".config.json.1.tmp").write_text("killed")
+    tmp_path.joinpath(".mine.1.tmp").write_text("not an export's")
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".mine.1.tmp", "config.json", "model.safetensors"]
+
+    def full(*args):
+        raise safetensors.SafetensorError("Error while serializing: No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'a'}: Error while serializing"):
+        model.save_adapter(tmp_path / "a")
+    assert no_temp_files(tmp_path / "a")
+
+
+def test_weights_that_are_not_floating_point_are_refused_by_name():
+    model = tiny_lora_model(r=0)
+    for dtype in (torch.int64, torch.bool):
+        sd = {**model.state_dict(), "transformer.h.1.ln_1.weight": torch.ones(12, dtype=dtype)}
+        with pytest.raises(ValueError, match=f"'transformer.h.1.ln_1.weight' is {dtype}"):
+            model.load_weight(sd)
+
+
+@needs_safetensors
+def test_an_unreadable_file_says_permission_denied_and_a_sharded_folder_says_sharded(tmp_path, monkeypatch):
+    model = tiny_lora_model(r=0)
+    model.save_pretrained(tmp_path / "hf")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(L, "open", denied, raising=False)  # as for another user's file (not root)
+    with pytest.raises(ValueError, match="Permission denied"):
+        L.GPT2LMModel.from_pretrained(tmp_path / "hf")
+    monkeypatch.undo()
+    os.rename(tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "model-00001-of-00002.bin")
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(ValueError, match="hf: sharded checkpoints are not read"):
+        L.GPT2LMModel.from_pretrained(tmp_path / "hf")
+
+
 # ==============================================================================================
 # 9. train_shakespeare.py: tiny end-to-end runs on a text the tests write themselves
 # ==============================================================================================
@@ -1735,16 +1938,34 @@ def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text
 
 
 @needs_safetensors
-def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run):
+def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, monkeypatch):
+    """A scratch run's adapter folder holds its base (base/, named by a path relative to where the
+    run ran, which is where peft looks) and both exports the character vocabulary (chars.json)."""
     out = copy_run(finished_run[1], tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5", "--sample", "0",
-                                   "--save-pretrained", str(tmp_path / "hf"), "--save-adapter", str(tmp_path / "peft")])
+                                   "--save-pretrained", "hf", "--save-adapter", "peft"])
     figures = (report["adapted_loss"], report["adapted_accuracy"])
     assert held_out(L.GPT2LMModel.from_pretrained(tmp_path / "hf"), text_file) == pytest.approx(figures, rel=1e-5)
     base = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])[0]
     adapted = L.GPT2LMModel(L.GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": 2, "lora_attn_alpha": 8}))
     adapted.load_weight(base.state_dict()).load_adapter(tmp_path / "peft")
     assert held_out(adapted, text_file) == pytest.approx(figures, rel=1e-5)
+    config = json.load(open("peft/adapter_config.json"))
+    assert config["base_model_name_or_path"] == os.path.join("peft", "base")
+    exported = L.GPT2LMModel.from_pretrained("peft/base", lora_attn_dim=2, lora_attn_alpha=8)
+    exported.load_adapter("peft")
+    assert held_out(exported, text_file) == pytest.approx(figures, rel=1e-5)
+    text = open(text_file, encoding="utf-8").read()
+    for folder in ("hf", "peft"):
+        assert json.load(open(f"{folder}/chars.json")) == {"chars": "".join(sorted(set(text)))}
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    chars = json.load(open("peft/chars.json"))["chars"]  # the README's example, as written there
+    ids = torch.tensor([[chars.index(c) for c in "ROMEO:"]])
+    with torch.no_grad():
+        got = peft.AutoPeftModelForCausalLM.from_pretrained("peft")(ids).logits
+    assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -1863,8 +2084,16 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--init-from", "{run}/ckpt.pt"], "checkpoint entry 'format' -> str: not a state dict (names -> tensors)"),
     (["--save-adapter", "{tmp}/peft", "--rank", "0"], "--save-adapter"),
     (["--resume", "--out-dir", "{run}", "--data", "{other}"], "not the text"),
-    (["--resume", "--out-dir", "{run}", "--rank", "4"], "does not fit this run"),
-    (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "shape"),
+    (["--resume", "--out-dir", "{run}", "--rank", "4"], "--rank 4: the run in"),
+    (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "--n-embd 32: the run in"),
+    (["--resume", "--out-dir", "{run}", "--alpha", "4"], "trained with 8.0, which --resume keeps"),
+    (["--resume", "--out-dir", "{run}", "--block-size", "16"], "--block-size 16: the run in"),
+    (["--save-pretrained", "{tmp}/x", "--save-adapter", "{tmp}/x"], "need separate folders"),
+    (["--save-pretrained", "{tmp}/x/hf", "--save-adapter", "{tmp}/x"], "need separate folders"),
+    (["--save-adapter", "{short}"], "short.txt (not a directory)"),
+    (["--save-pretrained", "{short}/hf"], "cannot write in"),
+    (["--save-pretrained", "/proc/no/such/hf"], "cannot write in /proc"),
+    (["--save-adapter", "{tmp}/out"], "is --out-dir (the checkpoints)"),
     (["--out-dir", "{short}/sub"], "Not a directory"),
     (["--out-dir", "{short}"], "short.txt is a file; pass a folder"),
     (["--resume", "--out-dir", "{short}"], "short.txt is a file; pass a folder"),
@@ -2007,6 +2236,35 @@ def test_an_adapter_exported_from_a_pretrained_base_names_that_base(text_file, t
                         "--out-dir", str(tmp_path / "out"), "--save-adapter", str(tmp_path / "peft")])
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(folder)
+
+
+@needs_safetensors
+def test_exports_into_the_init_from_base_are_refused(text_file, tmp_path, monkeypatch, capsys):
+    """--save-pretrained over the base would replace the user's model, and --save-adapter into it
+    would make transformers apply the adapter to every later load of the base."""
+    monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
+    folder = tmp_path / "hf"
+    _hf_folder(folder, seed=0)
+    for option, target in (("--save-pretrained", folder), ("--save-adapter", folder / "peft"),
+                           ("--save-adapter", folder / ".." / "hf")):
+        args = ["--data", text_file, "--init-from", str(folder), "--out-dir", str(tmp_path / "out")]
+        err = one_line_error(SCHEDULE + args + [option, str(target)], capsys)
+        assert "would write into the --init-from base" in err
+    assert sorted(os.listdir(folder)) == ["config.json", "pytorch_model.bin"]
+    assert not glob.glob(str(tmp_path / "out" / "*.pt"))
+
+
+@needs_safetensors
+def test_a_failed_export_write_is_one_line(text_file, tmp_path, finished_run, monkeypatch, capsys):
+    import safetensors.torch
+
+    def full(*args):
+        raise safetensors.SafetensorError("Error while serializing: No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = copy_run(finished_run[1], tmp_path / "o")
+    err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "1",
+                                       "--sample", "0", "--save-pretrained", str(tmp_path / "hf")], capsys)
+    assert f"cannot write {tmp_path / 'hf'}: Error while serializing: No space left" in err
 
 
 def test_without_tiktoken_gpt2s_tokenizer_is_a_one_line_error_naming_the_package(monkeypatch):

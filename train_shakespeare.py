@@ -16,10 +16,12 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -27,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora_gpt2 import GPT2Config, GPT2LMModel, base_fingerprint, lora_state_dict, mark_only_lora_as_trainable
+from lora_gpt2 import (GPT2Config, GPT2LMModel, base_difference, base_fingerprint, lora_state_dict,
+                       mark_only_lora_as_trainable)
 
 try:
     import fcntl  # locks --out-dir; Windows has none, and runs there go unlocked
@@ -98,6 +101,11 @@ def parse_settings(argv=None) -> tuple:
         resume = read_checkpoint(os.path.join(s.out_dir, "ckpt.pt"), "ckpt")
         s = p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in resume["settings"].items()
                           if k not in FRESH and v is not None] + argv)
+        for k in ("block_size", "n_layer", "n_head", "n_embd", "rank", "alpha"):  # what numbers mean
+            saved = resume["settings"].get(k, getattr(s, k))
+            if getattr(s, k) != saved:
+                raise ValueError(f"--{k.replace('_', '-')} {getattr(s, k)}: the run in {s.out_dir} was "
+                                 f"trained with {saved}, which --resume keeps; start anew elsewhere")
     s.lr = s.lr if s.lr is not None else 5e-3 if s.rank > 0 else 5e-4  # adapters take a larger step
     return s, resume
 
@@ -253,12 +261,37 @@ def load_model(path: str, device="cpu") -> tuple:
 
 
 def check_base(base: GPT2LMModel, info: dict | None) -> str:
-    """The fingerprint of `base`, refused if `info` (a checkpoint's record of its base) has another."""
-    fingerprint = base_fingerprint(base)
-    if info is not None and info["fingerprint"] != fingerprint:
+    """The record of `base`, refused if `info` (a checkpoint's record of a base) is another's."""
+    why = info is not None and base_difference(base, info["fingerprint"])
+    if why:
         raise ValueError(f"{info.get('file') or info['source']} is not the base the checkpoint was trained on "
-                         f"(the weights differ); restore that base, or train anew")
-    return fingerprint
+                         f"({why}); restore that base, or train anew")
+    return base_fingerprint(base)
+
+
+def check_exports(s) -> None:
+    """Refuse an export that cannot be written or would write over the base, run or other export."""
+    def inside(a, b):
+        return os.path.commonpath([a, b]) == b
+    given = {"--save-pretrained": s.save_pretrained, "--save-adapter": s.save_adapter}
+    paths = {option: os.path.realpath(path) for option, path in given.items() if path}
+    if len(paths) == 2 and (inside(*paths.values()) or inside(*reversed(paths.values()))):
+        raise ValueError("--save-pretrained and --save-adapter need separate folders (transformers "
+                         "would apply the adapter to the merged model)")
+    base = s.init_from != "scratch" and os.path.exists(s.init_from) and os.path.realpath(s.init_from)
+    for option, path in paths.items():
+        if base and (inside(path, base) if os.path.isdir(base) else path == os.path.dirname(base)):
+            raise ValueError(f"{option} would write into the --init-from base; give another folder")
+        if path == os.path.realpath(s.out_dir):
+            raise ValueError(f"{option} is --out-dir (the checkpoints); give another folder")
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        try:  # the nearest folder that exists must take a file
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            why = (e.strerror or str(e)).lower()
+            raise OSError(f"{option}: cannot write in {parent} ({why})") from None
 
 
 def trainable_weights(model: nn.Module) -> dict:
@@ -394,6 +427,7 @@ def run(s, resume, rt, last: dict) -> dict:
         {**config.to_dict(), "lora_attn_dim": s.rank, "lora_attn_alpha": s.alpha, "lora_dropout": s.lora_dropout})
     if s.save_adapter and not s.rank:
         raise ValueError("--save-adapter needs adapters (--rank > 0); use --save-pretrained")
+    check_exports(s)
     torch.manual_seed(s.seed)
 
     def save(phase, model, state):
@@ -468,8 +502,18 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
         print(f"sample ({s.sample} tokens):\n{f['sample']}", flush=True)
     if s.save_pretrained:
         model.save_pretrained(s.save_pretrained)
-    if s.save_adapter:  # peft loads the base from a hub name or a path; a scratch base has neither
-        model.save_adapter(s.save_adapter, None if s.init_from == "scratch" else s.init_from)
+    if s.save_adapter:  # a scratch base goes inside, where the adapter's name for it leads peft
+        name = os.path.join(s.save_adapter, "base") if s.init_from == "scratch" else s.init_from
+        if name != s.init_from:
+            base = GPT2LMModel(GPT2Config.from_dict({**model.config.to_dict(), "lora_attn_dim": 0}))
+            base.load_weight({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+            base.save_pretrained(name)
+        model.save_adapter(s.save_adapter, name)
+    for folder in filter(None, (s.save_pretrained, s.save_adapter) if "chars" in tokenizer else ()):
+        path = os.path.join(folder, "chars.json")  # token id i is the character chars[i]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"chars": tokenizer["chars"]}, f)
+        os.replace(path + ".tmp", path)
 
 
 # ---- The command line
