@@ -4,12 +4,12 @@
     python lora_paper.py --data input.txt             # the default run, into out-paper/
     python lora_paper.py --ranks 1,4 --max-iters 100  # smaller; train_shakespeare.py's options too
 
-One base (train_shakespeare.py's scratch base, or --init-from) is adapted once per rank of --ranks
-and once in full, with the same steps, learning-rate rule and seed, on the same split and held-out
-windows. Then: the rank sweep (the paper's Table 18); the subspace similarity phi of A between two
-ranks and two seeds (Figures 3, 4); the amplification of W by dW (Table 7); the latency of a forward
-pass, plain, LoRA merged and unmerged (Table 1). --out-dir gets report.md and, with matplotlib,
-PNG figures. Finished runs are kept in --out-dir/runs, and skipped when the command runs again."""
+Its base (the scratch base of train_shakespeare.py, or --init-from) is adapted once per rank and
+once in full: same steps, learning-rate rule and seed, same split and held-out windows. Then the
+rank sweep (the paper's Table 18), the subspace similarity of A at two ranks and two seeds (Figures
+3, 4), the amplification of W by dW (Table 7) and inference latency (Table 1) go into
+--out-dir/report.md, with PNG figures if matplotlib is there. Finished runs are kept in
+--out-dir/runs and skipped when the command runs again."""
 
 from __future__ import annotations
 
@@ -230,28 +230,30 @@ def plots(o, runs, phis, base_loss: float, out_dir: str, log) -> list:
     except ImportError:
         log("no figures without matplotlib (pip install matplotlib); the report has tables")
         return []
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="tight")
     ax.plot(o.ranks, [runs[(r, 0)]["loss"] for r in o.ranks], "o-", label="LoRA on Q, V")
     ax.axhline(runs[(0, 0)]["loss"], color="C1", ls="--", label="full fine-tuning")
     ax.axhline(base_loss, color="gray", ls=":", label="base, not adapted")
     ax.set(xscale="log", xlabel="rank r", ylabel="held-out loss", title="Rank sweep")
-    ax.set_xticks(o.ranks, [str(r) for r in o.ranks])
+    ax.set_xticks(o.ranks, map(str, o.ranks), minor=False)
+    ax.minorticks_off()
     ax.legend()
     figures = [(fig, "rank_sweep.png")]
     for name, (grids, r1, r2, label1, label2) in phis.items():
-        fig, axes = plt.subplots(2, 3, figsize=(10, 4.2 + 2 * (r1 == r2)), squeeze=False)
+        fig, axes = plt.subplots(2, 3, figsize=(11, 5 + 2 * (r1 == r2)), squeeze=False)
+        fig.subplots_adjust(hspace=0.45, wspace=0.3, right=0.8)
         for row, w in enumerate("qv"):
-            for col, (k, where) in enumerate((("layer", f"layer {o.middle}"),
-                                              ("mean", "mean of layers"), ("random", "random A"))):
-                im = axes[row][col].imshow(grids[w][k].numpy(), vmin=0, vmax=1, aspect="auto",
-                                           extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
-                axes[row][col].set(title=f"ΔW{w}, {where}", xlabel=f"j ({label2})",
-                                   ylabel=f"i ({label1})")
-        fig.colorbar(im, ax=axes, label="φ(i, j)")
+            for col, k in enumerate(("layer", "mean", "random")):
+                ax = axes[row][col]
+                im = ax.imshow(grids[w][k].numpy(), vmin=0, vmax=1, aspect="auto",
+                               extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
+                ax.set(title=f"ΔW{w}, {o.where[k]}", xlabel=f"j ({label2})", ylabel=f"i ({label1})",
+                       xticks=range(1, r2 + 1, -(-r2 // 8)), yticks=range(1, r1 + 1, -(-r1 // 8)))
+        fig.colorbar(im, ax=axes, label="φ(i, j)", fraction=0.03)
         fig.suptitle(f"Subspace similarity φ of A: {label1} vs {label2}")
         figures.append((fig, f"subspace_{name}.png"))
     for fig, name in figures:
-        fig.savefig(os.path.join(out_dir, name + ".tmp"), format="png", dpi=80, bbox_inches="tight")
+        fig.savefig(os.path.join(out_dir, name + ".tmp"), format="png", dpi=80)
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     plt.close("all")
     return [name for _, name in figures]
@@ -283,10 +285,9 @@ def report(o, s, runs, phis, amps, lat, base, base_figures, files) -> str:
             "φ(i, j) = ‖U_iᵀ U_j‖²_F / min(i, j) over the top-i and the top-j right-singular",
             "vectors of two A. Random subspaces of R^d give max(i, j) / d on average;",
             f"d = {c.n_embd} here.", ""]
-    where = (("layer", f"layer {o.middle}"), ("mean", "mean of layers"), ("random", "random A"))
     out += table(["A compared", "ΔW", "where", "φ(1, 1)", "φ(1, all j)", "mean φ"],
-                 [[f"{a} vs {b}", w, name] + [x(v) for v in (g[0, 0], g[0, -1], g.mean())]
-                  for grids, _, _, a, b in phis.values() for w in "qv" for k, name in where
+                 [[f"{a} vs {b}", w, o.where[k]] + [x(v) for v in (g[0, 0], g[0, -1], g.mean())]
+                  for grids, _, _, a, b in phis.values() for w in "qv" for k in o.where
                   for g in [grids[w][k]]])
     out += [f"![{n}]({n})" for n in files if n.startswith("subspace")]
     out += ["", "## Amplification of W_q by ΔW_q (paper: Table 7)", "",
@@ -322,6 +323,7 @@ def run(o, s, rt) -> dict:
     base_ids, adapt_ids, *data = ts.split(ids, s, scratch)
     base = base_model(s, rt, tokenizer, base_ids, data, data_sha).requires_grad_(False)
     base_figures, o.middle = ts.evaluate(base, *data, s, rt), base.config.n_layer // 2
+    o.where = dict(layer=f"layer {o.middle}", mean="mean of layers", random="random A")
     r1, r2 = o.phi_ranks
     jobs = [(r, 0) for r in sorted(set(o.ranks + o.phi_ranks + o.amp_ranks))] + [(0, 0), (r2, 1)]
     runs = {(r, i): adapt(base, r, s.seed + i, adapt_ids, data, s, rt, o.lr, data_sha)

@@ -2314,3 +2314,139 @@ def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeyp
     assert _number(status[("layer C=32", "ours MergedLinear")]) > 0
     assert status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")] == "not installed (transformers and peft)"
     assert status[("hf", "ours LoRA r=4 (Q,V)")] == "no baseline"
+
+
+# ==============================================================================================
+# 11. lora_paper.py: the laws of phi and of the amplification factor; a smoke test at tiny sizes
+# ==============================================================================================
+
+import lora_paper as paper  # noqa: E402
+
+
+@st.composite
+def two_matrices(draw, max_d=12):
+    """Two Gaussian matrices (r1, d) and (r2, d) with r1, r2 <= d, float64."""
+    d = draw(st.integers(2, max_d))
+    r1, r2 = draw(st.integers(1, d)), draw(st.integers(1, d))
+    g = torch.Generator().manual_seed(draw(seeds))
+    return (torch.randn(r1, d, generator=g, dtype=torch.float64),
+            torch.randn(r2, d, generator=g, dtype=torch.float64))
+
+
+@given(pair=two_matrices())
+def test_phi_lies_in_zero_one_and_is_symmetric(pair):
+    """0 <= phi(A1, A2, i, j) <= 1 for every i <= r1, j <= r2, and phi(A2, A1, j, i) = phi(A1, A2, i, j)."""
+    A1, A2 = pair
+    grid = paper.subspace_similarity(A1, A2)
+    assert grid.shape == (len(A1), len(A2))
+    assert grid.min() >= -1e-12 and grid.max() <= 1 + 1e-12
+    torch.testing.assert_close(paper.subspace_similarity(A2, A1), grid.T)
+
+
+@given(pair=two_matrices())
+def test_phi_is_one_for_identical_subspaces_and_zero_for_orthogonal_ones(pair):
+    """phi(A, A, i, j) = 1 for all i, j (the top-min(i, j) directions are shared); phi = 1 at i = j = r
+    for another basis M A of the same row space; phi = 0 for rows spanning orthogonal subspaces."""
+    A, other = pair
+    torch.testing.assert_close(paper.subspace_similarity(A, A), torch.ones(len(A), len(A), dtype=A.dtype))
+    mix = torch.randn(len(A), len(A), generator=torch.Generator().manual_seed(0), dtype=A.dtype)
+    M = torch.linalg.qr(mix)[0] * torch.arange(1.0, len(A) + 1, dtype=A.dtype)  # invertible
+    assert abs(paper.subspace_similarity(M @ A, A)[-1, -1].item() - 1) < 1e-9
+    Q = torch.linalg.qr(torch.cat([A.T, other.T], 1))[0].T  # orthonormal rows
+    k = min(len(A), len(Q) - 1)
+    assert paper.subspace_similarity(Q[:k], Q[k:]).abs().max() < 1e-9
+
+
+@given(pair=two_matrices(), data=st.data())
+def test_phi_is_invariant_to_the_sign_and_order_of_the_basis_vectors(pair, data):
+    """Permuting the rows of A1 and flipping their signs leaves the row space, so the whole grid of phi."""
+    A1, A2 = pair
+    order = data.draw(st.permutations(range(len(A1))))
+    signs = torch.tensor(data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=len(A1), max_size=len(A1))),
+                         dtype=A1.dtype)
+    moved = (A1 * signs[:, None])[list(order)]
+    torch.testing.assert_close(paper.subspace_similarity(moved, A2), paper.subspace_similarity(A1, A2))
+
+
+@given(pair=two_matrices(), c=st.floats(0.01, 100) | st.floats(-100, -0.01), r=st.integers(1, 12))
+def test_amplification_of_a_multiple_of_W(pair, c, r):
+    """dW = c W: ||dW||_F / ||U^T W V^T||_F = |c| ||W||_F / ||W_r||_F, W_r the best rank-r part of W, whose
+    norm is that of the top r singular values; |c| exactly when W has rank <= r."""
+    W, B = pair
+    r = min(r, min(W.shape))
+    top = torch.linalg.svdvals(W)[:r].square().sum().sqrt()
+    assert paper.amplification(c * W, W, r) == pytest.approx(abs(c) * W.norm().item() / top.item(), rel=1e-9)
+    assert paper.projected_norm(W, *paper.top_singular(W, r)) == pytest.approx(top.item(), rel=1e-9)
+    low = B[:r].T @ B[:r]  # (d, d) of rank <= r
+    assert paper.amplification(c * low, low, r) == pytest.approx(abs(c), rel=1e-6)
+
+
+PAPER_SETTINGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+                  "--base-iters", "6", "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "2",
+                  "--warmup", "1", "--device", "cpu", "--latency-repeats", "1"]
+PAPER_TINY = PAPER_SETTINGS + ["--ranks", "1,2,4", "--phi-ranks", "2,4", "--amp-ranks", "1,4"]
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("paper")
+    return paper.main(PAPER_TINY + ["--data", text_file, "--out-dir", str(out)]), out
+
+
+def test_paper_script_writes_every_table_and_figure(paper_run):
+    result, out = paper_run
+    text = (out / "report.md").read_text(encoding="utf-8")
+    for heading in ("Rank sweep", "Subspace similarity", "Amplification", "Inference latency"):
+        assert f"## {heading}" in text
+    assert result["files"] == ["rank_sweep.png", "subspace_ranks.png", "subspace_seeds.png"]
+    for name in result["files"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in text
+    assert set(result["runs"]) == {(1, 0), (2, 0), (4, 0), (0, 0), (4, 1)}  # (rank, second seed?)
+    # rank 2 on Q and V of 2 layers of width 16
+    assert result["runs"][(2, 0)]["trainable"] == 2 * 2 * (16 + 16) * 2
+    assert result["phi"]["ranks"][0]["q"]["mean"].shape == (2, 4)
+    assert [row[:2] for row in result["amplification"][4]] == [[4, 0], [4, 1]]
+
+
+def test_paper_script_again_trains_nothing_and_keeps_its_tables_without_matplotlib(paper_run, text_file,
+                                                                                   monkeypatch, capsys):
+    result, out = paper_run
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    again = paper.main(PAPER_TINY + ["--data", text_file, "--out-dir", str(out)])
+    assert again["files"] == [] and "pip install matplotlib" in capsys.readouterr().out
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "| LoRA r = 4 |" in text and "| full fine-tuning |" in text and "![" not in text
+    assert {k: r["loss"] for k, r in again["runs"].items()} == {k: r["loss"] for k, r in result["runs"].items()}
+
+
+def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_path, monkeypatch):
+    """Stopped after the first checkpoint of an adaptation, then run again: the same figures as a run never
+    stopped (the run is keyed by its settings, so fewer ranks here still make the same rank-2 run)."""
+    result, out = paper_run
+    copy_run(str(out), tmp_path)  # the cached base
+    argv = PAPER_SETTINGS + ["--ranks", "2", "--phi-ranks", "1,2", "--amp-ranks", "2", "--data", text_file,
+                             "--out-dir", str(tmp_path)]
+    save = ts.save_atomic
+
+    def stop(obj, path):
+        save(obj, path)
+        if path.endswith(".part"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ts, "save_atomic", stop)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # figures: tested above
+    assert paper.cli(argv) == 130
+    assert [f for f in os.listdir(tmp_path / "runs")] == [f for f in os.listdir(tmp_path / "runs")
+                                                         if f.startswith("r1-") and f.endswith(".part")]
+    monkeypatch.setattr(ts, "save_atomic", save)
+    again = paper.main(argv)
+    assert again["runs"][(2, 0)]["loss"] == result["runs"][(2, 0)]["loss"]
+    assert again["runs"][(2, 0)]["history"] == result["runs"][(2, 0)]["history"]
+
+
+@pytest.mark.parametrize("option, message", [(["--rank", "4"], "use --ranks"), (["--phi-ranks", "4"], "two"),
+                                             (["--ranks", "1,x"], "ranks and commas")])
+def test_paper_script_bad_options_are_one_line(option, message, capsys):
+    assert paper.cli(PAPER_TINY + option) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
