@@ -2462,6 +2462,19 @@ def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_
         assert again["runs"][(1, 0)][key] == result["runs"][(1, 0)][key]
 
 
+def test_paper_script_adapts_the_base_given_by_init_from(text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    _hf_folder(tmp_path / "hf", seed=0)  # 2 layers of width 32
+    out = tmp_path / "out"
+    result = paper.main(PAPER_SETTINGS + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "2",
+                                          "--data", text_file, "--init-from", str(tmp_path / "hf"),
+                                          "--out-dir", str(out)])
+    assert not glob.glob(str(out / "base-*.pt"))  # nothing pretrained
+    assert result["runs"][(1, 0)]["trainable"] == 1 * 2 * (32 + 32) * 2
+    assert f"Base: {tmp_path / 'hf'}, 2 layers of width 32" in (out / "report.md").read_text("utf-8")
+
+
 @pytest.mark.parametrize("option, message", [(["--rank", "4"], "use --ranks"),
                                              (["--phi-ranks", "4"], "two different"),
                                              (["--ranks", "1,x"], "ranks and commas")])
