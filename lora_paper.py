@@ -4,12 +4,11 @@
     python lora_paper.py --data input.txt             # the default run, into out-paper/
     python lora_paper.py --ranks 1,4 --max-iters 100  # smaller; train_shakespeare.py's options too
 
-Its base (the scratch base of train_shakespeare.py, or --init-from) is adapted once per rank and
-once in full: same steps, learning-rate rule and seed, same split and held-out windows. Then the
-rank sweep (the paper's Table 18), the subspace similarity of A at two ranks and two seeds (Figures
-3, 4), the amplification of W by dW (Table 7) and inference latency (Table 1) go into
---out-dir/report.md, with PNG figures if matplotlib is there. Finished runs are kept in
---out-dir/runs and skipped when the command runs again."""
+Its base (train_shakespeare.py's scratch base, or --init-from) is adapted once per rank and once
+in full: same steps, learning-rate rule, seed, split and held-out windows. The rank sweep (paper:
+Table 18), subspace similarity of A at two ranks and seeds (Figures 3, 4), amplification (Table 7)
+and latency (Table 1) go to --out-dir/report.md, with PNG figures given matplotlib. Finished runs
+are kept in --out-dir/runs, and skipped when the command runs again."""
 
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ PAPER_AMP = {4: [0.32, 21.67, 0.02, 61.95, 6.91], 64: [1.90, 37.71, 0.33, 61.95,
 
 # ---- The math
 def right_singular(A: torch.Tensor) -> torch.Tensor:
-    """U (d, min(r, d)): the right-singular vectors of A (r, d) in columns, largest first."""
+    """U (d, min(r, d)): A's right-singular vectors in columns, largest first."""
     return torch.linalg.svd(A.double(), full_matrices=False)[2].T
 
 
@@ -77,9 +76,9 @@ def settings(argv) -> tuple:
     """(this script's options, train_shakespeare.py's: all but --rank, --resume, exports)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.error = lambda message: ts._Parser.error(p, message)
-    p.add_argument("--ranks", default="1,2,4,8,16,64", help="the ranks of the sweep")
-    p.add_argument("--phi-ranks", default="4,16", help="the two ranks phi compares; seeds: the 2nd")
-    p.add_argument("--amp-ranks", default="4,64", help="the ranks whose amplification is measured")
+    p.add_argument("--ranks", default="1,2,4,8,16,64", help="ranks of the sweep")
+    p.add_argument("--phi-ranks", default="4,16", help="two ranks phi compares; seeds: the 2nd")
+    p.add_argument("--amp-ranks", default="4,64", help="ranks of the amplification table")
     p.add_argument("--latency-repeats", type=ts._number(1), default=5, help="timed samples each")
     o, rest = p.parse_known_args(argv)
     try:
@@ -138,14 +137,19 @@ def base_model(s, rt, tokenizer, base_ids, data, data_sha) -> GPT2LMModel:
     return base
 
 
-def qv(layer, W: torch.Tensor) -> tuple:
-    """(W_q, W_v), each (out, in), from a fused c_attn weight laid out (in, 3 out)."""
-    C = layer.in_features
-    return W[:, :C].T.detach().cpu(), W[:, 2 * C:].T.detach().cpu()
+def with_lora(config: GPT2Config, rank: int, s) -> GPT2Config:
+    return GPT2Config.from_dict({**config.to_dict(), "lora_attn_dim": rank,
+                                 "lora_attn_alpha": s.alpha, "lora_dropout": s.lora_dropout})
+
+
+def qv(W: torch.Tensor) -> tuple:
+    """(W_q, W_v), each (out, in), from a fused c_attn weight (in, 3 out)."""
+    W = W.detach().cpu()
+    return W[:, :len(W)].T, W[:, 2 * len(W):].T
 
 
 def adapt(base, rank: int, seed: int, adapt_ids, data, s, rt, lr, data_sha: str) -> dict:
-    """An adaptation at `rank` (0: every weight) from `seed`: its figures, A and dW by layer."""
+    """An adaptation at `rank` (0: every weight) from `seed`: its figures and adapters."""
     s = argparse.Namespace(**{**vars(s), "rank": rank, "seed": seed, "lr": lr[rank == 0]})
     name = f"r{rank}" if rank else "full"
     recipe = {k: v for k, v in vars(s).items() if k not in UNKEYED}
@@ -153,12 +157,11 @@ def adapt(base, rank: int, seed: int, adapt_ids, data, s, rt, lr, data_sha: str)
     path = os.path.join(s.out_dir, "runs", f"{name}-seed{seed}-{run_key[:12]}.pt")
     done = load(path)
     if done is not None:
-        rt.log(f"{name}, seed {seed}: done before, {path}")
+        rt.log(f"done before: {path}")
         return done
     torch.manual_seed(seed)  # the adapters' init
-    config = GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": rank,
-                                   "lora_attn_alpha": s.alpha, "lora_dropout": s.lora_dropout})
-    model = GPT2LMModel(config).to(rt.device).load_weight(base.state_dict())
+    model = GPT2LMModel(with_lora(base.config, rank, s)).to(rt.device)
+    model.load_weight(base.state_dict())
     if rank:
         mark_only_lora_as_trainable(model)
     rt.log(f"adapting: {name}, seed {seed}, lr {s.lr:g}")
@@ -166,20 +169,24 @@ def adapt(base, rank: int, seed: int, adapt_ids, data, s, rt, lr, data_sha: str)
     history, (loss, acc), ms = train(model, adapt_ids, data, s, rt, path, phase=name,
                                      iters=s.max_iters, lr=s.lr)
     weights, buffer = ts.trainable_weights(model), io.BytesIO()
-    torch.save(weights, buffer)  # the size of the run's checkpoint
+    torch.save(weights, buffer)
     result = dict(rank=rank, seed=seed, loss=loss, accuracy=acc, history=history, ms_per_step=ms,
                   trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  bytes=buffer.tell())
-    if rank:
-        attn = [block.attn.c_attn for block in model.transformer.h]
-        result.update(weights=weights, dW=[qv(c, c.delta_weight()) for c in attn],
-                      A=[tuple(c.lora_A.detach().cpu().split(rank)) for c in attn])
+                  bytes=buffer.tell(), **({"weights": weights} if rank else {}))
     ts.save_atomic(result, path)
     os.remove(path + ".part")
     return result
 
 
 # ---- The analyses
+def adapters(base, run: dict, s) -> dict:
+    """A LoRA run's A and ΔW (each (q, v)) by layer, from its weights set on its base."""
+    model = GPT2LMModel(with_lora(base.config, run["rank"], s)).load_weight(base.state_dict())
+    attn = [block.attn.c_attn for block in model.load_weight(run["weights"]).transformer.h]
+    return dict(A=[c.lora_A.detach().cpu().split(run["rank"]) for c in attn], model=model,
+                dW=[qv(c.delta_weight()) for c in attn], rank=run["rank"])
+
+
 def phi_grids(A1: list, A2: list, layer: int) -> dict:
     """phi for 'q' and 'v': at `layer`, averaged over layers, and for Gaussian A of those shapes."""
     g, out = torch.Generator().manual_seed(0), {}
@@ -196,26 +203,23 @@ def amplification_rows(base, run: dict) -> list:
     """Table 7's figures for W_q, layer by layer."""
     g, r, rows = torch.Generator().manual_seed(0), run["rank"], []
     for layer, (block, (dWq, _)) in enumerate(zip(base.transformer.h, run["dW"])):
-        Wq = qv(block.attn.c_attn, block.attn.c_attn.weight)[0]
+        Wq = qv(block.attn.c_attn.weight)[0]
         rows.append([r, layer] + [projected_norm(Wq, *top_singular(M, r)) for M in
                                   (dWq, Wq, torch.randn(Wq.shape, generator=g))]
                     + [Wq.norm().item(), dWq.norm().item(), amplification(dWq, Wq, r)])
     return rows
 
 
-def latency(base, s, rt, repeats: int) -> list:
+def latency(base, lora, s, rt, repeats: int) -> list:
     """Table 1: a forward pass of --block-size tokens, batch 1 and 16, timed as the bench does."""
-    config = GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": 4,
-                                   "lora_attn_alpha": s.alpha})
-    lora = GPT2LMModel(config).to(rt.device).load_weight(base.state_dict()).eval()
-    bench.randomize_lora_B(lora)  # dW != 0, so that merging changes the weights
-    merged = GPT2LMModel(config).to(rt.device).load_weight(lora.state_dict()).eval()
+    merged = GPT2LMModel(lora.config).load_weight(lora.state_dict()).to(rt.device).eval()
     merge_lora(merged)
-    rows = []
+    r, rows = lora.config.lora_attn_dim, []
+    models = (("plain", base.eval()), (f"LoRA r={r} merged", merged),
+              (f"LoRA r={r} unmerged", lora.to(rt.device).eval()))
     for batch in (1, 16):
         x = torch.randint(base.config.vocab_size, (batch, s.block_size), device=rt.device)
-        fns = {name: torch.no_grad()(lambda m=m: m(x)) for name, m in
-               (("plain", base.eval()), ("LoRA r=4 merged", merged), ("LoRA r=4 unmerged", lora))}
+        fns = {name: torch.no_grad()(lambda m=m: m(x)) for name, m in models}
         ms = bench.time_interleaved(fns, repeats, 1, rt.device)
         rows += bench.make_rows(batch, ms, "plain", "ms")
     return rows
@@ -328,13 +332,14 @@ def run(o, s, rt) -> dict:
     jobs = [(r, 0) for r in sorted(set(o.ranks + o.phi_ranks + o.amp_ranks))] + [(0, 0), (r2, 1)]
     runs = {(r, i): adapt(base, r, s.seed + i, adapt_ids, data, s, rt, o.lr, data_sha)
             for r, i in jobs}
-    phis = {"ranks": (phi_grids(runs[(r1, 0)]["A"], runs[(r2, 0)]["A"], o.middle), r1, r2,
+    lora = {k: adapters(base, runs[k], s) for k in runs if k[0]}
+    phis = {"ranks": (phi_grids(lora[(r1, 0)]["A"], lora[(r2, 0)]["A"], o.middle), r1, r2,
                       f"r = {r1}", f"r = {r2}"),
-            "seeds": (phi_grids(runs[(r2, 0)]["A"], runs[(r2, 1)]["A"], o.middle), r2, r2,
+            "seeds": (phi_grids(lora[(r2, 0)]["A"], lora[(r2, 1)]["A"], o.middle), r2, r2,
                       f"r = {r2}, seed {s.seed}", f"seed {s.seed + 1}")}
-    amps = {r: amplification_rows(base, runs[(r, 0)]) for r in o.amp_ranks}
-    rt.log("timing forward passes for the latency table")
-    lat = latency(base, s, rt, o.latency_repeats)
+    amps = {r: amplification_rows(base, lora[(r, 0)]) for r in o.amp_ranks}
+    rt.log("timing forward passes")
+    lat = latency(base, lora[(r1, 0)]["model"], s, rt, o.latency_repeats)
     files = plots(o, runs, phis, base_figures[0], s.out_dir, rt.log)
     path = os.path.join(s.out_dir, "report.md")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
