@@ -30,7 +30,7 @@ from lora_gpt2 import GPT2Config, GPT2LMModel, mark_only_lora_as_trainable, merg
 DEFAULTS = ["--out-dir", "out-paper", "--block-size", "64", "--base-iters", "1000",
             "--max-iters", "500", "--eval-interval", "100", "--sample", "0"]
 UNKEYED = ("out_dir", "data", "sample", "prompt")  # a run's key: its other settings, text and base
-# The paper's figures: Table 18 (GPT-2 M on E2E, loss by rank); Table 7 (GPT-3, see report()).
+# The paper's figures: Table 18 (GPT-2 M, E2E, loss by rank) and Table 7 (see report()).
 PAPER_LOSS = {1: 1.23, 4: 1.18, 16: 1.16, 64: 1.16}
 PAPER_AMP = {4: [0.32, 21.67, 0.02, 61.95, 6.91], 64: [1.90, 37.71, 0.33, 61.95, 3.57]}
 
@@ -46,8 +46,7 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
 
     U_i holds the top-i right-singular vectors of A1 (r1, d), U_j the top-j of A2 (r2, d). phi lies
     in [0, 1]: 1 where one subspace holds the other, 0 where they are orthogonal; for random
-    subspaces it averages max(i, j) / d. It sees the subspaces only: the sign and order of the rows
-    of A1 and A2 do not change it."""
+    subspaces it averages max(i, j) / d. The sign and order of the rows of A1, A2 do not change it."""
     overlap = (right_singular(A1).T @ right_singular(A2)) ** 2  # (r1, r2): squared cosines
     i, j = (torch.arange(1, n + 1, dtype=overlap.dtype) for n in overlap.shape)
     return overlap.cumsum(0).cumsum(1) / torch.minimum(i[:, None], j[None, :])
@@ -73,8 +72,9 @@ def amplification(dW: torch.Tensor, W: torch.Tensor, r: int) -> float:
 
 # ---- The runs
 def settings(argv) -> tuple:
-    """(this script's options, train_shakespeare.py's: all but --rank, --resume, exports)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    """(this script's options, train_shakespeare.py's)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Its options apply too, but "
+                                "--rank, --resume and exports.", allow_abbrev=False)
     p.error = lambda message: ts._Parser.error(p, message)
     p.add_argument("--ranks", default="1,2,4,8,16,64", help="ranks of the sweep")
     p.add_argument("--phi-ranks", default="4,16", help="two ranks phi compares; seeds: the 2nd")
@@ -200,7 +200,7 @@ def phi_grids(A1: list, A2: list, layer: int) -> dict:
 
 
 def amplification_rows(base, run: dict) -> list:
-    """Table 7's figures for W_q, layer by layer."""
+    """Table 7's figures, by layer."""
     g, r, rows = torch.Generator().manual_seed(0), run["rank"], []
     for layer, (block, (dWq, _)) in enumerate(zip(base.transformer.h, run["dW"])):
         Wq = qv(block.attn.c_attn.weight)[0]
@@ -351,7 +351,7 @@ def run(o, s, rt) -> dict:
 
 
 def cli(argv=None) -> int:
-    """The command: one line on stderr and a non-zero exit status for every expected failure."""
+    """One line on stderr and a non-zero exit status for each expected failure."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` acts as Ctrl-C
     try:
         main(argv)
