@@ -46,7 +46,7 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
 
     U_i holds the top-i right-singular vectors of A1 (r1, d), U_j the top-j of A2 (r2, d). phi lies
     in [0, 1]: 1 where one subspace holds the other, 0 where they are orthogonal; for random
-    subspaces it averages max(i, j) / d. The sign and order of the rows of A1, A2 do not change it."""
+    subspaces it averages max(i, j) / d. The sign and order of A1's, A2's rows do not change it."""
     overlap = (right_singular(A1).T @ right_singular(A2)) ** 2  # (r1, r2): squared cosines
     i, j = (torch.arange(1, n + 1, dtype=overlap.dtype) for n in overlap.shape)
     return overlap.cumsum(0).cumsum(1) / torch.minimum(i[:, None], j[None, :])
