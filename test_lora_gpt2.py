@@ -11,7 +11,9 @@ exported folders (section 8).
 
 Section 9 tests train_shakespeare.py (tiny runs, mostly in-process through its main()/cli(), in a
 subprocess or a forked process where the exit status, the absence of a traceback or several
-processes matter); section 10 smoke-tests bench_lora_gpt2.py (structure only, no speed asserted).
+processes matter); section 10 smoke-tests bench_lora_gpt2.py (structure only, no speed asserted);
+section 11 checks the laws of lora_paper.py's subspace similarity and amplification factor, and
+runs that script at tiny sizes.
 """
 
 import argparse
