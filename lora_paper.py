@@ -220,7 +220,7 @@ def latency(base, lora, s, rt, repeats: int) -> list:
     for batch in (1, 16):
         x = torch.randint(base.config.vocab_size, (batch, s.block_size), device=rt.device)
         fns = {name: torch.no_grad()(lambda m=m: m(x)) for name, m in models}
-        ms = bench.time_interleaved(fns, repeats, 1, rt.device)
+        ms = bench.time_interleaved(fns, repeats, rt.device)
         rows += bench.make_rows(batch, ms, "plain", "ms")
     return rows
 
