@@ -2215,6 +2215,15 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
 
 
+# ---- the README's set-up ------------------------------------------------------------------------
+
+def test_readme_installs_a_cpu_torch_before_the_requirements_would_pull_a_cuda_one():
+    """Followed top to bottom on a machine without a GPU, the README never fetches a CUDA build."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    cpu = readme.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < readme.index("pip install -r requirements.txt")
+
+
 # ==============================================================================================
 # 10. bench_lora_gpt2.py: a smoke test on a tiny configuration (it asserts no speed)
 # ==============================================================================================
