@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """LoRA fine-tuning of GPT-2 on Tiny Shakespeare, from a laptop CPU to several GPUs.
 
-    python train_shakespeare.py --rank 4                   # char-level base, then LoRA (offline)
-    python train_shakespeare.py --rank 0 --out-dir full    # the same, fine-tuning every weight
-    python train_shakespeare.py --init-from gpt2 --rank 8  # adapt GPT-2 (pip install tiktoken)
-    python train_shakespeare.py --resume                   # go on with the run in --out-dir
-    python train_shakespeare.py --resume --prompt "Ah,"    # a finished run: sample only
-    torchrun --nproc_per_node=4 train_shakespeare.py ...   # DistributedDataParallel
+    python train_shakespeare.py --rank 4                     # char-level base, then LoRA (offline)
+    python train_shakespeare.py --rank 0 --out-dir out-full  # the same, fine-tuning every weight
+    python train_shakespeare.py --init-from gpt2 --rank 8    # adapt GPT-2 (pip install tiktoken)
+    python train_shakespeare.py --resume                     # go on with the run in --out-dir
+    python train_shakespeare.py --resume --prompt "ROMEO:"   # a finished run: sample only
+    torchrun --nproc_per_node=4 train_shakespeare.py ...     # DistributedDataParallel
 
 No character-level GPT-2 is published, so `--init-from scratch` pretrains one on the first half of
 the training text (cached in --out-dir), then adapts it on the other half; 10% is held out.
