@@ -912,7 +912,9 @@ def _config_from_shapes(sd: Mapping[str, torch.Tensor], overrides: Mapping) -> d
     values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos, n_layer=max(layers, default=-1) + 1)
     heads = [p["n_head"] for p in PRESETS.values() if p["n_embd"] == C]
     if not heads and "n_head" not in overrides:
-        raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size): pass n_head=...")
+        raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size): "
+                         f"give a folder holding them (model.safetensors or pytorch_model.bin) and "
+                         f"a config.json that gives n_head, or pass n_head=... to from_pretrained")
     return {**values, "n_head": heads[0]} if heads else values
 
 

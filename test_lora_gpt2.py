@@ -1970,10 +1970,71 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
 
 
+def test_progress_lines_reach_a_pipe_as_the_run_goes_every_tenth_of_the_steps(text_file, tmp_path):
+    """Redirected to a file or a pipe, stdout is block-buffered unless each line is flushed: the log
+    of a long run must fill as it goes. A line comes every 10% of the steps even when evaluations
+    are rarer, with the train loss and the time left."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model: faster, and kinder to a shared machine
+    argv = TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path), "--base-iters", "1000",
+                         "--eval-interval", "1000"]
+    with subprocess.Popen([sys.executable, SCRIPT] + argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=HERE, env=env) as proc:
+        try:
+            first = proc.stdout.readline()
+            step = proc.stdout.readline()
+            running = not os.path.exists(tmp_path / "ckpt.pt")  # written at step 1000 only
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=120)
+    assert first.startswith("pretraining a char-level base") and running
+    line = r"\[base\] step   100/1000 \| train \d\.\d{4} \| +\d+ ms/step \| \d+s left\n"  # no val
+    assert re.fullmatch(line, step), step
+
+
+def test_a_run_into_an_out_dir_holding_one_is_refused_unless_overwrite(finished_run, text_file,
+                                                                     tmp_path, capsys):
+    """Running a command again, or another one into the same --out-dir, never replaces the run
+    there silently: it points at --resume and at --overwrite, which starts over on the cached
+    base."""
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    argv = TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--rank", "1", "--sample", "0"]
+    err = one_line_error(argv, capsys)
+    assert "holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    report = ts.main(argv + ["--overwrite"])
+    assert "using the cached base" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["rank"] == 1
+    assert report["base_loss"] == finished_run[0]["base_loss"]
+
+
+def test_resume_on_a_finished_run_samples_without_training(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    report = ts.main(["--resume", "--out-dir", out, "--prompt", "ROMEO:", "--sample", "20"])
+    assert report["sample"].startswith("ROMEO:") and len(report["sample"]) == 6 + 20
+    assert "] step " not in capsys.readouterr().out
+    assert report["history"] == finished_run[0]["history"]
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_help_shows_the_defaults_and_how_to_sample_from_a_finished_run(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        ts.parse_settings(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for option, default in (("--base-iters", 1500), ("--max-iters", 1000), ("--block-size", 64),
+                            ("--out-dir", "out-shakespeare"), ("--prompt", "'\\n'")):
+        assert re.search(f"{option} [^(]*\\(default: {re.escape(str(default))}\\)", text), option
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "a finished run is only evaluated and sampled" in text and "--overwrite" in text
+
+
 # ---- resume -------------------------------------------------------------------------------------
 
 def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(finished_run, text_file, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, capsys):
     """A crash loses at most the work since the last checkpoint, in the base pretraining as in
     the adaptation; and the message after an interrupted resumed run names the checkpoint."""
     uninterrupted, run_dir = finished_run
@@ -1997,6 +2058,7 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(fini
     interrupt_at(2)  # a resumed run interrupted before its first checkpoint
     with pytest.raises(KeyboardInterrupt, match="step 10 of the base phase"):
         ts.main(["--resume", "--out-dir", out, "--device", "cpu"])  # where the run began
+    assert "[base] resuming from step 10 of 30" in capsys.readouterr().out
     interrupt_at(20 + 13)  # base steps 11-30, then adaptation step 13
     with pytest.raises(KeyboardInterrupt, match="step 10 of the adapt phase"):
         ts.main(["--resume", "--out-dir", out, "--device", "cpu"])
@@ -2083,7 +2145,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--prompt", "€"], "--prompt has characters outside the corpus's alphabet"),
     (["--resume"], "No such file"),
     (["--init-from", "{tmp}/missing"], "no checkpoint at"),
-    (["--init-from", "{run}/ckpt.pt"], "checkpoint entry 'format' -> str: not a state dict (names -> tensors)"),
+    (["--init-from", "{run}/ckpt.pt"], "is a checkpoint of this script, not GPT-2 weights"),
     (["--save-adapter", "{tmp}/peft", "--rank", "0"], "--save-adapter"),
     (["--resume", "--out-dir", "{run}", "--data", "{other}"], "not the text"),
     (["--resume", "--out-dir", "{run}", "--rank", "4"], "--rank 4: the run in"),
@@ -2116,7 +2178,7 @@ def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, f
     argv = argv + ["--data", text_file, "--out-dir", str(tmp_path / "out")]
     argv += [e.format(**subs) for e in extra]
     assert message in one_line_error(argv, capsys)
-    assert not glob.glob(str(tmp_path / "out" / "*.pt"))  # refused before any training step
+    assert not os.path.exists(tmp_path / "out")  # refused before any step, leaving no folder
 
 
 def test_bad_input_in_a_real_process_exits_nonzero_without_traceback(tmp_path):
@@ -2217,7 +2279,8 @@ def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, t
     reloaded, _ = ts.load_model(os.path.join(out, "ckpt.pt"))
     assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
 
-    assert "n_ctx = 64" in one_line_error(args + ["--out-dir", out, "--block-size", "65"], capsys)
+    err = one_line_error(args + ["--out-dir", out, "--block-size", "65", "--overwrite"], capsys)
+    assert "n_ctx = 64" in err
     (folder / "pytorch_model.bin").write_bytes(os.urandom(2048))  # damaged: says so, not "network"
     err = one_line_error(args + ["--out-dir", str(tmp_path / "out2")], capsys)
     assert "pytorch_model.bin" in err and "network" not in err
@@ -2277,6 +2340,34 @@ def test_without_tiktoken_gpt2s_tokenizer_is_a_one_line_error_naming_the_package
             ts.gpt2_bpe()
     finally:
         ts.gpt2_bpe.cache_clear()
+
+
+def test_offline_tiktoken_says_where_it_keeps_its_files(monkeypatch):
+    def offline(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net')")
+    monkeypatch.setitem(sys.modules, "tiktoken", argparse.Namespace(get_encoding=offline))
+    ts.gpt2_bpe.cache_clear()
+    try:
+        with pytest.raises(OSError, match="TIKTOKEN_CACHE_DIR") as e:
+            ts.gpt2_bpe()
+    finally:
+        ts.gpt2_bpe.cache_clear()
+    assert "openaipublic" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_of_an_unknown_width_point_at_a_folder_with_a_config(text_file, tmp_path, capsys):
+    """The command line cannot pass n_head: the message names what it can do, and that works."""
+    model = L.GPT2LMModel(L.GPT2Config(vocab_size=256, n_positions=64, n_ctx=64, n_embd=48,
+                                       n_layer=1, n_head=2))
+    (tmp_path / "hf").mkdir()
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    args = SCHEDULE + ["--data", text_file, "--out-dir", str(tmp_path / "out")]
+    err = one_line_error(args + ["--init-from", str(tmp_path / "hf" / "pytorch_model.bin")], capsys)
+    assert "n_head" in err and "config.json" in err
+    (tmp_path / "hf" / "config.json").write_text('{"n_embd": 48, "n_layer": 1, "n_head": 2, '
+                                                 '"vocab_size": 256, "n_positions": 64}')
+    loaded = L.GPT2LMModel.from_pretrained(tmp_path / "hf")
+    assert L.base_fingerprint(loaded) == L.base_fingerprint(model)
 
 
 # ---- download -----------------------------------------------------------------------------------
@@ -2368,6 +2459,7 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     fork = multiprocessing.get_context("fork")
+    argv += ["--overwrite"]
     procs = [fork.Process(target=_process_of_two, args=(r, port, argv, tmp_path / f"log{r}")) for r in range(2)]
     for p in procs:
         p.start()
@@ -2383,6 +2475,18 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
     for k in one["weights"]:
         torch.testing.assert_close(two["weights"][k], one["weights"][k], rtol=1e-3, atol=1e-4)
     assert two["history"][-1]["val_loss"] == pytest.approx(single["adapted_loss"], abs=1e-4)
+    # the logged train loss is the mean over both processes' sequences, as one process's over all
+    for a, b in zip(two["history"], single["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+
+
+# ---- the README's set-up ------------------------------------------------------------------------
+
+def test_readme_installs_a_cpu_torch_before_the_requirements_would_pull_a_cuda_one():
+    """Followed top to bottom on a machine without a GPU, the README never fetches a CUDA build."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    cpu = readme.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < readme.index("pip install -r requirements.txt")
 
 
 # ==============================================================================================

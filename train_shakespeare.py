@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """LoRA fine-tuning of GPT-2 on Tiny Shakespeare, from a laptop CPU to several GPUs.
 
-    python train_shakespeare.py --rank 4                   # char-level base, then LoRA (offline)
-    python train_shakespeare.py --rank 0                   # the same, fine-tuning every weight
-    python train_shakespeare.py --init-from gpt2 --rank 8  # adapt GPT-2 (pip install tiktoken)
-    python train_shakespeare.py --resume                   # go on with the run in --out-dir
-    torchrun --nproc_per_node=4 train_shakespeare.py ...   # DistributedDataParallel
+    python train_shakespeare.py --rank 4                     # char-level base, then LoRA (offline)
+    python train_shakespeare.py --rank 0 --out-dir out-full  # the same, fine-tuning every weight
+    python train_shakespeare.py --init-from gpt2 --rank 8    # adapt GPT-2 (pip install tiktoken)
+    python train_shakespeare.py --resume                     # go on with the run in --out-dir
+    python train_shakespeare.py --resume --prompt "ROMEO:"   # a finished run: sample only
+    torchrun --nproc_per_node=4 train_shakespeare.py ...     # DistributedDataParallel
 
-No character-level GPT-2 is published, so `--init-from scratch` pretrains one on the first half of the training
-text (cached in --out-dir), then adapts it on the other half; 10% is held out. --out-dir/ckpt.pt holds the run."""
+No character-level GPT-2 is published, so `--init-from scratch` pretrains one on the first half of
+the training text (cached in --out-dir), then adapts it on the other half; 10% is held out.
+--out-dir/ckpt.pt holds the run."""
 
 from __future__ import annotations
 
@@ -42,13 +44,20 @@ DATA_BYTES = 1_115_394  # a cached file of another size is fetched again
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FORMAT = "lora-gpt2-shakespeare/2"  # stamped into every checkpoint this script writes
 # About this machine or command, not the run: --resume takes them from the new command line, the rest from ckpt.pt.
-FRESH = ("resume", "out_dir", "device", "dtype", "compile", "sample", "prompt", "save_pretrained", "save_adapter")
+FRESH = ("resume", "overwrite", "out_dir", "device", "dtype", "compile", "sample", "prompt",
+         "save_pretrained", "save_adapter")
 
 
 # ---- Settings. Ranges are left to argparse, GPT2Config and torch; cli() makes any error one line.
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ValueError(f"{message} (see --help)")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # the help says what None means
+        no_default = action.default is None or action.default is False
+        return action.help if no_default else super()._get_help_string(action)
 
 
 def _number(low, high=2 ** 62, kind=int):
@@ -61,12 +70,15 @@ def _number(low, high=2 ** 62, kind=int):
 
 def parse_settings(argv=None) -> tuple:
     """(settings, checkpoint to resume or None). As in nanoGPT, --resume reads the run's settings from ckpt.pt."""
-    p = _Parser(description="LoRA fine-tuning of GPT-2 on Tiny Shakespeare (see the top of the file)")
+    p = _Parser(description=__doc__, formatter_class=_Help)
     a = p.add_argument
     a("--init-from", default="scratch", help="scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a PATH")
     a("--data", help="a UTF-8 text file (default: Tiny Shakespeare, downloaded once into data/)")
     a("--out-dir", default="out-shakespeare", help="checkpoints and the cached base")
-    a("--resume", action="store_true", help="go on with the run in --out-dir (options given override it)")
+    a("--resume", action="store_true", help="go on with the run in --out-dir (options given "
+      "override it); a finished run is only evaluated and sampled")
+    a("--overwrite", action="store_true", help="start anew in an --out-dir holding a run, reusing "
+      "its cached base")
     a("--n-layer", type=int, default=4, help="layers of the scratch base")
     a("--n-head", type=int, default=4, help="heads of the scratch base")
     a("--n-embd", type=int, default=128, help="width of the scratch base (on a GPU, try 6 x 6 x 384)")
@@ -75,7 +87,7 @@ def parse_settings(argv=None) -> tuple:
     a("--rank", type=int, default=4, help="LoRA rank r on Q and V; 0 fine-tunes every weight")
     a("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha/r")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    a("--block-size", type=_number(1), default=128, help="context length in tokens")
+    a("--block-size", type=_number(1), default=64, help="context length in tokens")
     a("--batch-size", type=_number(1), default=16, help="sequences per micro-batch, all processes together")
     a("--grad-accum", type=_number(1), default=1, help="micro-batches per optimizer step")
     a("--max-iters", type=_number(0), default=1000, help="adaptation steps")
@@ -83,20 +95,23 @@ def parse_settings(argv=None) -> tuple:
     a("--warmup", type=_number(0), default=50, help="linear warmup steps before the cosine decay")
     a("--weight-decay", type=_number(0, 1e300, float), default=0.01, help="AdamW weight decay of matrices")
     a("--grad-clip", type=_number(0, 1e300, float), default=1.0, help="clip the gradient norm to this; 0 disables")
-    a("--eval-interval", type=_number(1), default=100, help="evaluate, log and checkpoint every N steps")
+    a("--eval-interval", type=_number(1), default=100, help="evaluate and checkpoint every N steps")
     a("--eval-iters", type=_number(1), default=8, help="held-out batches per evaluation")
-    a("--seed", type=_number(0, 2 ** 32), default=1337)
+    a("--seed", type=_number(0, 2 ** 32), default=1337, help="of the init, batches and sample")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="autocast precision")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--sample", type=_number(0), default=400, help="tokens to generate at the end")
-    a("--prompt", default="\n", help="text the sample starts from")
+    a("--prompt", default="\n", help="text the sample starts from (default: %(default)r)")
     a("--save-pretrained", metavar="DIR", help="also write a Hugging Face GPT-2 folder, ΔW merged")
     a("--save-adapter", metavar="DIR", help="also write the adapters as a PEFT adapter folder")
     argv = sys.argv[1:] if argv is None else list(argv)
     s, resume = p.parse_args(argv), None
     if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):  # checked by every process, before any waits
         raise ValueError(f"--out-dir {s.out_dir} is a file; pass a folder")
+    if not s.resume and not s.overwrite and os.path.isfile(os.path.join(s.out_dir, "ckpt.pt")):
+        raise ValueError(f"--out-dir {s.out_dir} holds a run (ckpt.pt): go on with --resume, or "
+                         f"start over in another --out-dir or with --overwrite")
     if s.resume:
         resume = read_checkpoint(os.path.join(s.out_dir, "ckpt.pt"), "ckpt")
         s = p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in resume["settings"].items()
@@ -146,7 +161,12 @@ def gpt2_bpe() -> tuple:
         import tiktoken
     except ImportError:
         raise ValueError("GPT-2's tokenizer needs a package: pip install tiktoken") from None
-    bpe = tiktoken.get_encoding("gpt2")
+    try:
+        bpe = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # e.g. offline
+        raise OSError(f"tiktoken cannot load GPT-2's tokenizer ({one_line(e)}); it downloads it "
+                      f"once into $TIKTOKEN_CACHE_DIR (default: the temp folder's data-gym-cache): "
+                      f"go online once, or copy that folder from another machine") from None
     return bpe.encode_ordinary, bpe.decode
 
 
@@ -198,7 +218,8 @@ def setup_runtime(s) -> argparse.Namespace:
         torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)  # MPS's autocast varies by release
     return argparse.Namespace(device=dev, dtype=dtype, rank=rank, world=world,
                               ctx=torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
-                              log=print if rank == 0 else lambda *args, **kwargs: None)
+                              log=functools.partial(print, flush=True) if rank == 0 else
+                              lambda *args: None)
 
 
 # ---- Checkpoints
@@ -234,17 +255,24 @@ def read_checkpoint(path: str, *kinds: str) -> dict:
 @contextlib.contextmanager
 def claim(out_dir: str):
     """Hold --out-dir: a second run into it is refused. The kernel drops a flock however its process ends."""
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".lock"), "w") as lock:
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"another run is using --out-dir {out_dir}; wait for it, or pass another") from None
-            for name in os.listdir(out_dir):  # the leftovers of a killed save
-                if name.endswith(".tmp"):
-                    os.remove(os.path.join(out_dir, name))
-        yield
+    try:
+        with open(os.path.join(out_dir, ".lock"), "w") as lock:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ValueError(f"another run is using --out-dir {out_dir}; wait for it, or "
+                                     f"pass another") from None
+                for name in os.listdir(out_dir):  # the leftovers of a killed save
+                    if name.endswith(".tmp"):
+                        os.remove(os.path.join(out_dir, name))
+            yield
+    finally:
+        if created and os.listdir(out_dir) == [".lock"]:  # a refused run leaves nothing
+            os.remove(os.path.join(out_dir, ".lock"))
+            os.rmdir(out_dir)
 
 
 def load_model(path: str, device="cpu") -> tuple:
@@ -258,6 +286,20 @@ def load_model(path: str, device="cpu") -> tuple:
         check_base(base, info)
         model.load_weight(base.state_dict())
     return model.load_weight(ckpt["weights"]).to(device).eval(), ckpt["tokenizer"]
+
+
+def pretrained(source: str) -> GPT2LMModel:
+    """GPT-2 weights, refusing this script's own checkpoints with what to do."""
+    try:
+        return GPT2LMModel.from_pretrained(source)
+    except ValueError as e:
+        try:
+            read_checkpoint(source, "ckpt", "base")
+        except ValueError:
+            raise e from None
+    raise ValueError(f"--init-from {source} is a checkpoint of this script, not GPT-2 weights: "
+                     f"--resume --out-dir {os.path.dirname(source) or '.'} goes on with its run, "
+                     f"samples or exports it")
 
 
 def check_base(base: GPT2LMModel, info: dict | None) -> str:
@@ -325,9 +367,10 @@ def evaluate(model: GPT2LMModel, val, windows, s, rt) -> tuple:
 
 
 def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float, save, resume=None) -> tuple:
-    """Train what requires grad to step `iters` (from `resume` if given), evaluating, logging and saving every
-    --eval-interval steps. A step seeds its draws from (seed, step), dropout's also from the process: a resumed run
-    draws what the uninterrupted one drew, and all processes draw the same positions and take their share.
+    """Train what requires grad to step `iters` (from `resume` if given), evaluating and saving
+    every --eval-interval steps, logging every 10% of the steps or more often. A step seeds its
+    draws from (seed, step), dropout's also from the process: a resumed run draws what the
+    uninterrupted one drew, and all processes draw the same positions and take their share.
     Returns the history and the evaluation of the final weights if this call made one, else None."""
     params = [p for p in model.parameters() if p.requires_grad]  # matrices decay, vectors do not
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
@@ -343,10 +386,12 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
             step, history = int(resume["step"]), list(resume["history"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{s.out_dir}/ckpt.pt does not fit this run ({one_line(e)})") from None
+        rt.log(f"[{phase}] resuming from step {step} of {iters}")
     runner = torch.compile(model) if s.compile else model
     if rt.world > 1:  # frozen weights do not require grad, so DDP leaves them alone
         runner = nn.parallel.DistributedDataParallel(runner)
     losses, t0, evaluation = [], time.perf_counter(), None
+    log_interval = min(s.eval_interval, max(1, iters // 10))
     while step < iters:
         model.train()
         step_lr = learning_rate(step, lr, s.warmup, iters)
@@ -377,14 +422,21 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step, losses = step + 1, losses + [loss]
+        if step % log_interval and step % s.eval_interval and step < iters:
+            continue
+        sec, train_loss = (time.perf_counter() - t0) / len(losses), sum(losses) / len(losses)
+        if rt.world > 1:  # the mean over the processes
+            mean = torch.tensor(train_loss, dtype=torch.float64, device=rt.device)
+            dist.all_reduce(mean)
+            train_loss = mean.item() / rt.world
+        line = f"[{phase}] step {step:>5}/{iters} | train {train_loss:.4f} | "
         if step % s.eval_interval == 0 or step == iters:
-            sec, train_loss = (time.perf_counter() - t0) / len(losses), sum(losses) / len(losses)
             evaluation = val_loss, val_accuracy = evaluate(model, val, windows, s, rt)
-            rt.log(f"[{phase}] step {step:>5}/{iters} | train {train_loss:.4f} | val {val_loss:.4f} | "
-                   f"{1000 * sec:5.0f} ms/step | {(iters - step) * sec:.0f}s left")
+            line += f"val {val_loss:.4f} | "
             history.append(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_accuracy=val_accuracy))
             save(dict(step=step, history=history, optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
-            losses, t0 = [], time.perf_counter()
+        rt.log(f"{line}{1000 * sec:5.0f} ms/step | {(iters - step) * sec:.0f}s left")
+        losses, t0 = [], time.perf_counter()
     return history, evaluation
 
 
@@ -413,7 +465,7 @@ def run(s, resume, rt, last: dict) -> dict:
 
     # Everything that can be refused is refused here, before the first step.
     scratch, adapting = s.init_from == "scratch", resume is not None and resume["phase"] == "adapt"
-    base = None if scratch else GPT2LMModel.from_pretrained(s.init_from)
+    base = None if scratch else pretrained(s.init_from)
     tokenizer = {"type": "char", "chars": "".join(sorted(set(text)))} if scratch else {"type": "gpt2-bpe"}
     config = base.config if base else GPT2Config(  # --block-size positions: sampling meets no untrained one
         vocab_size=len(tokenizer["chars"]), n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
@@ -485,21 +537,21 @@ def run(s, resume, rt, last: dict) -> dict:
 def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) -> None:
     """Print what the adaptation did and a sample; write the exports."""
     t = f["seconds"]
-    print("\n".join([
+    rt.log("\n".join([
         "", "=" * 72,
         f"trainable parameters   {f['trainable']:,} of {f['total']:,} ({100 * f['trainable'] / f['total']:.2f}%)",
         f"held-out loss          base {f['base_loss']:.4f} -> {'adapted' if s.rank else 'fine-tuned'} "
         f"{f['adapted_loss']:.4f} ({f['adapted_loss'] - f['base_loss']:+.4f})",
         f"accuracy               {100 * f['base_accuracy']:.1f}% -> {100 * f['adapted_accuracy']:.1f}% (next token)",
         f"time                   base {t['base']:.0f}s, adaptation {t['adapt']:.0f}s, total {t['total']:.0f}s",
-        "=" * 72]), flush=True)
+        "=" * 72]))
     model.eval()
     if s.sample:
         x = torch.tensor([prompt[-model.config.n_ctx:]], device=rt.device)
         out = model.generate(x, s.sample, temperature=0.8, top_k=200,
                              generator=torch.Generator(device=rt.device).manual_seed(s.seed))[0].tolist()
         f["sample"] = "".join(tokenizer["chars"][i] for i in out) if "chars" in tokenizer else gpt2_bpe()[1](out)
-        print(f"sample ({s.sample} tokens):\n{f['sample']}", flush=True)
+        rt.log(f"sample ({s.sample} tokens):\n{f['sample']}")
     if s.save_pretrained:
         model.save_pretrained(s.save_pretrained)
     if s.save_adapter:  # a scratch base goes inside, where the adapter's name for it leads peft
