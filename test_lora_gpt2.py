@@ -149,7 +149,8 @@ def test_lora_parameter_count_formula_equals_trainable_parameters(config):
 def test_mark_only_lora_as_trainable_bias_modes(bias):
     """'none': only lora_A/lora_B train; 'all': every bias too; 'lora_only': the biases of layers
     that carry LoRA (c_attn) too."""
-    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=2, n_head=2, lora_attn_dim=2)
+    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=2, n_head=2,
+                          lora_attn_dim=2)
     model = tiny_model(config)
     L.mark_only_lora_as_trainable(model, bias=bias)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -170,7 +171,8 @@ def test_preset_total_parameter_counts_match_published_gpt2(preset, total):
 
 
 def test_gpt2_medium_rank4_trains_393216_parameters():
-    """The worked example of the README and the LoRA paper's setting: gpt2.md at r = 4 trains 393,216."""
+    """The worked example of the README and the LoRA paper's setting: gpt2.md at r = 4 trains
+    393,216."""
     config = L.GPT2Config.from_preset("gpt2.md", lora_attn_dim=4)
     with torch.device("meta"):
         model = L.GPT2LMModel(config)
@@ -302,7 +304,8 @@ def test_loading_lora_only_weights_into_merged_layer_remerges_with_new_adapter(l
     randomize_lora(other, seed + 1)
     expected = other(x)  # unmerged, new adapter
     layer.eval()
-    layer.load_state_dict({k: v for k, v in other.state_dict().items() if "lora_" in k}, strict=False)
+    layer.load_state_dict({k: v for k, v in other.state_dict().items() if "lora_" in k},
+                          strict=False)
     assert layer.merged
     torch.testing.assert_close(layer(x), expected, **tolerance(x.dtype))
 
@@ -344,8 +347,10 @@ class OpShapes(TorchDispatchMode):
 
 
 @given(enable=enable_patterns(), r=st.integers(1, 3), in_f=st.sampled_from([5, 7]),
-       d=st.sampled_from([11, 13]), fifo=st.booleans(), kind=st.sampled_from(["Linear", "MergedLinear"]))
-def test_unmerged_forward_and_backward_never_create_a_delta_w_sized_tensor(enable, r, in_f, d, fifo, kind):
+       d=st.sampled_from([11, 13]), fifo=st.booleans(),
+       kind=st.sampled_from(["Linear", "MergedLinear"]))
+def test_unmerged_forward_and_backward_never_create_a_delta_w_sized_tensor(enable, r, in_f, d,
+                                                                           fifo, kind):
     """Training never pays for the (out × in) ΔW (loralib's cost): no operation of the forward or
     backward pass creates a tensor of the shape of ΔW or of a group's block of it. The sizes are
     primes that no legitimate product (N × out, N × r·m, r·m × in, d × r) can take."""
@@ -396,7 +401,8 @@ def test_lora_r_dropout_drops_rank_components_and_lora_dropout_drops_inputs(kind
     A, so its rows take many other values."""
     def ratios(**kw):
         enable = dict(enable_lora=[True, True]) if kind == "MergedLinear" else {}
-        layer = getattr(L, kind)(32, 8, r=1, lora_alpha=1, merge_weights=False, **enable, **kw).double()
+        layer = getattr(L, kind)(32, 8, r=1, lora_alpha=1, merge_weights=False, **enable,
+                                 **kw).double()
         randomize_lora(layer, 3)
         x = torch.randn(200, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         base = F.linear(x, layer.weight, layer.bias)
@@ -423,8 +429,10 @@ def test_config_dropouts_reach_every_site():
     model = tiny_model(config)
     block = model.transformer.h[0]
     assert block.attn.c_attn.lora_dropout.p == 0.1 and block.attn.c_attn.lora_r_dropout.p == 0.2
-    sites = {"embeddings": (model.transformer.drop, "p"), "attention weights": (block.attn, "attn_pdrop"),
-             "attention residual": (block.attn.resid_dropout, "p"), "mlp residual": (block.mlp.dropout, "p")}
+    sites = {"embeddings": (model.transformer.drop, "p"),
+             "attention weights": (block.attn, "attn_pdrop"),
+             "attention residual": (block.attn.resid_dropout, "p"),
+             "mlp residual": (block.mlp.dropout, "p")}
     assert all(getattr(m, a) == 0.3 for m, a in sites.values())
     ids = token_batch(config, 0)
     for name, (module, attr) in sites.items():
@@ -504,7 +512,8 @@ def test_logits_at_t_do_not_depend_on_later_tokens(config, seed, t):
 
 def test_lm_head_is_tied_to_the_token_embedding():
     """The head's weight is wte's Parameter itself: same object, same storage, one gradient."""
-    model = tiny_model(L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2))
+    model = tiny_model(L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=1,
+                                    n_head=2))
     assert model.lm_head.decoder.weight is model.transformer.wte.weight
     assert model.lm_head.decoder.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     with torch.no_grad():
@@ -552,19 +561,23 @@ def test_cached_greedy_generation_equals_uncached(config, seed, prompt, new):
 def _ragged_start(config, seed, data, max_steps, min_rows, max_len):
     """microsoft's gpt2_beam start on drawn prompts: a random adapted model; prompts right-padded
     (with random tokens) to one length that leaves room for `steps` more tokens; one full call.
-    Returns the model, the generator, the steps, the prompts, their last logits, the cache, lengths."""
+    Returns the model, the generator, the steps, the prompts, their last logits, the cache,
+    lengths."""
     model = tiny_model(config, seed).eval()
     randomize_lora(model, seed)
     g = torch.Generator().manual_seed(seed)
     steps = data.draw(st.integers(1, max_steps))
-    prompts = data.draw(st.lists(st.lists(st.integers(0, config.vocab_size - 1), min_size=1, max_size=max_len),
+    prompts = data.draw(st.lists(st.lists(st.integers(0, config.vocab_size - 1), min_size=1,
+                                          max_size=max_len),
                                  min_size=min_rows, max_size=4))
     lens = torch.tensor([len(p) for p in prompts])
-    padded = torch.randint(0, config.vocab_size, (len(prompts), int(lens.max()) + steps), generator=g)
+    padded = torch.randint(0, config.vocab_size, (len(prompts), int(lens.max()) + steps),
+                           generator=g)
     for b, p in enumerate(prompts):
         padded[b, :len(p)] = torch.tensor(p)
     logits, past = model(padded)
-    return model, g, steps, [list(p) for p in prompts], logits[torch.arange(len(prompts)), lens - 1], past, lens
+    return (model, g, steps, [list(p) for p in prompts],
+            logits[torch.arange(len(prompts)), lens - 1], past, lens)
 
 
 def _alone(model, seq):
@@ -645,7 +658,8 @@ def test_temperature_sharpens_and_flattens_the_sampling_distribution():
     assert 0.3 < probs.max() < 0.99 and probs.min() < 0.01, probs  # neither flat nor one-hot
 
     def freq(t):
-        nxt = model.generate(prompt, 1, temperature=t, generator=torch.Generator().manual_seed(1))[:, -1]
+        nxt = model.generate(prompt, 1, temperature=t,
+                             generator=torch.Generator().manual_seed(1))[:, -1]
         return torch.bincount(nxt, minlength=7).double() / len(nxt)
 
     assert freq(1e-3)[probs.argmax()] == 1.0
@@ -665,9 +679,11 @@ def test_sampling_respects_top_k_and_generator():
 
 
 def test_generation_records_no_autograd_history(monkeypatch):
-    """Every forward inside generate runs without grad, even on a model whose weights require it: with the
-    cache, a recorded graph would link each step to all earlier ones and keep their activations alive."""
-    config = L.GPT2Config(vocab_size=23, n_positions=16, n_ctx=16, n_embd=8, n_layer=1, n_head=2, lora_attn_dim=2)
+    """Every forward inside generate runs without grad, even on a model whose weights require it:
+    with the cache, a recorded graph would link each step to all earlier ones and keep their
+    activations alive."""
+    config = L.GPT2Config(vocab_size=23, n_positions=16, n_ctx=16, n_embd=8, n_layer=1, n_head=2,
+                          lora_attn_dim=2)
     model = tiny_model(config, 3).eval().requires_grad_(True)
     forward, grad_enabled = L.GPT2Model.forward, []
 
@@ -683,7 +699,8 @@ def test_generation_records_no_autograd_history(monkeypatch):
 
 @given(config=tiny_configs(), seed=seeds, eps=st.sampled_from([0.0, 0.1, 0.3]),
        negative=st.sampled_from([-1, -100]), use_mask=st.booleans())
-def test_loss_is_microsoft_masked_mean_and_negative_labels_act_as_mask_0(config, seed, eps, negative, use_mask):
+def test_loss_is_microsoft_masked_mean_and_negative_labels_act_as_mask_0(config, seed, eps,
+                                                                         negative, use_mask):
     """loss = Σ mask·((1-ε)·NLL + ε·mean_v(-log p)) / (Σ mask + 1e-4), microsoft/LoRA's formula
     (mask of ones when lm_mask is None); a negative label gives the loss of that position
     relabelled and masked to 0; an all-zero mask gives 0."""
@@ -720,7 +737,8 @@ def test_accuracy_flags_equal_a_plain_reference_loop(config, seed, use_mask, rig
     labels = torch.where(torch.rand(ids.shape, generator=g) < right, pred, wrong)  # many hits
     labels[torch.rand(ids.shape, generator=g) < 0.1] = -1
     mask = (torch.rand(ids.shape, generator=g) < 0.7).float() if use_mask else None
-    logits, loss, t1_acc, all_acc = model(ids, lm_labels=labels, lm_mask=mask, is_report_accuracy=True)
+    logits, loss, t1_acc, all_acc = model(ids, lm_labels=labels, lm_mask=mask,
+                                          is_report_accuracy=True)
     assert t1_acc.shape == all_acc.shape == (4,) and t1_acc.dtype == all_acc.dtype == torch.float32
     for b in range(4):
         counted = [t for t in range(5) if labels[b, t] >= 0 and (mask is None or mask[b, t] >= 1)]
@@ -766,7 +784,8 @@ def test_state_dict_keys_and_shapes_match_microsoft_lora():
     assert list(sd) == list(expected)  # same order as well
 
 
-@given(config=tiny_configs(min_rank=1), seed=seeds, bias=st.sampled_from(["none", "all", "lora_only"]))
+@given(config=tiny_configs(min_rank=1), seed=seeds,
+       bias=st.sampled_from(["none", "all", "lora_only"]))
 def test_lora_only_checkpoint_round_trip_restores_outputs(config, seed, bias, tmp_path_factory):
     """lora_state_dict holds only LoRA tensors (plus the biases `bias` asks for); saved, loaded
     with weights_only=True into a model with the same base, it restores the logits."""
@@ -816,7 +835,8 @@ def test_whole_model_merge_matches_unmerged_and_unmerge_restores(config, seed):
     L.merge_lora(model)
     torch.testing.assert_close(model(ids)[0], before, rtol=1e-4, atol=1e-5)
     L.unmerge_lora(model)
-    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.detach(), w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.detach(), w, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_microsoft_lora_checkpoints_load_full_and_lora_only(tmp_path):
@@ -831,11 +851,13 @@ def test_microsoft_lora_checkpoints_load_full_and_lora_only(tmp_path):
     for i in range(config.n_layer):  # microsoft/LoRA also saves its causal-mask buffer
         full["model_state_dict"][f"module.transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16)
     torch.save(full, tmp_path / "model.full.pt")
-    loaded = L.GPT2LMModel.from_pretrained(tmp_path / "model.full.pt", n_head=2, lora_attn_alpha=6).eval()
+    loaded = L.GPT2LMModel.from_pretrained(tmp_path / "model.full.pt", n_head=2,
+                                           lora_attn_alpha=6).eval()
     assert loaded.config.lora_attn_dim == 3
     torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
 
-    lora_only = {"model_state_dict": {"module." + k: v for k, v in L.lora_state_dict(model).items()}}
+    lora_only = {"model_state_dict": {"module." + k: v
+                                      for k, v in L.lora_state_dict(model).items()}}
     torch.save(lora_only, tmp_path / "model.lora.pt")
     base = tiny_model(config, 1).eval()
     base.load_weight(tmp_path / "model.lora.pt")
@@ -845,7 +867,8 @@ def test_microsoft_lora_checkpoints_load_full_and_lora_only(tmp_path):
 
 
 def test_checkpoint_that_does_not_fit_names_key_and_both_shapes(tmp_path):
-    """A checkpoint of other sizes, or with a rank the model lacks, is refused with a clear error."""
+    """A checkpoint of other sizes, or with a rank the model lacks, is refused with a clear
+    error."""
     small = L.GPT2Config(vocab_size=17, n_positions=16, n_ctx=16, n_embd=8, n_layer=1, n_head=2,
                          lora_attn_dim=2)
     sd = tiny_model(small).state_dict()
@@ -880,7 +903,8 @@ def test_weights_file_config_inference_and_key_forms():
     with pytest.raises(ValueError, match="activation_function"):
         L._config_from_hf_json({"activation_function": "relu"}, "config.json")
 
-    config = L.GPT2Config(vocab_size=17, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2, lora_attn_dim=2)
+    config = L.GPT2Config(vocab_size=17, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2,
+                          lora_attn_dim=2)
     source = tiny_model(config, 1).eval()
     randomize_lora(source, 1)
     old_style = {}
@@ -909,7 +933,8 @@ def test_from_pretrained_with_lora_weights_asks_for_alpha(tmp_path):
     torch.save(model.state_dict(), tmp_path / "full.pt")
     with pytest.raises(ValueError, match="pass lora_attn_alpha"):
         L.GPT2LMModel.from_pretrained(tmp_path / "full.pt", n_head=2)
-    loaded = L.GPT2LMModel.from_pretrained(tmp_path / "full.pt", n_head=2, lora_attn_alpha=32).eval()
+    loaded = L.GPT2LMModel.from_pretrained(tmp_path / "full.pt", n_head=2,
+                                           lora_attn_alpha=32).eval()
     ids = token_batch(config, 0)
     torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
 
@@ -932,10 +957,12 @@ def test_hub_name_downloads_config_and_weights_through_huggingface_hub(monkeypat
     config = L.GPT2Config(vocab_size=19, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)
     model = tiny_model(config, 4)
     folder.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.decoder.weight"},
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.decoder.weight"},
               folder / "model.safetensors")
-    (folder / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 19, "n_positions": 8, '
-                                        '"n_embd": 8, "n_layer": 1, "n_head": 2}')
+    (folder / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 19, '
+                                        '"n_positions": 8, "n_embd": 8, "n_layer": 1, '
+                                        '"n_head": 2}')
     asked = []
 
     def hf_hub_download(repo_id, filename):
@@ -945,7 +972,8 @@ def test_hub_name_downloads_config_and_weights_through_huggingface_hub(monkeypat
         return str(folder / filename)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        types.SimpleNamespace(hf_hub_download=hf_hub_download))
     loaded = L.GPT2LMModel.from_pretrained("gpt2-medium", lora_attn_dim=2)
     assert asked == [("openai-community/gpt2-medium", "model.safetensors"),
                      ("openai-community/gpt2-medium", "config.json")]
@@ -955,8 +983,10 @@ def test_hub_name_downloads_config_and_weights_through_huggingface_hub(monkeypat
     def offline(repo_id, filename):
         raise OSError("network is unreachable")
 
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
-    with pytest.raises(ValueError, match="could not download openai-community/gpt2 .*network is unreachable"):
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        types.SimpleNamespace(hf_hub_download=offline))
+    with pytest.raises(ValueError,
+                       match="could not download openai-community/gpt2 .*network is unreachable"):
         L.GPT2LMModel.from_pretrained("gpt2")
 
 
