@@ -1069,8 +1069,8 @@ def test_odd_calls_get_a_value_error_or_work_never_another_exception(tmp_path):
     """Calls an adversarial sweep found failing deep inside: each now raises a ValueError that
     names the problem, or works (numpy numbers in a config, a tiny sampling temperature)."""
     np = pytest.importorskip("numpy")
-    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=np.int64(8), n_layer=1, n_head=2,
-                          lora_attn_dim=np.int64(2), lora_attn_alpha=np.float32(4.0))
+    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=np.int64(8), n_layer=1,
+                          n_head=2, lora_attn_dim=np.int64(2), lora_attn_alpha=np.float32(4.0))
     model = tiny_model(config)
     assert type(config.n_embd) is int and type(config.lora_attn_alpha) is float
     L.mark_only_lora_as_trainable(model)
@@ -1109,7 +1109,8 @@ def test_odd_calls_get_a_value_error_or_work_never_another_exception(tmp_path):
         model.load_adapter(None)
     sd = model.state_dict()
     sd["transformer.wte.weight"][0, 0] = float("nan")
-    tiny_model(config).load_weight({**sd, "lm_head.weight": sd["transformer.wte.weight"].clone()})  # tied
+    tiny_model(config).load_weight({**sd,
+                                    "lm_head.weight": sd["transformer.wte.weight"].clone()})  # tied
 
 
 @pytest.mark.parametrize("alpha, r", [(1e308, 4), (1e25, 1), (1e-25, 1)])
@@ -1167,13 +1168,14 @@ def test_malformed_checkpoints_raise_value_error(tmp_path):
     torch.save({**sd, 3: torch.zeros(1)}, tmp_path / "int-keys.bin")
     torch.save({**sd, "transformer.wte.weight": torch.zeros(44)}, tmp_path / "flat-wte.bin")
     (tmp_path / "random.bin").write_bytes(os.urandom(256))
-    for name, message in [("int-keys.bin", "entry 3 -> Tensor: not a state dict"), ("flat-wte.bin", "2-D wte"),
-                          ("random.bin", "cannot read")]:
+    for name, message in [("int-keys.bin", "entry 3 -> Tensor: not a state dict"),
+                          ("flat-wte.bin", "2-D wte"), ("random.bin", "cannot read")]:
         with pytest.raises(ValueError, match=message) as e:
             L.GPT2LMModel.from_pretrained(tmp_path / name)
         assert "weights_only=False" not in str(e.value)  # never advise unpickling code
     torch.save({"wte.weight": Unlisted()}, tmp_path / "object.pt")
-    with pytest.raises(ValueError, match=r"\(UnpicklingError: it holds more than tensors and plain data\)$"):
+    with pytest.raises(ValueError,
+                       match=r"\(UnpicklingError: it holds more than tensors and plain data\)$"):
         L.GPT2LMModel.from_pretrained(tmp_path / "object.pt")
     safetensors = pytest.importorskip("safetensors.torch")
     safetensors.save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors")
@@ -1243,7 +1245,8 @@ def _hf_random_checkpoint(tmp_path, seed, **sizes):
     # initializer_range 0.3 instead of 0.02: activations of order 1, where a wrong GELU variant or
     # a misplaced LayerNorm shows in the logits far above the 1e-4 tolerance.
     hf_config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                        bos_token_id=0, eos_token_id=0, initializer_range=0.3, **sizes)
+                                        bos_token_id=0, eos_token_id=0, initializer_range=0.3,
+                                        **sizes)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     hf.save_pretrained(tmp_path)
     return hf
@@ -1253,7 +1256,8 @@ def _hf_random_checkpoint(tmp_path, seed, **sizes):
 def test_logits_match_transformers_gpt2_on_the_same_checkpoint(tmp_path, layout):
     """from_pretrained on a random Hugging Face checkpoint gives GPT2LMHeadModel's logits to 1e-4,
     with and without the cache, from a checkpoint folder or a bare .bin file."""
-    hf = _hf_random_checkpoint(tmp_path, 0, vocab_size=101, n_positions=24, n_embd=48, n_layer=3, n_head=4)
+    hf = _hf_random_checkpoint(tmp_path, 0, vocab_size=101, n_positions=24, n_embd=48, n_layer=3,
+                               n_head=4)
     if layout == "folder":
         source = tmp_path
     else:
@@ -1266,12 +1270,14 @@ def test_logits_match_transformers_gpt2_on_the_same_checkpoint(tmp_path, layout)
         expected = hf(ids).logits
         torch.testing.assert_close(ours(ids)[0], expected, rtol=0, atol=1e-4)
         _, past = ours(ids[:, :10])
-        torch.testing.assert_close(ours(ids[:, 10:], past=past)[0], expected[:, 10:], rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours(ids[:, 10:], past=past)[0], expected[:, 10:], rtol=0,
+                                   atol=1e-4)
 
 
 def test_from_pretrained_with_lora_rank_starts_at_the_pretrained_model(tmp_path):
     """Loading with lora_attn_dim > 0 adds fresh adapters: the logits are still GPT-2's."""
-    hf = _hf_random_checkpoint(tmp_path, 1, vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    hf = _hf_random_checkpoint(tmp_path, 1, vocab_size=50, n_positions=16, n_embd=32, n_layer=2,
+                               n_head=4)
     ours = L.GPT2LMModel.from_pretrained(tmp_path, lora_attn_dim=4, lora_attn_alpha=8).eval()
     assert ours.transformer.h[0].attn.c_attn.r == 4
     ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -1282,7 +1288,8 @@ def test_from_pretrained_with_lora_rank_starts_at_the_pretrained_model(tmp_path)
 @given(kind=st.sampled_from(["Linear", "MergedLinear"]), enable=enable_patterns(max_groups=3),
        d=st.integers(1, 6), in_f=st.integers(1, 10), r=ranks, alpha=st.integers(1, 32),
        fifo=st.booleans(), seed=seeds)
-def test_lora_layers_match_loralib_outputs_names_and_shapes(kind, enable, d, in_f, r, alpha, fifo, seed):
+def test_lora_layers_match_loralib_outputs_names_and_shapes(kind, enable, d, in_f, r, alpha,
+                                                            fifo, seed):
     """With copied parameters our layer and loralib's have the same state-dict keys and shapes and
     give the same outputs, unmerged (train) and merged (eval)."""
     loralib = pytest.importorskip("loralib")
@@ -1319,8 +1326,9 @@ def record(what, dtype, diff):
 def tiny_lora_model(seed=0, r=2, alpha=6.0, **sizes):
     """A random GPT-2 with LoRA; initializer_range 0.3 makes every mistake show in the logits."""
     torch.manual_seed(seed)
-    config = L.GPT2Config(**{**dict(vocab_size=50, n_positions=8, n_ctx=8, n_embd=12, n_layer=2, n_head=3,
-                                    initializer_range=0.3, lora_attn_dim=r, lora_attn_alpha=alpha), **sizes})
+    config = L.GPT2Config(**{**dict(vocab_size=50, n_positions=8, n_ctx=8, n_embd=12, n_layer=2,
+                                    n_head=3, initializer_range=0.3, lora_attn_dim=r,
+                                    lora_attn_alpha=alpha), **sizes})
     model = L.GPT2LMModel(config).eval()
     if r:
         randomize_lora(model, seed + 1)
@@ -1345,8 +1353,8 @@ def no_temp_files(folder):
 @given(dtype=st.sampled_from([torch.float32, torch.float64]), n_head=st.integers(1, 2),
        head_size=st.integers(4, 8), n_layer=st.integers(1, 2), r=st.integers(1, 3),
        alpha=st.floats(0.5, 32.0), seed=st.integers(0, 2**16))
-def test_exported_folder_and_adapter_give_our_logits_in_transformers_and_peft(dtype, n_head, head_size,
-                                                                              n_layer, r, alpha, seed):
+def test_exported_folder_and_adapter_give_our_logits_in_transformers_and_peft(
+        dtype, n_head, head_size, n_layer, r, alpha, seed):
     """A random Hugging Face checkpoint loaded with a random LoRA: save_pretrained's folder gives
     our logits in transformers.GPT2LMHeadModel (in our dtype, read from config.json), and
     save_adapter's folder on that checkpoint gives them in peft.PeftModel; load_adapter into a
@@ -1365,7 +1373,8 @@ def test_exported_folder_and_adapter_give_our_logits_in_transformers_and_peft(dt
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
             initializer_range=0.3)
         transformers.GPT2LMHeadModel(hf_config).save_pretrained(base)
-        ours = L.GPT2LMModel.from_pretrained(base, lora_attn_dim=r, lora_attn_alpha=alpha).to(dtype).eval()
+        ours = L.GPT2LMModel.from_pretrained(base, lora_attn_dim=r,
+                                             lora_attn_alpha=alpha).to(dtype).eval()
         randomize_lora(ours, seed)
         L.mark_only_lora_as_trainable(ours)
         expected, ids = logits(ours, seed)
@@ -1388,7 +1397,8 @@ def test_exported_folder_and_adapter_give_our_logits_in_transformers_and_peft(dt
             got = peft.PeftModel.from_pretrained(hf_base, adapter).eval()(ids).logits
         assert record("adapter vs peft", dtype, (got - expected).abs().max().item()) <= tol
 
-        fresh = L.GPT2LMModel.from_pretrained(base, lora_attn_dim=r, lora_attn_alpha=alpha).to(dtype).eval()
+        fresh = L.GPT2LMModel.from_pretrained(base, lora_attn_dim=r,
+                                              lora_attn_alpha=alpha).to(dtype).eval()
         L.load_adapter(fresh, adapter)
         got = logits(fresh, seed)[0]
         record("adapter round trip", dtype, (got - expected).abs().max().item())
@@ -1402,7 +1412,8 @@ def test_exported_folder_and_adapter_give_our_logits_in_transformers_and_peft(dt
 
 @needs_safetensors
 @pytest.mark.parametrize("merged", [False, True])
-def test_save_pretrained_leaves_the_model_bit_identical_and_reads_back_to_its_logits(tmp_path, monkeypatch, merged):
+def test_save_pretrained_leaves_the_model_bit_identical_and_reads_back_to_its_logits(
+        tmp_path, monkeypatch, merged):
     """save_pretrained changes no bit of the model, merged or not, needs neither transformers
     nor peft, writes Hugging Face keys without LoRA tensors or a second copy of the tied head,
     and our own from_pretrained reads the folder back to the same logits."""
@@ -1484,14 +1495,17 @@ UNSUPPORTED = {  # name: (edit of the saved adapter, model to load into, error m
     "K rows": (dict(tensors=lambda sd: sd[KEY_B][12:24, 0].fill_(1.0)), {}, "non-zero K rows"),
     "Q reads A_v": (dict(tensors=lambda sd: sd[KEY_B][0, 2].fill_(1.0)), {}, "not block-diagonal"),
     "V reads A_q": (dict(tensors=lambda sd: sd[KEY_B][24, 0].fill_(1.0)), {}, "not block-diagonal"),
-    "other module": (dict(tensors=lambda sd: sd.update({KEY_B.replace("c_attn", "c_proj"): sd[KEY_B].clone()})),
+    "other module": (dict(tensors=lambda sd: sd.update({KEY_B.replace("c_attn", "c_proj"):
+                                                        sd[KEY_B].clone()})),
                      {}, "cannot hold: .*c_proj"),
-    "other targets": (dict(config=lambda c: c.update(target_modules=["c_attn", "c_fc"])), {}, "target_modules"),
+    "other targets": (dict(config=lambda c: c.update(target_modules=["c_attn", "c_fc"])), {},
+                      "target_modules"),
     "rsLoRA": (dict(config=lambda c: c.update(use_rslora=True)), {}, "use_rslora"),
     "DoRA": (dict(config=lambda c: c.update(use_dora=True)), {}, "use_dora"),
     "rank pattern": (dict(config=lambda c: c.update(rank_pattern={"h.0": 8})), {}, "rank_pattern"),
     "not LoRA": (dict(config=lambda c: c.update(peft_type="IA3")), {}, "peft_type = 'IA3'"),
-    "odd rank": (dict(config=lambda c: c.update(r=3)), {}, r"r' = 3, .*lora_attn_dim = r'/2 \(r' even\)"),
+    "odd rank": (dict(config=lambda c: c.update(r=3)), {},
+                 r"r' = 3, .*lora_attn_dim = r'/2 \(r' even\)"),
     "other rank": ({}, dict(r=1, alpha=3.0), r"r' = 4, α' = 12.0 .*this one has 1 and 3.0"),
     "rank 0": ({}, dict(r=0), r"lora_attn_dim = r'/2 .*lora_attn_alpha = α'/2; this one has 0"),
     "other alpha": ({}, dict(alpha=5.0), "this one has 2 and 5.0"),
@@ -1554,7 +1568,8 @@ def test_without_safetensors_every_format_says_what_to_install(tmp_path, monkeyp
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    for call in (lambda: L.save_pretrained(model, tmp_path / "a"), lambda: L.save_adapter(model, tmp_path / "b"),
+    for call in (lambda: L.save_pretrained(model, tmp_path / "a"),
+                 lambda: L.save_adapter(model, tmp_path / "b"),
                  lambda: L.load_adapter(model, tmp_path / "adapter")):
         with pytest.raises(ValueError, match="pip install safetensors"):
             call()
@@ -1563,7 +1578,8 @@ def test_without_safetensors_every_format_says_what_to_install(tmp_path, monkeyp
 
 @needs_safetensors
 @pytest.mark.parametrize("fail_at", ["weights", "config", "replace 1", "replace 2"])
-def test_an_interrupted_export_over_an_old_one_loads_old_new_or_not_at_all(tmp_path, monkeypatch, fail_at):
+def test_an_interrupted_export_over_an_old_one_loads_old_new_or_not_at_all(tmp_path, monkeypatch,
+                                                                           fail_at):
     """An export that dies at any step (half-way through writing a file, or moving one into
     place) leaves no temporary file, and a folder that loads as the old adapter, as the new one,
     or not at all: never the new weights with the old α."""
@@ -1631,10 +1647,12 @@ def test_an_adapter_is_refused_on_the_merged_export_of_its_own_model(tmp_path):
 
 
 @needs_safetensors
-def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_adapted_weight(tmp_path):
+def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_adapted_weight(
+        tmp_path):
     """The record compares W0 of c_attn within 1e-4·‖W0‖: 300 merge/unmerge cycles of a ΔW 41
     times ‖W0‖ (float32 rounding moves W0 by ~3e-6·‖W0‖) stay inside; one layer's W0 moved by
-    1e-3·‖W0‖ is refused, by 1e-7·‖W0‖ (below rounding) accepted; a record not JSON is unreadable."""
+    1e-3·‖W0‖ is refused, by 1e-7·‖W0‖ (below rounding) accepted; a record not JSON is
+    unreadable."""
     saver = tiny_lora_model()
     saver.save_adapter(tmp_path)
     cycled = tiny_lora_model()
@@ -1665,7 +1683,8 @@ def test_a_float32_adapter_refuses_a_bfloat16_base_and_a_bfloat16_one_loads_on_i
     a wider dtype (bfloat16 → float32 is exact) is the same base, as if cast first."""
     model = tiny_lora_model()
     model.save_adapter(tmp_path / "f32")
-    message = r"another precision \(bfloat16, not float32\): cast it first, model.to\(torch.float32\)"
+    message = (r"another precision \(bfloat16, not float32\): cast it first, "
+               r"model.to\(torch.float32\)")
     with pytest.raises(ValueError, match=message):
         tiny_lora_model().to(torch.bfloat16).load_adapter(tmp_path / "f32")
     model.to(torch.bfloat16).save_adapter(tmp_path / "bf16")
@@ -1742,14 +1761,15 @@ def test_load_adapter_refuses_every_field_it_does_not_model_unless_neutral(tmp_p
     _edit_adapter(tmp_path, config=lambda c: c.update({field: value}))
     with pytest.raises(ValueError, match=f"{field} = .* is not supported"):
         tiny_lora_model().load_adapter(tmp_path)
-    neutral = {field: "none" if field == "bias" else None, "revision": "main", "inference_mode": True,
-               "init_lora_weights": "gaussian", "peft_version": "9.9"}
+    neutral = {field: "none" if field == "bias" else None, "revision": "main",
+               "inference_mode": True, "init_lora_weights": "gaussian", "peft_version": "9.9"}
     _edit_adapter(tmp_path, config=lambda c: c.update(neutral))
     tiny_lora_model().load_adapter(tmp_path)
 
 
 @needs_safetensors
-def test_stale_export_temp_files_are_removed_and_a_failed_write_is_an_oserror(tmp_path, monkeypatch):
+def test_stale_export_temp_files_are_removed_and_a_failed_write_is_an_oserror(tmp_path,
+                                                                              monkeypatch):
     import safetensors.torch
     model = tiny_lora_model()
     tmp_path.joinpath(".model.safetensors.99999.tmp").write_text("killed")
@@ -1775,7 +1795,8 @@ def test_weights_that_are_not_floating_point_are_refused_by_name():
 
 
 @needs_safetensors
-def test_an_unreadable_file_says_permission_denied_and_a_sharded_folder_says_sharded(tmp_path, monkeypatch):
+def test_an_unreadable_file_says_permission_denied_and_a_sharded_folder_says_sharded(tmp_path,
+                                                                                     monkeypatch):
     model = tiny_lora_model(r=0)
     model.save_pretrained(tmp_path / "hf")
 
@@ -1800,10 +1821,10 @@ SCRIPT = os.path.join(HERE, "train_shakespeare.py")
 
 # A tiny model and a short schedule: a whole base + LoRA run takes about a second.
 SIZES = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64"]  # of the scratch base
-SCHEDULE = ["--block-size", "32", "--batch-size", "8", "--base-iters", "30", "--base-lr", "3e-3", "--max-iters", "20",
-            "--warmup", "2", "--eval-interval", "5", "--eval-iters", "4",
-            "--rank", "2", "--alpha", "8", "--lora-dropout", "0.1", "--lr", "1e-2", "--sample", "16",
-            "--device", "cpu", "--seed", "7"]
+SCHEDULE = ["--block-size", "32", "--batch-size", "8", "--base-iters", "30", "--base-lr", "3e-3",
+            "--max-iters", "20", "--warmup", "2", "--eval-interval", "5", "--eval-iters", "4",
+            "--rank", "2", "--alpha", "8", "--lora-dropout", "0.1", "--lr", "1e-2",
+            "--sample", "16", "--device", "cpu", "--seed", "7"]
 TRAIN_TINY = SIZES + SCHEDULE
 
 
@@ -1861,7 +1882,8 @@ def held_out(model, text_file, eval_iters=4):
     """(loss, accuracy) on the script's held-out windows, computed here from the logits."""
     s = argparse.Namespace(block_size=32, batch_size=8, eval_iters=eval_iters)
     text = open(text_file, encoding="utf-8").read()
-    ids = torch.tensor(ts.encode({"type": "char", "chars": "".join(sorted(set(text)))}, text, "text"))
+    ids = torch.tensor(ts.encode({"type": "char", "chars": "".join(sorted(set(text)))}, text,
+                                 "text"))
     _, _, val, windows = ts.split(ids, s, scratch=True)
     windows = val[windows[:, None] + torch.arange(33)]
     with torch.no_grad():
@@ -1898,21 +1920,24 @@ def test_lora_run_lowers_held_out_loss_and_reports_accuracy(finished_run, text_f
     assert 0 < report["base_accuracy"] < report["adapted_accuracy"] < 1
 
 
-def test_held_out_windows_are_evaluated_once_per_logged_step_and_the_report_reuses_the_last(text_file, tmp_path,
-                                                                                           monkeypatch):
-    """Every evaluation pass is a logged one (6 in pretraining, 4 in adaptation): the report's figures are
-    the last evaluation of each phase, not a second pass over the same weights."""
+def test_held_out_windows_are_evaluated_once_per_logged_step_and_the_report_reuses_the_last(
+        text_file, tmp_path, monkeypatch):
+    """Every evaluation pass is a logged one (6 in pretraining, 4 in adaptation): the report's
+    figures are the last evaluation of each phase, not a second pass over the same weights."""
     forward, batches = L.GPT2LMModel.forward, []
 
     def counting(self, *args, **kwargs):
-        if not self.training and len(args) > 1:  # evaluation: eval mode, with labels (sampling has none)
+        # evaluation: eval mode, with labels (sampling has none)
+        if not self.training and len(args) > 1:
             batches.append(args[0].shape[0])
         return forward(self, *args, **kwargs)
     monkeypatch.setattr(L.GPT2LMModel, "forward", counting)
-    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path), "--sample", "0"])
+    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path),
+                                   "--sample", "0"])
     s = argparse.Namespace(block_size=32, batch_size=8, eval_iters=4)
     text = open(text_file, encoding="utf-8").read()
-    windows = ts.split(torch.tensor(ts.encode({"type": "char", "chars": "".join(sorted(set(text)))}, text, "")),
+    windows = ts.split(torch.tensor(ts.encode({"type": "char",
+                                               "chars": "".join(sorted(set(text)))}, text, "")),
                        s, scratch=True)[3]
     assert sum(batches) == (30 // 5 + 20 // 5) * len(windows)
     assert (report["adapted_loss"], report["adapted_accuracy"]) == \
@@ -1931,7 +1956,8 @@ def test_checkpoint_holds_the_trained_tensors_and_the_fingerprint_of_its_base(fi
     base_file = os.path.join(out, ckpt["base"]["file"])
     assert ckpt["base"]["source"] == "scratch" and os.path.isfile(base_file)
     assert ckpt["base"]["fingerprint"] == L.base_fingerprint(ts.load_model(base_file)[0])
-    assert sorted(os.listdir(out)) == [".lock", ckpt["base"]["file"], "ckpt.pt"]  # no temporary file left
+    # no temporary file left
+    assert sorted(os.listdir(out)) == [".lock", ckpt["base"]["file"], "ckpt.pt"]
 
 
 def test_base_is_cached_and_stays_frozen(finished_run):
@@ -1956,9 +1982,10 @@ def test_full_fine_tuning_with_rank_0(text_file, tmp_path, finished_run, capsys)
     assert ckpt["config"]["lora_attn_dim"] == 0 and "transformer.wte.weight" in ckpt["weights"]
 
 
-def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text_file, tmp_path, capsys,
-                                                              monkeypatch):
-    """bfloat16 and float32 pretraining give different weights: a bfloat16 run pretrains its own base."""
+def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text_file, tmp_path,
+                                                              capsys, monkeypatch):
+    """bfloat16 and float32 pretraining give different weights: a bfloat16 run pretrains its own
+    base."""
     def stop(*a):
         raise KeyboardInterrupt  # at its first step: enough to see which base the run took
     monkeypatch.setattr(ts, "learning_rate", stop)
@@ -1975,12 +2002,15 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     run ran, which is where peft looks) and both exports the character vocabulary (chars.json)."""
     out = copy_run(finished_run[1], tmp_path / "out")
     monkeypatch.chdir(tmp_path)
-    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5", "--sample", "0",
-                                   "--save-pretrained", "hf", "--save-adapter", "peft"])
+    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5",
+                                   "--sample", "0", "--save-pretrained", "hf",
+                                   "--save-adapter", "peft"])
     figures = (report["adapted_loss"], report["adapted_accuracy"])
-    assert held_out(L.GPT2LMModel.from_pretrained(tmp_path / "hf"), text_file) == pytest.approx(figures, rel=1e-5)
+    assert held_out(L.GPT2LMModel.from_pretrained(tmp_path / "hf"), text_file) == pytest.approx(
+        figures, rel=1e-5)
     base = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])[0]
-    adapted = L.GPT2LMModel(L.GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": 2, "lora_attn_alpha": 8}))
+    adapted = L.GPT2LMModel(L.GPT2Config.from_dict({**base.config.to_dict(), "lora_attn_dim": 2,
+                                                    "lora_attn_alpha": 8}))
     adapted.load_weight(base.state_dict()).load_adapter(tmp_path / "peft")
     assert held_out(adapted, text_file) == pytest.approx(figures, rel=1e-5)
     config = json.load(open("peft/adapter_config.json"))
