@@ -2093,8 +2093,8 @@ def test_help_shows_the_defaults_and_how_to_sample_from_a_finished_run(capsys, m
 
 # ---- resume -------------------------------------------------------------------------------------
 
-def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(finished_run, text_file, tmp_path,
-                                                                            monkeypatch, capsys):
+def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(
+        finished_run, text_file, tmp_path, monkeypatch, capsys):
     """A crash loses at most the work since the last checkpoint, in the base pretraining as in
     the adaptation; and the message after an interrupted resumed run names the checkpoint."""
     uninterrupted, run_dir = finished_run
@@ -2134,17 +2134,18 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(fini
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_report_after_resume_measures_base_and_adapted_on_the_same_windows(finished_run, text_file, tmp_path):
+def test_report_after_resume_measures_base_and_adapted_on_the_same_windows(finished_run, text_file,
+                                                                           tmp_path):
     """--resume with another --eval-iters: both figures come from the new windows."""
     report, run_dir = finished_run
     out = copy_run(run_dir, tmp_path, everything=True)
-    resumed = ts.main(["--resume", "--out-dir", out, "--eval-iters", "2", "--sample", "0", "--device",
-                       "cpu"])
+    resumed = ts.main(["--resume", "--out-dir", out, "--eval-iters", "2", "--sample", "0",
+                       "--device", "cpu"])
     base = ts.load_model(glob.glob(os.path.join(out, "base-*.pt"))[0])[0]
     assert held_out(base, text_file, eval_iters=2) == pytest.approx(
         (resumed["base_loss"], resumed["base_accuracy"]), rel=1e-5)
-    assert held_out(ts.load_model(os.path.join(out, "ckpt.pt"))[0], text_file, eval_iters=2) == pytest.approx(
-        (resumed["adapted_loss"], resumed["adapted_accuracy"]), rel=1e-5)
+    assert held_out(ts.load_model(os.path.join(out, "ckpt.pt"))[0], text_file, eval_iters=2) == (
+        pytest.approx((resumed["adapted_loss"], resumed["adapted_accuracy"]), rel=1e-5))
     assert abs(resumed["base_loss"] - report["base_loss"]) > 1e-4  # the windows did change
 
 
@@ -2162,7 +2163,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     monkeypatch.undo()
     ts.save_atomic({"x": torch.zeros(3)}, path)  # the next save replaces what the failed one left
-    assert os.listdir(tmp_path) == ["ck.pt"] and torch.equal(torch.load(path, weights_only=True)["x"], torch.zeros(3))
+    assert os.listdir(tmp_path) == ["ck.pt"] and torch.equal(
+        torch.load(path, weights_only=True)["x"], torch.zeros(3))
 
 
 def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(finished_run, tmp_path):
@@ -2222,8 +2224,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--out-dir", "{short}"], "short.txt is a file; pass a folder"),
     (["--resume", "--out-dir", "{short}"], "short.txt is a file; pass a folder"),
 ])
-def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, finished_run, text_file,
-                                                               tmp_path, capsys):
+def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, finished_run,
+                                                               text_file, tmp_path, capsys):
     if "{fifo}" in extra and not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs here")
     (tmp_path / "short.txt").write_text("To be, or not to be.\n" * 2)
@@ -2232,8 +2234,9 @@ def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, f
     (tmp_path / "empty.txt").write_text("")
     if hasattr(os, "mkfifo"):
         os.mkfifo(tmp_path / "fifo")  # opening it for reading would block: it must not be opened
-    subs = dict(tmp=tmp_path, run=finished_run[1], short=tmp_path / "short.txt", fifo=tmp_path / "fifo",
-                latin1=tmp_path / "latin1.txt", other=tmp_path / "other.txt", empty=tmp_path / "empty.txt")
+    subs = dict(tmp=tmp_path, run=finished_run[1], short=tmp_path / "short.txt",
+                fifo=tmp_path / "fifo", latin1=tmp_path / "latin1.txt",
+                other=tmp_path / "other.txt", empty=tmp_path / "empty.txt")
     argv = SCHEDULE if "--init-from" in extra else TRAIN_TINY
     argv = argv + ["--data", text_file, "--out-dir", str(tmp_path / "out")]
     argv += [e.format(**subs) for e in extra]
@@ -2242,7 +2245,8 @@ def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, f
 
 
 def test_bad_input_in_a_real_process_exits_nonzero_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--data", str(tmp_path / "nope.txt"), "--out-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, SCRIPT, "--data", str(tmp_path / "nope.txt"),
+                           "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, cwd=HERE)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error: --data") and proc.stderr.count("\n") == 1, proc.stderr
@@ -2251,9 +2255,11 @@ def test_bad_input_in_a_real_process_exits_nonzero_without_traceback(tmp_path):
 def _craft(ckpt):
     """Ways to damage a ckpt.pt, each with what the one-line error must say."""
     other_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]).state_dict()
-    rank8 = L.GPT2LMModel(L.GPT2Config.from_dict({**ckpt["config"], "lora_attn_dim": 8, "lora_attn_alpha": 8}))
+    rank8 = L.GPT2LMModel(L.GPT2Config.from_dict({**ckpt["config"], "lora_attn_dim": 8,
+                                                  "lora_attn_alpha": 8}))
     return [
-        ({**ckpt, "weights": {k: v.cpu() for k, v in L.lora_state_dict(rank8).items()}}, "does not fit this run"),
+        ({**ckpt, "weights": {k: v.cpu() for k, v in L.lora_state_dict(rank8).items()}},
+         "does not fit this run"),
         ({k: v for k, v in ckpt.items() if k != "settings"}, "lacks settings"),
         ({**ckpt, "optimizer": other_optimizer}, "does not fit this run"),
         ({**ckpt, "step": "ten"}, "does not fit this run"),
@@ -2261,17 +2267,20 @@ def _craft(ckpt):
         ({**ckpt, "settings": {**ckpt["settings"], "bogus": 1}}, "unrecognized arguments"),
         ({**ckpt, "settings": {**ckpt["settings"], "rank": "four"}}, "invalid"),
         ({**ckpt, "format": "something else"}, "not a ckpt checkpoint of this script"),
-        ({**ckpt, "settings": argparse.Namespace()}, "holds more than tensors"),  # refused by weights_only
+        # refused by weights_only
+        ({**ckpt, "settings": argparse.Namespace()}, "holds more than tensors"),
     ]
 
 
-def test_damaged_checkpoints_are_one_line_errors(finished_run, text_file, tmp_path, capsys, monkeypatch):
+def test_damaged_checkpoints_are_one_line_errors(finished_run, text_file, tmp_path, capsys,
+                                                 monkeypatch):
     out = copy_run(finished_run[1], tmp_path, everything=True)
     path = os.path.join(out, "ckpt.pt")
     ckpt = torch.load(path, weights_only=True)
     for crafted, message in _craft(ckpt):
         torch.save(crafted, path)
-        assert message in one_line_error(["--resume", "--out-dir", out, "--sample", "0"], capsys), message
+        assert message in one_line_error(["--resume", "--out-dir", out, "--sample", "0"],
+                                         capsys), message
     with open(path, "wb") as f:
         f.write(os.urandom(4096))
     assert "cannot read the checkpoint" in one_line_error(["--resume", "--out-dir", out], capsys)
@@ -2279,20 +2288,25 @@ def test_damaged_checkpoints_are_one_line_errors(finished_run, text_file, tmp_pa
     # a cached base of another size under the name this run's base would have
     torch.save(ckpt, path)
     base_path = glob.glob(os.path.join(out, "base-*.pt"))[0]
-    small = L.GPT2LMModel(L.GPT2Config.from_dict({**ckpt["config"], "n_embd": 32, "lora_attn_dim": 0}))
-    torch.save({**torch.load(base_path, weights_only=True), "weights": small.state_dict()}, base_path)
+    small = L.GPT2LMModel(L.GPT2Config.from_dict({**ckpt["config"], "n_embd": 32,
+                                                  "lora_attn_dim": 0}))
+    torch.save({**torch.load(base_path, weights_only=True), "weights": small.state_dict()},
+               base_path)
     assert "shape" in one_line_error(["--resume", "--out-dir", out], capsys)
 
     # a full disk: torch.save raises its own RuntimeError, not an OSError
     def full_disk(obj, f):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4096 vs 0")
     monkeypatch.setattr(torch, "save", full_disk)
-    err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path / "new")], capsys)
+    err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path / "new")],
+                         capsys)
     assert "cannot write" in err and "inline_container" in err
 
 
-def test_non_finite_loss_stops_the_run_with_a_message_about_the_settings_that_matter(text_file, tmp_path, capsys):
-    args = TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path), "--warmup", "0", "--grad-clip", "0"]
+def test_non_finite_loss_stops_the_run_with_a_message_about_the_settings_that_matter(
+        text_file, tmp_path, capsys):
+    args = TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path), "--warmup", "0",
+                         "--grad-clip", "0"]
     err = one_line_error(args + ["--base-lr", "1e30"], capsys)
     assert "is not finite" in err and "base phase, at lr 1.0e+30" in err
     err = one_line_error(args + ["--weight-decay", "1e9"], capsys)
@@ -2312,20 +2326,24 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def byte_tokens():
     """Stands in for GPT-2's BPE (which needs a package and network access to fetch its files)."""
-    return (lambda text: list(text.encode("utf-8"))), (lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    return ((lambda text: list(text.encode("utf-8"))),
+            (lambda ids: bytes(ids).decode("utf-8", errors="replace")))
 
 
 def _hf_folder(folder, seed):
     folder.mkdir(exist_ok=True)
     torch.manual_seed(seed)
-    model = L.GPT2LMModel(L.GPT2Config(vocab_size=256, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=2))
+    model = L.GPT2LMModel(L.GPT2Config(vocab_size=256, n_positions=64, n_ctx=64, n_embd=32,
+                                       n_layer=2, n_head=2))
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    (folder / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 256, "n_positions": 64, '
-                                        '"n_embd": 32, "n_layer": 2, "n_head": 2}')
+    (folder / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 256, '
+                                        '"n_positions": 64, "n_embd": 32, "n_layer": 2, '
+                                        '"n_head": 2}')
     return model
 
 
-def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, tmp_path, monkeypatch, capsys):
+def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, tmp_path,
+                                                                    monkeypatch, capsys):
     monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
     folder, out = tmp_path / "hf", str(tmp_path / "out")
     model = _hf_folder(folder, seed=0)
@@ -2352,13 +2370,16 @@ def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, t
 
 
 @needs_safetensors
-def test_an_adapter_exported_from_a_pretrained_base_names_that_base(text_file, tmp_path, monkeypatch):
-    """--save-adapter records where the base came from (peft loads it from there); a scratch base has no name."""
+def test_an_adapter_exported_from_a_pretrained_base_names_that_base(text_file, tmp_path,
+                                                                    monkeypatch):
+    """--save-adapter records where the base came from (peft loads it from there); a scratch base
+    has no name."""
     monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
     folder = tmp_path / "hf"
     _hf_folder(folder, seed=0)
-    ts.main(SCHEDULE + ["--data", text_file, "--init-from", str(folder), "--max-iters", "2", "--sample", "0",
-                        "--out-dir", str(tmp_path / "out"), "--save-adapter", str(tmp_path / "peft")])
+    ts.main(SCHEDULE + ["--data", text_file, "--init-from", str(folder), "--max-iters", "2",
+                        "--sample", "0", "--out-dir", str(tmp_path / "out"),
+                        "--save-adapter", str(tmp_path / "peft")])
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(folder)
 
@@ -2388,7 +2409,8 @@ def test_a_failed_export_write_is_one_line(text_file, tmp_path, finished_run, mo
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     out = copy_run(finished_run[1], tmp_path / "o")
     err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "1",
-                                       "--sample", "0", "--save-pretrained", str(tmp_path / "hf")], capsys)
+                                       "--sample", "0", "--save-pretrained", str(tmp_path / "hf")],
+                         capsys)
     assert f"cannot write {tmp_path / 'hf'}: Error while serializing: No space left" in err
 
 
@@ -2451,7 +2473,8 @@ def loopback_server(tmp_path):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05),
+                              daemon=True)
     thread.start()
     try:
         yield site, f"http://127.0.0.1:{server.server_address[1]}", requests
@@ -2469,12 +2492,13 @@ def test_download_on_first_use_then_cached(loopback_server, tmp_path, monkeypatc
     monkeypatch.setattr(ts, "CACHE_DIR", str(tmp_path / "cache"))
     cached = tmp_path / "cache" / "tinyshakespeare.txt"
 
-    report = ts.main(TRAIN_TINY + ["--out-dir", str(tmp_path / "out"), "--base-iters", "2", "--max-iters", "2",
-                                   "--sample", "0"])
+    report = ts.main(TRAIN_TINY + ["--out-dir", str(tmp_path / "out"), "--base-iters", "2",
+                                   "--max-iters", "2", "--sample", "0"])
     assert requests == ["/input.txt"] and cached.read_bytes() == body
     assert report["history"][-1]["step"] == 2
 
-    default_data = argparse.Namespace(data=None), argparse.Namespace(rank=0, world=1, log=lambda *a: None)
+    default_data = (argparse.Namespace(data=None),
+                    argparse.Namespace(rank=0, world=1, log=lambda *a: None))
     assert ts.read_text(*default_data) == body.decode()
     assert requests == ["/input.txt"]  # the right size is already there: no second download
     cached.write_bytes(body[:100])  # a truncated file is fetched again
@@ -2489,7 +2513,8 @@ def test_download_failure_says_to_pass_data(loopback_server, tmp_path, monkeypat
     monkeypatch.setattr(ts, "CACHE_DIR", str(tmp_path / "cache"))
     for target in (f"{url}/missing.txt", f"{url}/input.txt"):  # a 404, then a wrong size
         monkeypatch.setattr(ts, "DATA_URL", target)
-        assert "pass --data PATH" in one_line_error(TRAIN_TINY + ["--out-dir", str(tmp_path / "out")], capsys)
+        assert "pass --data PATH" in one_line_error(
+            TRAIN_TINY + ["--out-dir", str(tmp_path / "out")], capsys)
         assert not os.path.exists(tmp_path / "cache" / "tinyshakespeare.txt")  # no partial download
 
 
@@ -2520,7 +2545,8 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
         port = s.getsockname()[1]
     fork = multiprocessing.get_context("fork")
     argv += ["--overwrite"]
-    procs = [fork.Process(target=_process_of_two, args=(r, port, argv, tmp_path / f"log{r}")) for r in range(2)]
+    procs = [fork.Process(target=_process_of_two, args=(r, port, argv, tmp_path / f"log{r}"))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -2634,7 +2660,8 @@ def test_bench_smoke_table_structure(tiny_run):
         by_comp.setdefault(r[0], []).append(r)
     for comp, rs in by_comp.items():
         baselines = sum(r[6] == "baseline" for r in rs)
-        assert baselines == 1 or (baselines == 0 and any(r[2].startswith("not installed") for r in rs)), comp
+        assert baselines == 1 or (baselines == 0 and any(r[2].startswith("not installed")
+                                                         for r in rs)), comp
     for r in rows:
         assert r[7] in ("yes", "MISSED", "—")
 
@@ -2684,10 +2711,12 @@ def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
     (tmp_path / "model.py").write_text(NANOGPT_STANDIN, encoding="utf-8")
     text, payload = _run(BENCH_TINY + ["--only", "nanogpt", "--nanogpt", str(tmp_path)])
     assert "number of parameters" not in text
-    theirs, work, ours = "nanoGPT model.py GPT", "nanoGPT model.py GPT with GPT-2's biases and tanh GELU", \
-        "ours, full fine-tuning (r=0)"
+    theirs, work, ours = ("nanoGPT model.py GPT",
+                          "nanoGPT model.py GPT with GPT-2's biases and tanh GELU",
+                          "ours, full fine-tuning (r=0)")
     rows = {(r["comparison"], r["candidate"]): r for r in payload["rows"]}
-    assert rows[("nanogpt", theirs)]["target"] == "baseline" and rows[("nanogpt", theirs)]["median"] > 0
+    assert (rows[("nanogpt", theirs)]["target"] == "baseline"
+            and rows[("nanogpt", theirs)]["median"] > 0)
     assert rows[("nanogpt", ours)]["ratio"] > 0 and rows[("nanogpt", ours)]["met"] is None
     assert rows[("nanogpt: GPT-2's work", ours)]["met"] in (True, False)
     # the second comparison pairs the very samples of the first
@@ -2695,7 +2724,8 @@ def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
     assert rows[("nanogpt: GPT-2's work", ours)]["samples"] == rows[("nanogpt", ours)]["samples"]
     c = bench.NANOGPT_CPU
     params = {n: rows[("nanogpt: trainable params", n)]["median"] for n in (theirs, work)}
-    assert params[theirs] == c["vocab_size"] * c["n_embd"] * 2  # wte and an untied, bias-free lm_head
+    # wte and an untied, bias-free lm_head
+    assert params[theirs] == c["vocab_size"] * c["n_embd"] * 2
     assert params[work] == params[theirs] + c["vocab_size"]  # ... and the bias it gets
     assert any(n.startswith(f"nanogpt: {tmp_path}") and "its 1 nn.GELU approximate='tanh'" in n
                for n in payload["notes"])
@@ -2716,13 +2746,16 @@ def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
 def test_bench_refuses_bad_options_before_measuring(tmp_path, monkeypatch, option, value, message):
     monkeypatch.setattr(bench, "run", lambda a: pytest.fail("measured despite a bad option"))
     with pytest.raises(ValueError, match=re.escape(message)):
-        bench.main(BENCH_TINY + [option, str(tmp_path) if value is None else value.format(tmp=tmp_path)])
+        bench.main(BENCH_TINY + [option, str(tmp_path) if value is None
+                                 else value.format(tmp=tmp_path)])
 
 
 @pytest.mark.parametrize("argv, start", [(["--gen-model", "4,256"], "error: --gen-model"),
-                                         (["--repeats", "x"], "error: argument --repeats: invalid int value")])
+                                         (["--repeats", "x"],
+                                          "error: argument --repeats: invalid int value")])
 def test_bench_command_line_error_is_one_line(argv, start):
-    """Our checks and argparse's alike: one line on stderr, exit status 1, no usage dump or traceback."""
+    """Our checks and argparse's alike: one line on stderr, exit status 1, no usage dump or
+    traceback."""
     out = subprocess.run([sys.executable, bench.__file__, *argv], capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith(start) and out.stderr.count("\n") == 1, out.stderr
@@ -2740,11 +2773,13 @@ def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeyp
     status = {(r[0], r[1]): r[2] for r in rows}
     assert status[("layer C=32", "loralib.MergedLinear")] == "not installed (loralib)"
     assert _number(status[("layer C=32", "ours MergedLinear")]) > 0
-    assert status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")] == "not installed (transformers and peft)"
+    assert (status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")]
+            == "not installed (transformers and peft)")
     assert status[("hf", "ours LoRA r=4 (Q,V)")] == "no baseline"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_without_a_gpu_says_so_in_one_line_and_offers_the_dry_run():
     out = subprocess.run([sys.executable, "gpu_check.py"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -2909,7 +2944,8 @@ def test_paper_script_adapts_the_base_given_by_init_from(text_file, tmp_path, mo
                                           "--out-dir", str(out)])
     assert not glob.glob(str(out / "base-*.pt"))  # nothing pretrained
     assert result["runs"][(1, 0)]["trainable"] == 1 * 2 * (32 + 32) * 2
-    assert f"Base: {tmp_path / 'hf'}, 2 layers of width 32" in (out / "report.md").read_text("utf-8")
+    assert (f"Base: {tmp_path / 'hf'}, 2 layers of width 32"
+            in (out / "report.md").read_text("utf-8"))
 
 
 @pytest.mark.parametrize("option, message", [(["--rank", "4"], "use --ranks"),
