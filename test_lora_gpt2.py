@@ -1550,12 +1550,18 @@ def test_load_adapter_keeps_a_merged_model_merged_with_the_new_update(tmp_path):
 @needs_safetensors
 def test_an_adapter_saved_after_a_merge_cycle_loads_onto_its_untouched_base(tmp_path):
     """merge_lora then unmerge_lora (an evaluation, say) before save_adapter: the adapter still
-    loads onto the very base it was trained on."""
+    loads onto the very base it was trained on, and gives the saver's logits."""
     saver = tiny_lora_model(seed=0)
     L.merge_lora(saver)
     L.unmerge_lora(saver)
     L.save_adapter(saver, tmp_path)
-    L.load_adapter(tiny_lora_model(seed=0), tmp_path)
+    loaded = tiny_lora_model(seed=0)
+    with torch.no_grad():
+        for name, p in loaded.named_parameters():
+            if "lora_" in name:
+                p.zero_()  # so that only the loaded adapter can give the saver's logits
+    L.load_adapter(loaded, tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(saver), rtol=1e-5, atol=1e-5)
 
 
 # ---- optional safetensors, interrupted writes -------------------------------------------------
