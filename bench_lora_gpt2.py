@@ -47,7 +47,8 @@ TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline"
 NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0,
                    bias=False)
 NANOGPT_BATCH = 12
-PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense bf16, NVIDIA's data sheets (SXM)
+# Dense bf16 TFLOP/s from NVIDIA's data sheets, the first name the GPU's contains (SXM unless said)
+PEAK_TFLOPS = {"H100 PCIe": 756, "A100": 312, "H100": 989, "H200": 989}
 OPS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: x >= y}
 
 # Options: --name (default, help); a None default is an int, the preset's size when not given.
@@ -268,7 +269,8 @@ def mfu_rows(comparison, a, device, ms, models, lora=()):
     4N), and 4N + 12·L·C·T for the `lora` candidates, whose backward computes no gradient of a
     frozen weight (the adapters' own FLOPs are negligible)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0)
+    bf16 = a.dtype == "bfloat16"  # the data sheets' peak is bf16's
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu and bf16), 0)
     if not peak:
         return []
     mfu = {}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 _Path = Union[str, os.PathLike]
 
-# ---- 1. Configuration ----------------------------------------------------------------------------
+# ---- 1. Configuration ----
 @dataclass(frozen=True)
 class GPT2Config:
     """Hyper-parameters of GPT-2 and of its LoRA adapters (names as in microsoft/LoRA), frozen.
@@ -168,7 +168,7 @@ def _describe(x) -> str:
     return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-# ---- 2. LoRA layers: loralib's arguments, parameter names and shapes -----------------------------
+# ---- 2. LoRA layers: loralib's arguments, parameter names and shapes ----
 class LoRALayer(nn.Linear):
     """A dense layer W0 (bias b), output in k groups of d = out/k rows, a low-rank update on the m
     groups `enable_lora` names: Linear (k = m = 1) and MergedLinear. `lora_A` stacks the A_g as
@@ -312,7 +312,7 @@ class MergedLinear(LoRALayer):
                          enable_lora, fan_in_fan_out, merge_weights, bias, device, dtype)
 
 
-# ---- 3. Conv1D: GPT-2's linear layer, weight stored (in, out) ------------------------------------
+# ---- 3. Conv1D: GPT-2's linear layer, weight stored (in, out) ----
 class Conv1D(nn.Module):
     """GPT-2's "Conv1D": a linear layer y = x W + b whose W is stored as (nx, nf) = (in, out).
     Arguments (nf, nx) as in Hugging Face and microsoft/LoRA, whose checkpoints load as they are."""
@@ -326,7 +326,7 @@ class Conv1D(nn.Module):
         return F.linear(x, self.weight.t(), self.bias)                         # (..., out)
 
 
-# ---- 4. Attention, with LoRA on Q and V ----------------------------------------------------------
+# ---- 4. Attention, with LoRA on Q and V ----
 class Attention(nn.Module):
     """Causal multi-head self-attention. `c_attn` projects x to Q, K and V at once ((C, 3C), as
     Conv1D), a MergedLinear with enable_lora=[True, False, True]: LoRA on W_q and W_v, W_k frozen,
@@ -375,7 +375,7 @@ class Attention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), present
 
 
-# ---- 5. MLP and Block ----------------------------------------------------------------------------
+# ---- 5. MLP and Block ----
 class MLP(nn.Module):
     """Position-wise feed-forward: C → 4C, GELU (GPT-2's tanh approximation), 4C → C."""
 
@@ -408,7 +408,7 @@ class Block(nn.Module):
         return x, present
 
 
-# ---- 6. GPT2Model: embeddings, n_layer blocks, final LayerNorm -----------------------------------
+# ---- 6. GPT2Model: embeddings, n_layer blocks, final LayerNorm ----
 class GPT2Model(nn.Module):
     """The GPT-2 trunk: token + position embeddings, the blocks, a final LayerNorm. forward returns
     the hidden states (B, T, C) and one cache per layer (None when use_cache is False)."""
@@ -480,7 +480,7 @@ class GPT2Model(nn.Module):
         return past_length
 
 
-# ---- 7. The language-model head, tied to the token embedding -------------------------------------
+# ---- 7. The language-model head, tied to the token embedding ----
 class GPT2LMHead(nn.Module):
     """logits = h wteᵀ. `decoder.weight` is the very Parameter `wte.weight` (one storage, one
     gradient): the tying of the GPT-2 paper, no parameters of its own."""
@@ -495,7 +495,7 @@ class GPT2LMHead(nn.Module):
         return self.decoder(hidden_state)                                      # (B, T, V)
 
 
-# ---- 8. GPT2LMModel: the full model, its loss, accuracy and generation ---------------------------
+# ---- 8. GPT2LMModel: the full model, its loss, accuracy and generation ----
 class GPT2LMModel(nn.Module):
     """GPT-2 language model with optional LoRA adapters on Q and V (rank config.lora_attn_dim).
 
@@ -617,6 +617,7 @@ class GPT2LMModel(nn.Module):
             raise ValueError("input_ids must be a tensor of shape (batch, time); for one prompt, "
                              "ids[None]")
         idx, past, n_ctx = input_ids, None, self.config.n_ctx
+        bad = torch.zeros((), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if use_cache and past is not None and past[0].shape[-2] < n_ctx:
                 hidden, past = self.transformer(idx[:, -1:], past=past)        # one new token
@@ -624,8 +625,8 @@ class GPT2LMModel(nn.Module):
                 # (re)read the context
                 hidden, past = self.transformer(idx[:, -n_ctx:], use_cache=use_cache)
             logits = self.lm_head(hidden[:, -1, :]).float()                    # (B, V): last only
-            if logits.isnan().any():  # else argmax picks token 0
-                raise ValueError("the model produced NaN logits (NaN or inf weights, an overflow)")
+            bad = bad | ~logits.isfinite().all()  # raised after the loop: no sync per token
+            logits = logits.nan_to_num()  # so that sampling runs on until then
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -637,10 +638,12 @@ class GPT2LMModel(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat((idx, nxt), dim=1)                                 # (B, T + 1)
+        if bad:  # not token 0, as argmax would pick
+            raise ValueError("the model produced NaN or infinite logits (bad weights, an overflow)")
         return idx
 
 
-# ---- 9. Presets: the four published GPT-2 sizes --------------------------------------------------
+# ---- 9. Presets: the four published GPT-2 sizes ----
 PRESETS: Dict[str, Dict[str, int]] = {
     "gpt2.sm": dict(n_embd=768, n_layer=12, n_head=12),    # 124M, "gpt2"
     "gpt2.md": dict(n_embd=1024, n_layer=24, n_head=16),   # 355M, "gpt2-medium"
@@ -653,12 +656,12 @@ HUB_MODELS: Dict[str, str] = {n: f"openai-community/{n}"
                               for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 
-# ---- 10. Helpers: what to train, what to save, merging -------------------------------------------
+# ---- 10. Helpers: what to train, what to save, merging ----
 _BIAS_MODES = ("none", "all", "lora_only")
 
 
 def _named_lora_layers(model: nn.Module, adapted_only: bool = True) -> Dict[str, LoRALayer]:
-    """{name: layer} of the LoRA layers; only those with an adapter (r > 0) if `adapted_only`."""
+    """{name: layer} of the LoRA layers; only those with r > 0 if `adapted_only`."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, LoRALayer) and (m.has_lora or not adapted_only)}
 
@@ -669,7 +672,7 @@ def _lora_layers(model: nn.Module) -> List[LoRALayer]:
 
 def _is_lora_name(model: nn.Module, name: str, bias: str) -> bool:
     """Whether a name is LoRA's: lora_A, lora_B, and biases per `bias`: 'none', 'all' or
-    'lora_only' (those of adapted layers)."""
+    'lora_only' (of adapted layers)."""
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
     if "lora_" in name or (bias == "all" and name.endswith("bias")):
@@ -684,8 +687,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Tensor]:
-    """The LoRA tensors of `model.state_dict()` (plus biases, as `bias` says): a checkpoint of
-    kilobytes to megabytes instead of the whole model."""
+    """The LoRA tensors of `model.state_dict()` (plus biases, as `bias` says): kilobytes to
+    megabytes instead of the whole model."""
     return {k: v for k, v in model.state_dict().items() if _is_lora_name(model, k, bias)}
 
 
@@ -763,20 +766,20 @@ def base_difference(model: nn.Module, record: str, bias: str = "none") -> Option
         rec, mine = json.loads(record), json.loads(base_fingerprint(model, bias))
         tol = 2 ** -5 if rec["dtype"] in ("float16", "bfloat16") else 1e-4
         differs = rec["frozen"] != mine["frozen"] or set(rec["adapted"]) != set(mine["adapted"])
-        far = [k for k, p in rec["adapted"].items() if not differs and any(
-            abs(a - b) > tol * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
+        far = [k for k, p in rec["adapted"].items() if not differs and any(  # NaN is far too
+            not abs(a - b) <= tol * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
     except (ValueError, TypeError, LookupError, AttributeError):
         return "an unreadable base record"
     if (differs or far) and rec["dtype"] != mine["dtype"]:
         dtype = rec["dtype"]
-        return (f"another precision ({mine['dtype']}, not {dtype}): cast it first, "
-                f"model.to(torch.{dtype})")
+        return (f"another precision ({mine['dtype']}, not {dtype}): load the base in {dtype}, as "
+                f"saved (a copy cast to {mine['dtype']} and back has lost bits)")
     if far:
         return f"another base: {far[0]} is not the W0 recorded, beyond rounding (a merged export?)"
     return "another base (its weights differ)" if differs else None
 
 
-# ---- 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out -------------------
+# ---- 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out ----
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of HF / microsoft
 _HEAD_KEYS = ("lm_head.weight", "lm_head.decoder.weight")  # tied to wte
 
@@ -1036,6 +1039,9 @@ def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:  # {our key: 
 
 
 def _trained_bias_mode(model: GPT2LMModel) -> str:
+    if not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
+        raise ValueError("no LoRA weight requires grad, so the trained biases cannot be told: "
+                         "mark_only_lora_as_trainable(model, bias=...) as in training first")
     trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     for bias in _BIAS_MODES:
         if trained == list(_peft_biases(model, bias)):

@@ -17,6 +17,7 @@ runs that script at tiny sizes.
 """
 
 import argparse
+import builtins
 import contextlib
 import copy
 import glob
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 
 import pytest
 import torch
@@ -1209,7 +1211,7 @@ def test_a_foreign_cache_a_deep_config_and_nan_logits_raise_value_errors(tmp_pat
     with torch.no_grad():
         model.transformer.ln_f.weight.fill_(float("nan"))
     for temperature in (0, 1.0):
-        with pytest.raises(ValueError, match="the model produced NaN logits"):
+        with pytest.raises(ValueError, match="the model produced NaN or infinite logits"):
             model.generate(ids, 2, temperature=temperature)
 
 
@@ -1653,6 +1655,28 @@ def test_an_adapter_is_refused_on_the_merged_export_of_its_own_model(tmp_path):
 
 
 @needs_safetensors
+def test_an_adapter_is_refused_on_a_base_whose_w0_holds_a_nan(tmp_path):
+    """A NaN in c_attn's W0 is no rounding difference (every comparison with NaN is false)."""
+    tiny_lora_model().save_adapter(tmp_path)
+    base = tiny_lora_model()
+    with torch.no_grad():
+        base.transformer.h[1].attn.c_attn.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="c_attn.weight is not the W0 recorded"):
+        base.load_adapter(tmp_path)
+
+
+def test_save_adapter_refuses_a_model_that_no_longer_says_what_trained(tmp_path):
+    """After requires_grad_(False) the trained biases cannot be told from frozen ones: refused,
+    rather than an adapter that silently leaves them out."""
+    model = tiny_lora_model()
+    L.mark_only_lora_as_trainable(model, bias="all")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no LoRA weight requires grad"):
+        model.save_adapter(tmp_path / "ad")
+    assert not os.path.exists(tmp_path / "ad")
+
+
+@needs_safetensors
 def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_adapted_weight(
         tmp_path):
     """The record compares W0 of c_attn within 1e-4·‖W0‖: 300 merge/unmerge cycles of a ΔW 41
@@ -1685,12 +1709,11 @@ def test_base_record_accepts_w0_after_300_merge_cycles_and_refuses_a_changed_ada
 
 @needs_safetensors
 def test_a_float32_adapter_refuses_a_bfloat16_base_and_a_bfloat16_one_loads_on_its_upcast(tmp_path):
-    """Another precision is named with the cast that fixes it; a base that holds the very values in
-    a wider dtype (bfloat16 → float32 is exact) is the same base, as if cast first."""
+    """Another precision is named, with the dtype to load the base in; a base that holds the very
+    values in a wider dtype (bfloat16 → float32 is exact) is the same base, as if cast first."""
     model = tiny_lora_model()
     model.save_adapter(tmp_path / "f32")
-    message = (r"another precision \(bfloat16, not float32\): cast it first, "
-               r"model.to\(torch.float32\)")
+    message = r"another precision \(bfloat16, not float32\): load the base in float32, as saved"
     with pytest.raises(ValueError, match=message):
         tiny_lora_model().to(torch.bfloat16).load_adapter(tmp_path / "f32")
     model.to(torch.bfloat16).save_adapter(tmp_path / "bf16")
@@ -1806,8 +1829,10 @@ def test_an_unreadable_file_says_permission_denied_and_a_sharded_folder_says_sha
     model = tiny_lora_model(r=0)
     model.save_pretrained(tmp_path / "hf")
 
-    def denied(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
+    def denied(path, *args, **kwargs):  # the weights only: config.json is read as usual
+        if str(path).endswith(".safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
     monkeypatch.setattr(L, "open", denied, raising=False)  # as for another user's file (not root)
     with pytest.raises(ValueError, match="Permission denied"):
         L.GPT2LMModel.from_pretrained(tmp_path / "hf")
@@ -2782,6 +2807,27 @@ def test_bench_without_reference_packages_marks_their_rows_not_installed(monkeyp
     assert (status[("hf", "transformers+peft r=4 (c_attn: Q,K,V)")]
             == "not installed (transformers and peft)")
     assert status[("hf", "ours LoRA r=4 (Q,V)")] == "no baseline"
+
+
+def test_bench_mfu_is_the_step_flops_of_nanogpts_estimate_over_time_and_peak(monkeypatch):
+    """6N + 12·L·C·T FLOPs per token for full fine-tuning, 4N + ... for LoRA (N less wpe), over
+    the step's time and the peak; the peak by GPU name (PCIe before SXM), in bf16 only."""
+    a = argparse.Namespace(peak_tflops=0.0, dtype="bfloat16", batch_size=2, block_size=8,
+                           n_layer=2, n_embd=12)
+    model = tiny_lora_model()
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    attention = 12 * 2 * 12 * 8
+    cuda = types.SimpleNamespace(type="cuda")
+    for gpu, peak in (("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, gpu=gpu: gpu)
+        rows = bench.mfu_rows("train", a, cuda, {"full": [10.0], "lora": [5.0]}, [model] * 2,
+                              lora=("lora",))
+        assert rows[0]["comparison"] == f"train: MFU of {peak} TFLOP/s"
+        for row, k, ms in zip(rows, (6, 4), (10.0, 5.0)):
+            flops = 2 * 8 * (k * n + attention)
+            assert row["median"] == pytest.approx(100 * flops / (ms / 1e3) / (peak * 1e12))
+    float32 = argparse.Namespace(**{**vars(a), "dtype": "float32"})
+    assert bench.mfu_rows("train", float32, cuda, {"full": [10.0]}, [model]) == []  # no fp32 peak
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
