@@ -49,7 +49,7 @@ FRESH = ("resume", "overwrite", "out_dir", "device", "dtype", "compile", "sample
          "save_pretrained", "save_adapter")
 
 
-# ---- Settings. Ranges are left to argparse, GPT2Config and torch; cli() makes any error one line.
+# ---- Settings: ranges are left to argparse, GPT2Config and torch
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ValueError(f"{message} (see --help)")
@@ -62,7 +62,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 def _number(low, high=2 ** 62, kind=int):
-    def number(text):  # NaN fails every comparison, so a float must be a finite number in range
+    def number(text):  # NaN fails every comparison
         if not low <= kind(text) <= high:
             raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {text}")
         return kind(text)
@@ -70,35 +70,35 @@ def _number(low, high=2 ** 62, kind=int):
 
 
 def parse_settings(argv=None) -> tuple:
-    """(settings, checkpoint to resume or None); --resume reads the run's settings from ckpt.pt."""
+    """(settings, checkpoint to resume or None); --resume reads the settings in ckpt.pt."""
     p = _Parser(description=__doc__, formatter_class=_Help)
     a, real = p.add_argument, _number(0, 1e300, float)
     a("--init-from", default="scratch", help="scratch, gpt2[-medium|-large|-xl] or a PATH")
-    a("--data", help="a UTF-8 text file (default: Tiny Shakespeare, downloaded once into data/)")
+    a("--data", help="UTF-8 text (default: Tiny Shakespeare, fetched into data/)")
     a("--out-dir", default="out-shakespeare", help="checkpoints and the cached base")
     a("--resume", action="store_true", help="go on with the run in --out-dir (options given "
       "override it); a finished run is only evaluated and sampled")
     a("--overwrite", action="store_true", help="start anew over a run, reusing its cached base")
     a("--n-layer", type=int, default=4, help="layers of the scratch base")
     a("--n-head", type=int, default=4, help="heads of the scratch base")
-    a("--n-embd", type=int, default=128, help="width of the scratch base (GPU: try 6 x 6 x 384)")
-    a("--base-iters", type=_number(0), default=1500, help="pretraining steps of the scratch base")
-    a("--base-lr", type=real, default=2e-3, help="peak learning rate of the base pretraining")
+    a("--n-embd", type=int, default=128, help="width of the scratch base")
+    a("--base-iters", type=_number(0), default=1500, help="steps of the scratch base")
+    a("--base-lr", type=real, default=2e-3, help="peak learning rate of the base")
     a("--rank", type=int, default=4, help="LoRA rank r on Q and V; 0 fine-tunes every weight")
-    a("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha/r")
+    a("--alpha", type=float, default=16.0, help="LoRA alpha: ΔW is scaled by alpha/r")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
     a("--block-size", type=_number(1), default=64, help="context length in tokens")
     a("--batch-size", type=_number(1), default=16, help="sequences per micro-batch, all processes")
     a("--grad-accum", type=_number(1), default=1, help="micro-batches per optimizer step")
     a("--max-iters", type=_number(0), default=1000, help="adaptation steps")
     a("--lr", type=real, help="peak learning rate of adaptation (5e-3; with --rank 0, 5e-4)")
-    a("--warmup", type=_number(0), default=50, help="linear warmup steps before the cosine decay")
+    a("--warmup", type=_number(0), default=50, help="warmup steps before the cosine decay")
     a("--weight-decay", type=real, default=0.01, help="AdamW weight decay of matrices")
-    a("--grad-clip", type=real, default=1.0, help="clip the gradient norm to this; 0 disables")
+    a("--grad-clip", type=real, default=1.0, help="max gradient norm; 0: no clipping")
     a("--eval-interval", type=_number(1), default=100, help="evaluate and checkpoint every N steps")
     a("--eval-iters", type=_number(1), default=8, help="held-out batches per evaluation")
     a("--seed", type=_number(0, 2 ** 32), default=1337, help="of the init, batches and sample")
-    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    a("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
       help="autocast precision")
     a("--compile", action="store_true", help="torch.compile the model for training")
@@ -109,14 +109,14 @@ def parse_settings(argv=None) -> tuple:
     argv = sys.argv[1:] if argv is None else list(argv)
     s, resume = p.parse_args(argv), None
     path = os.path.join(s.out_dir, "ckpt.pt")
-    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):  # by every process, unlocked
+    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):  # by every process
         raise ValueError(f"--out-dir {s.out_dir} is a file; pass a folder")
     if s.resume:
         resume = read_checkpoint(path, "ckpt")
         saved = resume["settings"]
         s = p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in saved.items()
                           if k not in FRESH and v is not None] + argv)
-        for k in ("block_size", "n_layer", "n_head", "n_embd", "rank", "alpha"):  # give numbers sense
+        for k in ("block_size", "n_layer", "n_head", "n_embd", "rank", "alpha"):
             if getattr(s, k) != saved.get(k, getattr(s, k)):
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(s, k)}: the run in {s.out_dir} "
                                  f"was trained with {saved[k]}, which --resume keeps")
@@ -129,7 +129,7 @@ def parse_settings(argv=None) -> tuple:
 
 # ---- Data: the corpus, tokens, splits, batches
 def read_text(s, rt) -> str:
-    """--data, or Tiny Shakespeare: fetched by process 0 unless cached whole, the others waiting."""
+    """--data, or Tiny Shakespeare: fetched by process 0 unless cached whole."""
     path = s.data or os.path.join(CACHE_DIR, "tinyshakespeare.txt")
     if not (s.data or rt.rank or os.path.isfile(path) and os.path.getsize(path) == DATA_BYTES):
         rt.log(f"downloading Tiny Shakespeare from {DATA_URL} to {path}")
@@ -138,14 +138,14 @@ def read_text(s, rt) -> str:
             os.makedirs(CACHE_DIR, exist_ok=True)
             urllib.request.urlretrieve(DATA_URL, part)
             if os.path.getsize(part) != DATA_BYTES:
-                raise OSError(f"got {os.path.getsize(part)} bytes, expected {DATA_BYTES}")
+                raise OSError(f"got {os.path.getsize(part)} bytes")
         except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
             raise OSError(f"cannot download {DATA_URL} ({getattr(e, 'reason', e)}); pass --data "
                           f"PATH") from None
         os.replace(part, path)
     if rt.world > 1:
         dist.barrier()
-    if not os.path.isfile(path):  # never open a FIFO or a device: reading one may block for ever
+    if not os.path.isfile(path):  # a FIFO or a device would block
         why = "not a regular file" if os.path.exists(path) else "no such file"
         raise ValueError(f"--data {path}: {why}")
     with open(path, "rb") as f:
@@ -158,7 +158,7 @@ def read_text(s, rt) -> str:
         raise ValueError(f"--data {path} is not UTF-8 ({e})") from None
 
 
-@functools.lru_cache(maxsize=None)  # built once, not once per encode or decode
+@functools.lru_cache(maxsize=None)
 def gpt2_bpe() -> tuple:
     """(encode, decode) of GPT-2's BPE, from tiktoken."""
     try:
@@ -199,12 +199,12 @@ def split(ids: torch.Tensor, s, scratch: bool) -> tuple:
 
 
 def batch(ids: torch.Tensor, starts: torch.Tensor, s, rt) -> tuple:
-    """Inputs and next-token targets (B, T) from the windows of T + 1 tokens at `starts`."""
+    """Inputs and next-token targets (B, T) from the windows at `starts`."""
     windows = ids[starts[:, None] + torch.arange(s.block_size + 1)].to(rt.device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
 
 
-# ---- Where the run executes: device, precision, processes. Process 0 alone prints and writes.
+# ---- Device, precision, processes: process 0 alone prints and writes
 def setup_runtime(s) -> argparse.Namespace:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if s.batch_size % world:
@@ -247,7 +247,7 @@ def save_atomic(obj: dict, path: str) -> None:
 def read_checkpoint(path: str, *kinds: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing file, unpickling and zip errors: of many types
+    except Exception as e:  # a missing file, unpickling and zip errors
         raise ValueError(f"cannot read the checkpoint {path} ({one_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("kind") not in kinds:
         raise ValueError(f"{path} is not a {' or '.join(kinds)} checkpoint of this script")
@@ -276,8 +276,7 @@ def claim(out_dir: str):
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise ValueError(f"another run is using --out-dir {out_dir}; wait for it, or "
-                                     f"pass another") from None
+                    raise ValueError(f"another run is using --out-dir {out_dir}") from None
                 for name in os.listdir(out_dir):  # the leftovers of a killed save
                     if name.endswith(".tmp"):
                         os.remove(os.path.join(out_dir, name))
@@ -288,7 +287,7 @@ def claim(out_dir: str):
             os.rmdir(out_dir)
 
 
-def load_model(path: str, device="cpu") -> tuple:
+def load_model(path: str) -> tuple:
     """(model in eval mode, tokenizer) from a ckpt.pt or base-*.pt; adapters go onto their base."""
     ckpt = read_checkpoint(path, "ckpt", "base")
     model = GPT2LMModel(GPT2Config.from_dict(ckpt["config"]))
@@ -298,7 +297,7 @@ def load_model(path: str, device="cpu") -> tuple:
                 load_model(os.path.join(os.path.dirname(os.path.abspath(path)), info["file"]))[0])
         check_base(base, info)
         model.load_weight(base.state_dict())
-    return model.load_weight(ckpt["weights"]).to(device).eval(), ckpt["tokenizer"]
+    return model.load_weight(ckpt["weights"]).eval(), ckpt["tokenizer"]
 
 
 def pretrained(source: str) -> GPT2LMModel:
@@ -324,27 +323,28 @@ def check_base(base: GPT2LMModel, info: dict | None) -> str:
 
 
 def check_exports(s) -> None:
-    """Refuse an export that cannot be written or would write over the base, run or other export."""
+    """Refuse an export that cannot be written or would overwrite the base, run or other export."""
     if s.save_adapter and not s.rank:
         raise ValueError("--save-adapter needs adapters (--rank > 0); use --save-pretrained")
     given = {"--save-pretrained": s.save_pretrained, "--save-adapter": s.save_adapter}
     paths = {option: os.path.realpath(path) for option, path in given.items() if path}
     if len(paths) == 2 and os.path.commonpath(list(paths.values())) in paths.values():
         raise ValueError("--save-pretrained and --save-adapter need separate folders")
-    base = s.init_from != "scratch" and os.path.exists(s.init_from) and os.path.realpath(s.init_from)
+    base = os.path.realpath(s.init_from) if s.init_from != "scratch" else ""
     for option, path in paths.items():
-        if base and (os.path.commonpath([path, base]) == base if os.path.isdir(base) else
-                     path == os.path.dirname(base)):
-            raise ValueError(f"{option} would write into the --init-from base; give another folder")
+        if os.path.exists(base) and (os.path.commonpath([path, base]) == base
+                                     if os.path.isdir(base) else path == os.path.dirname(base)):
+            raise ValueError(f"{option} would write into the --init-from base")
         if path == os.path.realpath(s.out_dir):
-            raise ValueError(f"{option} is --out-dir (the checkpoints); give another folder")
+            raise ValueError(f"{option} is --out-dir (the checkpoints)")
         parent = path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         try:  # the nearest folder that exists must take a file
             tempfile.TemporaryFile(dir=parent).close()
         except OSError as e:
-            raise OSError(f"{option}: cannot write in {parent} ({e.strerror.lower()})") from None
+            why = (e.strerror or str(e)).lower()
+            raise OSError(f"{option}: cannot write in {parent} ({why})") from None
 
 
 def trainable_weights(model: nn.Module) -> dict:
@@ -364,7 +364,7 @@ def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: GPT2LMModel, val, windows, s, rt) -> tuple:
-    """(loss, accuracy) of next-token prediction on the held-out windows, shared among processes."""
+    """(loss, accuracy) of next-token prediction on the held-out windows."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss x windows, right guesses
     for starts in windows[rt.rank::rt.world].split(s.batch_size):
@@ -381,7 +381,7 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
           resume=None) -> tuple:
     """Train what requires grad up to step `iters`, evaluating and saving every --eval-interval
     steps. Step k draws from (seed, k), dropout also from the process: a resumed run draws what an
-    uninterrupted one drew. Returns (history, evaluation of the final weights if made here)."""
+    uninterrupted one drew. Returns the history and the evaluation of the final weights."""
     params = [p for p in model.parameters() if p.requires_grad]  # matrices decay, vectors do not
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -422,12 +422,13 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf)
         loss, norm = torch.stack([total, norm.to(total)]).tolist()  # one device sync per step
-        if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # fp16: skip
+        # (fp16's scaler skips the steps whose gradients overflow)
+        if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):
             alpha = f", alpha {s.alpha:g}" if phase == "adapt" and s.rank else ""
             dtype = f", {str(rt.dtype)[6:]}" if rt.dtype != torch.float32 else ""
             raise RuntimeError(f"the loss ({loss}) or gradient ({norm}) is not finite at step "
-                               f"{step + 1} of the {phase} phase, at lr {step_lr:.1e}, weight decay "
-                               f"{s.weight_decay:g}{alpha}{dtype}: lower what is too large")
+                               f"{step + 1} of the {phase} phase, at lr {step_lr:.1e}, weight "
+                               f"decay {s.weight_decay:g}{alpha}{dtype}: lower what is too large")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -445,16 +446,16 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
             line += f"val {val_loss:.4f} | "
             history.append(dict(step=step, train_loss=train_loss, val_loss=val_loss,
                                 val_accuracy=val_accuracy))
-            save(dict(step=step, history=history, optimizer=optimizer.state_dict(),
-                      scaler=scaler.state_dict()))
+            save(phase, model, dict(step=step, history=history, optimizer=optimizer.state_dict(),
+                                    scaler=scaler.state_dict()))
         rt.log(f"{line}{1000 * sec:5.0f} ms/step | {(iters - step) * sec:.0f}s left")
         losses, t0 = [], time.perf_counter()
-    return history, evaluation
+    return history, evaluation or evaluate(model, val, windows, s, rt)
 
 
 # ---- The run
 def main(argv=None) -> dict:
-    """Run the script; returns its report's figures. An interruption says where --resume goes on."""
+    """Run the script; returns its report's figures."""
     s, resume = parse_settings(argv)
     rt = setup_runtime(s)
     last = {"phase": resume.get("phase"), "step": resume.get("step")} if resume else {}
@@ -494,14 +495,15 @@ def run(s, resume, rt, last: dict) -> dict:
     lora_config = s.rank and GPT2Config.from_dict({**config.to_dict(), **lora})
     check_exports(s)
 
-    def save(phase, model, state):
+    def write(path, kind, model, **more):
         if rt.rank == 0:
-            save_atomic(dict(format=FORMAT, kind="ckpt", phase=phase, settings=vars(s),
-                             data_sha=data_sha, config=model.config.to_dict(), base=base_info,
-                             tokenizer=tokenizer, weights=trainable_weights(model), **state),
-                        os.path.join(s.out_dir, "ckpt.pt"))
+            save_atomic(dict(format=FORMAT, kind=kind, config=model.config.to_dict(),
+                             tokenizer=tokenizer, weights=trainable_weights(model), **more), path)
+
+    def save(phase, model, state):
+        write(os.path.join(s.out_dir, "ckpt.pt"), "ckpt", model, phase=phase, settings=vars(s),
+              data_sha=data_sha, base=base_info, **state)
         last.update(phase=phase, step=state["step"])
-    # The base: pretrained, cached, or pretrained now.
     base_evaluation = None  # made by its training, if it is trained now
     if scratch:
         name = resume["base"]["file"] if adapting else base_file(s, config, data_sha, rt.dtype)
@@ -516,18 +518,14 @@ def run(s, resume, rt, last: dict) -> dict:
                    f"{s.base_iters} steps")
             base_evaluation = train(base, base_ids, val, windows, s, rt, phase="base",
                                     iters=s.base_iters, lr=s.base_lr,
-                                    resume=None if adapting else resume,
-                                    save=lambda state: save("base", base, state))[1]
-            if rt.rank == 0:
-                save_atomic(dict(format=FORMAT, kind="base", config=config.to_dict(),
-                                 tokenizer=tokenizer, weights=trainable_weights(base)), path)
+                                    resume=None if adapting else resume, save=save)[1]
+            write(path, "base", base)
     else:  # a path by its absolute form, a hub name as it is
         source = os.path.abspath(s.init_from) if os.path.exists(s.init_from) else s.init_from
         base_info = {"source": source}
     base_seconds, base = time.perf_counter() - t_start, base.to(rt.device)
     base_info["fingerprint"] = check_base(base, resume["base"] if adapting else None)
 
-    # The adaptation: adapters on Q and V, all else frozen (--rank 0: all of it trains).
     base_loss, base_acc = base_evaluation or evaluate(base, val, windows, s, rt)
     torch.manual_seed(s.seed)  # the same adapter init on every process
     model = base
@@ -539,14 +537,13 @@ def run(s, resume, rt, last: dict) -> dict:
     rt.log(f"adapting {base_info['source']} with {how} on {len(adapt_ids):,} tokens; {rt.device}, "
            f"{str(rt.dtype)[6:]}, {rt.world} process(es)")
     t0 = time.perf_counter()
-    history, evaluation = train(model, adapt_ids, val, windows, s, rt, phase="adapt",
-                                iters=s.max_iters, lr=s.lr, resume=resume if adapting else None,
-                                save=lambda state: save("adapt", model, state))
-    loss, acc = evaluation or evaluate(model, val, windows, s, rt)
-    seconds = dict(base=base_seconds, adapt=time.perf_counter() - t0,
-                   total=time.perf_counter() - t_start)
+    history, (loss, acc) = train(model, adapt_ids, val, windows, s, rt, phase="adapt",
+                                 iters=s.max_iters, lr=s.lr, resume=resume if adapting else None,
+                                 save=save)
+    now = time.perf_counter()
     figures = dict(base_loss=base_loss, adapted_loss=loss, base_accuracy=base_acc,
-                   adapted_accuracy=acc, history=history, seconds=seconds,
+                   adapted_accuracy=acc, history=history,
+                   seconds=dict(base=base_seconds, adapt=now - t0, total=now - t_start),
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    total=sum(p.numel() for p in model.parameters()))
     if rt.rank == 0:
@@ -556,20 +553,16 @@ def run(s, resume, rt, last: dict) -> dict:
 
 def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) -> None:
     """Print what the adaptation did and a sample; write the exports."""
-    t, share = f["seconds"], 100 * f["trainable"] / f["total"]
-    verb, chars = "adapted" if s.rank else "fine-tuned", tokenizer.get("chars")
-    rt.log("\n".join([
-        "", "=" * 72,
-        f"trainable parameters   {f['trainable']:,} of {f['total']:,} ({share:.2f}%)",
-        f"held-out loss          base {f['base_loss']:.4f} -> {verb} {f['adapted_loss']:.4f} "
-        f"({f['adapted_loss'] - f['base_loss']:+.4f})",
-        f"accuracy               {100 * f['base_accuracy']:.1f}% -> "
-        f"{100 * f['adapted_accuracy']:.1f}% (next token)",
-        f"time                   base {t['base']:.0f}s, adaptation {t['adapt']:.0f}s, "
-        f"total {t['total']:.0f}s",
-        "=" * 72]))
-    model.eval()
-    if s.sample:
+    t, n, chars = f["seconds"], f["trainable"], tokenizer.get("chars")
+    loss, verb = f["adapted_loss"], "adapted" if s.rank else "fine-tuned"
+    rows = {"trainable parameters": f"{n:,} of {f['total']:,} ({100 * n / f['total']:.2f}%)",
+            "held-out loss": f"base {f['base_loss']:.4f} -> {verb} {loss:.4f} "
+                             f"({loss - f['base_loss']:+.4f})",
+            "accuracy": f"{100 * f['base_accuracy']:.1f}% -> {100 * f['adapted_accuracy']:.1f}% "
+                        "(next token)",
+            "time": f"base {t['base']:.0f}s, adaptation {t['adapt']:.0f}s, total {t['total']:.0f}s"}
+    rt.log("\n".join(["", "=" * 72] + [f"{k:<23}{v}" for k, v in rows.items()] + ["=" * 72]))
+    if s.sample:  # the model is in eval mode, since its last evaluation
         x = torch.tensor([prompt[-model.config.n_ctx:]], device=rt.device)
         g = torch.Generator(device=rt.device).manual_seed(s.seed)
         out = model.generate(x, s.sample, temperature=0.8, top_k=200, generator=g)[0].tolist()
@@ -594,14 +587,14 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
 
 # ---- The command line
 def one_line(e: BaseException) -> str:
-    """The first line of an error, less torch's advice to load with weights_only=False (unsafe)."""
+    """The first line of an error, less torch's advice to load unsafely."""
     text = (str(e).strip() or type(e).__name__).splitlines()[0]
     cut = text.find("Weights only load failed")
     return text if cut < 0 else text[:cut] + "it holds more than tensors and plain data"
 
 
 def cli(argv=None) -> int:
-    """The command: one line on stderr and a non-zero exit status for every expected failure."""
+    """One line on stderr and a non-zero exit status for every expected failure."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` acts as Ctrl-C
     try:
         main(argv)
