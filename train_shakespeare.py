@@ -4,13 +4,12 @@
     python train_shakespeare.py --rank 4                     # char-level base, then LoRA (offline)
     python train_shakespeare.py --rank 0 --out-dir out-full  # the same, fine-tuning every weight
     python train_shakespeare.py --init-from gpt2 --rank 8    # adapt GPT-2 (pip install tiktoken)
-    python train_shakespeare.py --resume                     # go on with the run in --out-dir
-    python train_shakespeare.py --resume --prompt "ROMEO:"   # a finished run: sample only
+    python train_shakespeare.py --resume --prompt "ROMEO:"   # go on with the run, or sample it
     torchrun --nproc_per_node=4 train_shakespeare.py ...     # DistributedDataParallel
 
 No character-level GPT-2 is published, so `--init-from scratch` pretrains one on the first half of
-the training text (cached in --out-dir), then adapts it on the other half; 10% is held out.
---out-dir/ckpt.pt holds the run."""
+the training text, then adapts it on the other half; 10% is held out. --out-dir holds the run
+(ckpt.pt) and the cached base."""
 
 from __future__ import annotations
 
@@ -43,8 +42,8 @@ DATA_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tin
             "input.txt")
 DATA_BYTES = 1_115_394  # a cached file of another size is fetched again
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-FORMAT = "lora-gpt2-shakespeare/2"  # stamped into every checkpoint this script writes
-# Of this machine or command, not of the run: --resume takes them from the new command line.
+FORMAT = "lora-gpt2-shakespeare/2"  # in every checkpoint this script writes
+# --resume takes these from the command line, the rest from ckpt.pt
 FRESH = ("resume", "overwrite", "out_dir", "device", "dtype", "compile", "sample", "prompt",
          "save_pretrained", "save_adapter")
 
@@ -56,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):  # the help says what None means
+    def _get_help_string(self, action):  # no "(default: None)"
         no_default = action.default is None or action.default is False
         return action.help if no_default else super()._get_help_string(action)
 
@@ -70,7 +69,7 @@ def _number(low, high=2 ** 62, kind=int):
 
 
 def parse_settings(argv=None) -> tuple:
-    """(settings, checkpoint to resume or None); --resume reads the settings in ckpt.pt."""
+    """(settings, checkpoint to resume or None)."""
     p = _Parser(description=__doc__, formatter_class=_Help)
     a, real = p.add_argument, _number(0, 1e300, float)
     a("--init-from", default="scratch", help="scratch, gpt2[-medium|-large|-xl] or a PATH")
@@ -82,7 +81,7 @@ def parse_settings(argv=None) -> tuple:
     a("--n-layer", type=int, default=4, help="layers of the scratch base")
     a("--n-head", type=int, default=4, help="heads of the scratch base")
     a("--n-embd", type=int, default=128, help="width of the scratch base")
-    a("--base-iters", type=_number(0), default=1500, help="steps of the scratch base")
+    a("--base-iters", type=_number(0), default=1500, help="pretraining steps of the scratch base")
     a("--base-lr", type=real, default=2e-3, help="peak learning rate of the base")
     a("--rank", type=int, default=4, help="LoRA rank r on Q and V; 0 fine-tunes every weight")
     a("--alpha", type=float, default=16.0, help="LoRA alpha: ΔW is scaled by alpha/r")
@@ -101,7 +100,7 @@ def parse_settings(argv=None) -> tuple:
     a("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
       help="autocast precision")
-    a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--compile", action="store_true", help="torch.compile the model")
     a("--sample", type=_number(0), default=400, help="tokens to generate at the end")
     a("--prompt", default="\n", help="text the sample starts from (default: %(default)r)")
     a("--save-pretrained", metavar="DIR", help="also write a Hugging Face GPT-2 folder, ΔW merged")
@@ -109,7 +108,7 @@ def parse_settings(argv=None) -> tuple:
     argv = sys.argv[1:] if argv is None else list(argv)
     s, resume = p.parse_args(argv), None
     path = os.path.join(s.out_dir, "ckpt.pt")
-    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):  # by every process
+    if os.path.isfile(s.out_dir):  # checked by every process
         raise ValueError(f"--out-dir {s.out_dir} is a file; pass a folder")
     if s.resume:
         resume = read_checkpoint(path, "ckpt")
@@ -121,15 +120,15 @@ def parse_settings(argv=None) -> tuple:
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(s, k)}: the run in {s.out_dir} "
                                  f"was trained with {saved[k]}, which --resume keeps")
     elif not s.overwrite and os.path.isfile(path):
-        raise ValueError(f"--out-dir {s.out_dir} holds a run: go on with --resume, or start over "
-                         f"with --overwrite or in another --out-dir")
+        raise ValueError(f"--out-dir {s.out_dir} holds a run: --resume it, or start over with "
+                         f"--overwrite or in another --out-dir")
     s.lr = s.lr if s.lr is not None else 5e-3 if s.rank > 0 else 5e-4  # adapters take a larger step
     return s, resume
 
 
-# ---- Data: the corpus, tokens, splits, batches
+# ---- Data
 def read_text(s, rt) -> str:
-    """--data, or Tiny Shakespeare: fetched by process 0 unless cached whole."""
+    """--data, or Tiny Shakespeare: fetched by process 0 unless cached."""
     path = s.data or os.path.join(CACHE_DIR, "tinyshakespeare.txt")
     if not (s.data or rt.rank or os.path.isfile(path) and os.path.getsize(path) == DATA_BYTES):
         rt.log(f"downloading Tiny Shakespeare from {DATA_URL} to {path}")
@@ -158,7 +157,7 @@ def read_text(s, rt) -> str:
         raise ValueError(f"--data {path} is not UTF-8 ({e})") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpt2_bpe() -> tuple:
     """(encode, decode) of GPT-2's BPE, from tiktoken."""
     try:
@@ -169,14 +168,14 @@ def gpt2_bpe() -> tuple:
         bpe = tiktoken.get_encoding("gpt2")
     except Exception as e:  # e.g. offline
         raise OSError(f"tiktoken cannot load GPT-2's tokenizer ({one_line(e)}): go online once, or "
-                      f"copy its $TIKTOKEN_CACHE_DIR (default: <temp>/data-gym-cache)") from None
+                      f"copy its $TIKTOKEN_CACHE_DIR here") from None
     return bpe.encode_ordinary, bpe.decode
 
 
 def encode(tokenizer: dict, text: str, what: str) -> list:
     """Token ids: one per character of the corpus's alphabet, or GPT-2's BPE."""
     if tokenizer["type"] != "char":
-        return list(gpt2_bpe()[0](text))
+        return gpt2_bpe()[0](text)
     ids = {c: i for i, c in enumerate(tokenizer["chars"])}
     unknown = "".join(set(text) - set(ids))
     if unknown:
@@ -185,21 +184,21 @@ def encode(tokenizer: dict, text: str, what: str) -> list:
 
 
 def split(ids: torch.Tensor, s, scratch: bool) -> tuple:
-    """(base, adapt, val, windows): every evaluation sees the same held-out windows."""
+    """(base, adapt, val, windows): all evaluations see the same held-out windows."""
     n_train = len(ids) - len(ids) // 10
     cut = n_train // 2 if scratch else 0
     parts = {"base": ids[:cut], "adapt": ids[cut:n_train], "val": ids[n_train:]}
     for name, part in parts.items():
         if (scratch or name != "base") and len(part) < s.block_size + 1:
-            raise ValueError(f"the text is too short: its {name} part has {len(part)} tokens, but "
+            raise ValueError(f"the text is too short: its {name} part has {len(part)} tokens, "
                              f"--block-size {s.block_size} needs {s.block_size + 1}")
     last = len(parts["val"]) - s.block_size - 1
     n = min(s.eval_iters * s.batch_size, last // s.block_size + 1)  # windows do not overlap
-    return parts["base"], parts["adapt"], parts["val"], torch.linspace(0, last, n).round().long()
+    return *parts.values(), torch.linspace(0, last, n).round().long()
 
 
 def batch(ids: torch.Tensor, starts: torch.Tensor, s, rt) -> tuple:
-    """Inputs and next-token targets (B, T) from the windows at `starts`."""
+    """Inputs and targets (B, T) from the windows at `starts`."""
     windows = ids[starts[:, None] + torch.arange(s.block_size + 1)].to(rt.device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
 
@@ -213,7 +212,7 @@ def setup_runtime(s) -> argparse.Namespace:
     dev = torch.device(s.device if s.device != "auto" else "cuda" if cuda else "mps" if mps else
                        "cpu")
     if {"cpu": False, "cuda": not cuda, "mps": not mps}.get(dev.type, True):
-        raise ValueError(f"--device {s.device} is not available here; use auto or cpu")
+        raise ValueError(f"--device {s.device} is not available; use auto or cpu")
     if world > 1:  # under torchrun: NCCL with a GPU per process, or Gloo on CPUs
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -258,7 +257,7 @@ def read_checkpoint(path: str, *kinds: str) -> dict:
 
 
 def base_file(s, config: GPT2Config, data_sha: str, dtype: torch.dtype) -> str:
-    """The scratch base's file name: a digest of what makes its weights (not the process count)."""
+    """The scratch base's name: a digest of what makes its weights (not the process count)."""
     recipe = [config.to_dict(), data_sha, str(dtype)] + [getattr(s, k) for k in (
         "base_iters", "base_lr", "warmup", "block_size", "batch_size", "grad_accum", "weight_decay",
         "grad_clip", "seed")]
@@ -267,11 +266,11 @@ def base_file(s, config: GPT2Config, data_sha: str, dtype: torch.dtype) -> str:
 
 @contextlib.contextmanager
 def claim(out_dir: str):
-    """Hold --out-dir against a second run; the kernel drops a flock however its process ends."""
-    created = not os.path.isdir(out_dir)
+    """Hold --out-dir against a second run (the kernel drops a flock with its process)."""
+    created, lock_path = not os.path.isdir(out_dir), os.path.join(out_dir, ".lock")
     os.makedirs(out_dir, exist_ok=True)
     try:
-        with open(os.path.join(out_dir, ".lock"), "w") as lock:
+        with open(lock_path, "w") as lock:
             if fcntl is not None:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -283,18 +282,18 @@ def claim(out_dir: str):
             yield
     finally:
         if created and os.listdir(out_dir) == [".lock"]:  # a refused run leaves nothing
-            os.remove(os.path.join(out_dir, ".lock"))
+            os.remove(lock_path)
             os.rmdir(out_dir)
 
 
 def load_model(path: str) -> tuple:
-    """(model in eval mode, tokenizer) from a ckpt.pt or base-*.pt; adapters go onto their base."""
+    """(model in eval mode, tokenizer) from a ckpt.pt or base-*.pt, on its very base."""
     ckpt = read_checkpoint(path, "ckpt", "base")
     model = GPT2LMModel(GPT2Config.from_dict(ckpt["config"]))
     if model.config.lora_attn_dim > 0:
         info = ckpt["base"]
         base = (GPT2LMModel.from_pretrained(info["source"]) if info["source"] != "scratch" else
-                load_model(os.path.join(os.path.dirname(os.path.abspath(path)), info["file"]))[0])
+                load_model(os.path.join(os.path.dirname(path), info["file"]))[0])
         check_base(base, info)
         model.load_weight(base.state_dict())
     return model.load_weight(ckpt["weights"]).eval(), ckpt["tokenizer"]
@@ -314,11 +313,11 @@ def pretrained(source: str) -> GPT2LMModel:
 
 
 def check_base(base: GPT2LMModel, info: dict | None) -> str:
-    """The record of `base`, refused if `info` (a checkpoint's record of a base) is another's."""
+    """The fingerprint of `base`, refused if `info` records another base."""
     why = info is not None and base_difference(base, info["fingerprint"])
     if why:
         raise ValueError(f"{info.get('file') or info['source']} is not the base the checkpoint "
-                         f"was trained on ({why}); restore that base, or train anew")
+                         f"was trained on ({why}); restore it, or train anew")
     return base_fingerprint(base)
 
 
@@ -348,7 +347,7 @@ def check_exports(s) -> None:
 
 
 def trainable_weights(model: nn.Module) -> dict:
-    # lm_head is wte under another name: copied off a GPU, it would be stored twice.
+    # lm_head is wte under another name: copies off a GPU would store it twice.
     sd = lora_state_dict(model) if model.config.lora_attn_dim > 0 else model.state_dict()
     return {k: v.detach().cpu() for k, v in sd.items() if not k.startswith("lm_head.")}
 
@@ -377,11 +376,9 @@ def evaluate(model: GPT2LMModel, val, windows, s, rt) -> tuple:
     return sums[0].item() / len(windows), sums[1].item() / (len(windows) * s.block_size)
 
 
-def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float, save,
-          resume=None) -> tuple:
+def train(model, ids, val, windows, s, rt, *, phase, iters, lr, save, resume=None) -> tuple:
     """Train what requires grad up to step `iters`, evaluating and saving every --eval-interval
-    steps. Step k draws from (seed, k), dropout also from the process: a resumed run draws what an
-    uninterrupted one drew. Returns the history and the evaluation of the final weights."""
+    steps; step k draws from (seed, k), so a resumed run draws what an uninterrupted one drew."""
     params = [p for p in model.parameters() if p.requires_grad]  # matrices decay, vectors do not
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -422,13 +419,11 @@ def train(model, ids, val, windows, s, rt, *, phase: str, iters: int, lr: float,
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf)
         loss, norm = torch.stack([total, norm.to(total)]).tolist()  # one device sync per step
-        # (fp16's scaler skips the steps whose gradients overflow)
-        if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):
-            alpha = f", alpha {s.alpha:g}" if phase == "adapt" and s.rank else ""
-            dtype = f", {str(rt.dtype)[6:]}" if rt.dtype != torch.float32 else ""
+        finite = math.isfinite(norm) or scaler.is_enabled()  # fp16's scaler skips overflows
+        if not (finite and math.isfinite(loss)):
             raise RuntimeError(f"the loss ({loss}) or gradient ({norm}) is not finite at step "
                                f"{step + 1} of the {phase} phase, at lr {step_lr:.1e}, weight "
-                               f"decay {s.weight_decay:g}{alpha}{dtype}: lower what is too large")
+                               f"decay {s.weight_decay:g}: lower what is too large")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -458,7 +453,7 @@ def main(argv=None) -> dict:
     """Run the script; returns its report's figures."""
     s, resume = parse_settings(argv)
     rt = setup_runtime(s)
-    last = {"phase": resume.get("phase"), "step": resume.get("step")} if resume else {}
+    last = {k: resume.get(k) for k in ("phase", "step")} if resume else {}
     try:
         with claim(s.out_dir) if rt.rank == 0 else contextlib.nullcontext():
             return run(s, resume, rt, last)
@@ -478,8 +473,8 @@ def run(s, resume, rt, last: dict) -> dict:
     if resume and resume["data_sha"] != data_sha:
         raise ValueError(f"--data is not the text the run in {s.out_dir} trained on")
 
-    # Everything that can be refused is refused here, before the first step.
-    scratch, adapting = s.init_from == "scratch", resume is not None and resume["phase"] == "adapt"
+    # All that can be refused is refused before the first step.
+    scratch, adapting = s.init_from == "scratch", resume and resume["phase"] == "adapt"
     base = None if scratch else pretrained(s.init_from)
     chars = "".join(sorted(set(text)))
     tokenizer = {"type": "char", "chars": chars} if scratch else {"type": "gpt2-bpe"}
@@ -487,7 +482,7 @@ def run(s, resume, rt, last: dict) -> dict:
         vocab_size=len(chars), n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
         n_positions=s.block_size, n_ctx=s.block_size)
     ids = torch.tensor(encode(tokenizer, text, "--data"))
-    if int(ids.max()) >= config.vocab_size:  # checked once here, not on every batch
+    if int(ids.max()) >= config.vocab_size:  # once here, not on every batch
         raise ValueError(f"token id {int(ids.max())} is beyond the vocabulary of {s.init_from}")
     base_ids, adapt_ids, val, windows = split(ids, s, scratch)
     prompt = encode(tokenizer, s.prompt, "--prompt") or [0]
@@ -504,7 +499,7 @@ def run(s, resume, rt, last: dict) -> dict:
         write(os.path.join(s.out_dir, "ckpt.pt"), "ckpt", model, phase=phase, settings=vars(s),
               data_sha=data_sha, base=base_info, **state)
         last.update(phase=phase, step=state["step"])
-    base_evaluation = None  # made by its training, if it is trained now
+    base_evaluation = None
     if scratch:
         name = resume["base"]["file"] if adapting else base_file(s, config, data_sha, rt.dtype)
         base_info, path = {"source": "scratch", "file": name}, os.path.join(s.out_dir, name)
@@ -512,7 +507,7 @@ def run(s, resume, rt, last: dict) -> dict:
             rt.log(f"using the cached base {path}")
             base = GPT2LMModel(config).load_weight(read_checkpoint(path, "base")["weights"])
         else:
-            torch.manual_seed(s.seed)  # the base's init
+            torch.manual_seed(s.seed)
             base = GPT2LMModel(config).to(rt.device)
             rt.log(f"pretraining a char-level base on {len(base_ids):,} tokens for "
                    f"{s.base_iters} steps")
@@ -520,7 +515,7 @@ def run(s, resume, rt, last: dict) -> dict:
                                     iters=s.base_iters, lr=s.base_lr,
                                     resume=None if adapting else resume, save=save)[1]
             write(path, "base", base)
-    else:  # a path by its absolute form, a hub name as it is
+    else:  # a path made absolute; a hub name as it is
         source = os.path.abspath(s.init_from) if os.path.exists(s.init_from) else s.init_from
         base_info = {"source": source}
     base_seconds, base = time.perf_counter() - t_start, base.to(rt.device)
@@ -532,7 +527,7 @@ def run(s, resume, rt, last: dict) -> dict:
     if s.rank:
         model = GPT2LMModel(lora_config).to(rt.device).load_weight(base.state_dict())
         mark_only_lora_as_trainable(model)
-    base = None  # one copy of the weights in memory, not two (GPT-2 XL is 6 GB in float32)
+    base = None  # one copy of the weights in memory, not two
     how = f"LoRA rank {s.rank} on Q and V" if s.rank else "all weights"
     rt.log(f"adapting {base_info['source']} with {how} on {len(adapt_ids):,} tokens; {rt.device}, "
            f"{str(rt.dtype)[6:]}, {rt.world} process(es)")
@@ -547,22 +542,24 @@ def run(s, resume, rt, last: dict) -> dict:
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    total=sum(p.numel() for p in model.parameters()))
     if rt.rank == 0:
-        report(model, tokenizer, prompt, figures, s, rt)
+        report(model, tokenizer, prompt, figures, s, rt, base_info)
     return figures
 
 
-def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) -> None:
+def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt, base: dict) -> None:
     """Print what the adaptation did and a sample; write the exports."""
     t, n, chars = f["seconds"], f["trainable"], tokenizer.get("chars")
-    loss, verb = f["adapted_loss"], "adapted" if s.rank else "fine-tuned"
-    rows = {"trainable parameters": f"{n:,} of {f['total']:,} ({100 * n / f['total']:.2f}%)",
-            "held-out loss": f"base {f['base_loss']:.4f} -> {verb} {loss:.4f} "
-                             f"({loss - f['base_loss']:+.4f})",
-            "accuracy": f"{100 * f['base_accuracy']:.1f}% -> {100 * f['adapted_accuracy']:.1f}% "
-                        "(next token)",
-            "time": f"base {t['base']:.0f}s, adaptation {t['adapt']:.0f}s, total {t['total']:.0f}s"}
-    rt.log("\n".join(["", "=" * 72] + [f"{k:<23}{v}" for k, v in rows.items()] + ["=" * 72]))
-    if s.sample:  # the model is in eval mode, since its last evaluation
+    was, now, verb = f["base_loss"], f["adapted_loss"], "adapted" if s.rank else "fine-tuned"
+    rt.log("\n".join([
+        "", "=" * 72,
+        f"trainable parameters   {n:,} of {f['total']:,} ({100 * n / f['total']:.2f}%)",
+        f"held-out loss          base {was:.4f} -> {verb} {now:.4f} ({now - was:+.4f})",
+        f"accuracy               {100 * f['base_accuracy']:.1f}% -> "
+        f"{100 * f['adapted_accuracy']:.1f}% (next token)",
+        f"time                   base {t['base']:.0f}s, adaptation {t['adapt']:.0f}s, "
+        f"total {t['total']:.0f}s",
+        "=" * 72]))
+    if s.sample:  # in eval mode since its last evaluation
         x = torch.tensor([prompt[-model.config.n_ctx:]], device=rt.device)
         g = torch.Generator(device=rt.device).manual_seed(s.seed)
         out = model.generate(x, s.sample, temperature=0.8, top_k=200, generator=g)[0].tolist()
@@ -574,9 +571,7 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, f: dict, s, rt) ->
         name = s.init_from
         if name == "scratch":  # its base goes inside, where the adapter's name for it leads peft
             name = os.path.join(s.save_adapter, "base")
-            base = GPT2LMModel(GPT2Config.from_dict({**model.config.to_dict(), "lora_attn_dim": 0}))
-            base.load_weight({k: v for k, v in model.state_dict().items() if "lora_" not in k})
-            base.save_pretrained(name)
+            load_model(os.path.join(s.out_dir, base["file"]))[0].save_pretrained(name)
         model.save_adapter(s.save_adapter, name)
     for folder in filter(None, (s.save_pretrained, s.save_adapter) if chars else ()):
         path = os.path.join(folder, "chars.json")  # token id i is the character chars[i]
