@@ -104,25 +104,20 @@ def train(model, ids, data, s, rt, path: str, **kw) -> tuple:
     part, t0 = path + ".part", time.perf_counter()
     resume = load(part)
 
-    def save(state):
+    def save(phase, model, state):
         ts.save_atomic({**state, "weights": ts.trainable_weights(model)}, part)
     history, evaluation = ts.train(model, ids, *data, s, rt, save=save, resume=resume, **kw)
     steps = max(1, kw["iters"] - (resume["step"] if resume else 0))
-    ms = 1000 * (time.perf_counter() - t0) / steps
-    return history, evaluation or ts.evaluate(model, *data, s, rt), ms
+    return history, evaluation, 1000 * (time.perf_counter() - t0) / steps
 
 
 def base_model(s, rt, tokenizer, base_ids, data, data_sha) -> GPT2LMModel:
-    """--init-from, or train_shakespeare.py's scratch base: its recipe, file name and format."""
+    """--init-from, or train_shakespeare.py's scratch base: its file name and format."""
     if s.init_from != "scratch":
         return GPT2LMModel.from_pretrained(s.init_from).to(rt.device)
     config = GPT2Config(vocab_size=len(tokenizer["chars"]), n_layer=s.n_layer, n_head=s.n_head,
                         n_embd=s.n_embd, n_positions=s.block_size, n_ctx=s.block_size)
-    recipe = [config.to_dict(), data_sha, str(rt.dtype)] + [getattr(s, k) for k in (
-        "base_iters", "base_lr", "warmup", "block_size", "batch_size", "grad_accum", "weight_decay",
-        "grad_clip", "seed")]
-    name = f"base-{hashlib.sha1(repr(recipe).encode()).hexdigest()[:12]}.pt"
-    path = os.path.join(s.out_dir, name)
+    path = os.path.join(s.out_dir, ts.base_file(s, config, data_sha, rt.dtype))
     if os.path.isfile(path):
         rt.log(f"using the cached base {path}")
         weights = ts.read_checkpoint(path, "base")["weights"]

@@ -3007,3 +3007,21 @@ def test_paper_script_bad_options_are_one_line(option, message, capsys):
     assert paper.cli(PAPER_TINY + option) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_paper_script_reuses_the_base_train_shakespeare_cached_for_the_same_settings(
+        finished_run, text_file, tmp_path, monkeypatch, capsys):
+    """Both scripts name a scratch base with ts.base_file: given train_shakespeare.py's settings,
+    lora_paper.py loads the base that run cached instead of pretraining its own."""
+    class Loaded(Exception):
+        pass
+
+    def stop(*args):
+        raise Loaded
+    copy_run(finished_run[1], tmp_path)
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("pretrained a base again"))
+    monkeypatch.setattr(ts, "evaluate", stop)  # the base's first evaluation: far enough
+    with pytest.raises(Loaded):
+        paper.main(without(TRAIN_TINY, "--rank") + ["--data", text_file, "--out-dir",
+                                                    str(tmp_path)])
+    assert "using the cached base" in capsys.readouterr().out
