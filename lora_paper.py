@@ -148,13 +148,15 @@ def adapt(base, rank: int, seed: int, adapt_ids, data, s, rt, lr, data_sha: str)
     s = argparse.Namespace(**{**vars(s), "rank": rank, "seed": seed, "lr": lr[rank == 0]})
     name = f"r{rank}" if rank else "full"
     recipe = {k: v for k, v in vars(s).items() if k not in UNKEYED}
-    run_key = hashlib.sha1(repr((recipe, data_sha, ts.check_base(base, None))).encode()).hexdigest()
+    init = 1000 * seed + rank  # one seed at two ranks would make r = 4's A r = 16's first rows
+    key = repr((recipe, data_sha, ts.check_base(base, None), init))
+    run_key = hashlib.sha1(key.encode()).hexdigest()
     path = os.path.join(s.out_dir, "runs", f"{name}-seed{seed}-{run_key[:12]}.pt")
     done = load(path)
     if done is not None:
         rt.log(f"done before: {path}")
         return done
-    torch.manual_seed(seed)  # the adapters' init
+    torch.manual_seed(init)  # the adapters' init
     model = GPT2LMModel(with_lora(base.config, rank, s)).to(rt.device)
     model.load_weight(base.state_dict())
     if rank:
