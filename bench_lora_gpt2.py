@@ -6,8 +6,8 @@ PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two to three 
            the checkpoint's bytes: LoRA r on Q,V versus full fine-tuning; on CUDA also the
            model FLOPs utilization.
   infer    a no-grad forward: plain GPT-2 (r=0) versus LoRA unmerged and merged.
-  layer    the fused Q,K,V projection, forward and backward: ours, loralib's MergedLinear, and
-           the frozen base layer (r=0) as a floor.
+  layer    the fused Q,K,V projection at the bench's width and 1024, forward and backward:
+           ours, loralib's MergedLinear, and the frozen base layer (r=0) as a floor.
   hf       a LoRA training step: ours versus transformers' GPT-2 with peft's LoRA on c_attn.
   nanogpt  a full fine-tuning step: ours versus nanoGPT's GPT (--nanogpt PATH), as configured
            there and doing GPT-2's work (biases, tanh GELU); at nanoGPT's CPU Shakespeare
@@ -43,7 +43,7 @@ import lora_gpt2 as L  # noqa: E402
 COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen")
 TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline", "ratio range",
                 "target", "met?")
-# nanoGPT's config/train_shakespeare_char.py, its README's CPU overrides (batch 12), bias=False
+# nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides, bias=False
 NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0,
                    bias=False)
 NANOGPT_BATCH = 12
@@ -51,37 +51,36 @@ NANOGPT_BATCH = 12
 PEAK_TFLOPS = {"H100 PCIe": 756, "A100": 312, "H100": 989, "H200": 989}
 OPS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: x >= y}
 
-# Options: --name (default, help); a None default is an int, the preset's size when not given.
+# --name: (default, help); None: an int, the preset's size if not given.
 OPTIONS = dict(
-    only=(",".join(COMPARISONS), "the comparisons to run, comma-separated"),
+    only=(",".join(COMPARISONS), "comparisons to run"),
     device=("cpu", "cpu, cuda or cuda:N"),
     threads=(min(os.cpu_count() or 1, 2), "CPU threads"),
-    json=("", "also write the figures to this JSON file"),
-    preset=("", "the sizes of a GPT-2 preset (gpt2.sm, ...); without it, 4 layers of gpt2.sm"),
-    n_layer=(None, "layers of the bench's model (default: the preset's)"),
-    n_embd=(None, "its width (default: the preset's)"),
-    n_head=(None, "its heads (default: the preset's)"),
+    json=("", "also write the figures to this file"),
+    preset=("", "a GPT-2 preset's sizes (gpt2.sm, ...); default: 4 layers of gpt2.sm"),
+    n_layer=(None, "layers (default: the preset's)"),
+    n_embd=(None, "width (default: the preset's)"),
+    n_head=(None, "heads (default: the preset's)"),
     vocab_size=(50257, "its vocabulary"),
     block_size=(128, "tokens per sequence"),
     batch_size=(4, "sequences per step"),
     rank=(4, "LoRA rank r"),
     alpha=(32.0, "LoRA alpha"),
-    dtype=("float32", "or bfloat16: autocast of the model comparisons"),
+    dtype=("float32", "or bfloat16 (autocast)"),
     compile=(False, "torch.compile the models of train, hf and nanogpt"),
-    peak_tflops=(0.0, "the device's dense bf16 TFLOP/s, for MFU; 0: by GPU name"),
+    peak_tflops=(0.0, "the GPU's dense bf16 TFLOP/s, for MFU; 0: by its name"),
     repeats=(5, "timed samples per candidate"),
-    layer_widths=("768,1024", "widths of the layer comparison"),
     nanogpt=("", "a clone of karpathy/nanoGPT, whose model.py is timed"),
     gen_tokens=(256, "tokens to generate, after a prompt of 16"),
-    gen_model=("4,256,8,8192", "n_layer,n_embd,n_head,vocab of the generation model, or bench"),
+    gen_model=("4,256,8,8192", "the generation model's n_layer,n_embd,n_head,vocab, or bench"),
 )
 
 
-# ---- timing and rows -------------------------------------------------------------------------
+# ---- timing and rows ----
 
 @contextlib.contextmanager
 def no_host_sync(device, on=True):
-    """On CUDA, a device-to-host sync inside the block (or decorated function) raises an error."""
+    """On CUDA, a device-to-host sync in the block (or decorated function) is an error."""
     if device.type != "cuda" or not on:
         yield
         return
@@ -142,24 +141,23 @@ def missing_rows(comparison, names, unit, status):
             for i, n in enumerate(names)]
 
 
-# ---- models, batches, training steps, memory ---------------------------------------------------
+# ---- models, batches, training steps, memory ----
 
 def build(device, a, r=0, **sizes):
-    """Our model at rank r, of the bench's sizes unless `sizes` says otherwise, seeded."""
+    """Our model at rank r, of the bench's sizes or `sizes`, seeded."""
     torch.manual_seed(0)
     config = L.GPT2Config(**{**a.sizes, **sizes}, lora_attn_dim=r, lora_attn_alpha=a.alpha)
     return L.GPT2LMModel(config).to(device)
 
 
 def make_batch(batch_size, block_size, vocab_size, device, seed=1):
-    """Inputs and next-token labels, (batch_size, block_size) each."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, block_size + 1), generator=g)
     return ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)
 
 
 def randomize_lora_B(model, seed=2):
-    """B starts at zero; give it values, so that ΔW ≠ 0 and merging changes the weights."""
+    """B starts at zero: values, so that ΔW ≠ 0 and merging changes weights."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in (p for name, p in model.named_parameters() if name.endswith("lora_B")):
@@ -175,8 +173,8 @@ def autocast(a, device):
 
 
 def train_step(model, loss_fn, device, a, ours=True):
-    """forward (under --dtype's autocast) + backward + AdamW (lr 1e-4, PyTorch's defaults) +
-    zero_grad(set_to_none=True). Compiled code is not watched for syncs: compiling may sync."""
+    """forward (autocast as --dtype says), backward, AdamW (lr 1e-4), zero_grad. Compiled code is
+    not watched for syncs: compiling may sync."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -200,7 +198,7 @@ def ours_train(a, device, r):
 
 
 def peak_memory(a, device, r, steps=2):
-    """MiB: the peak over `steps` training steps at rank r, and that peak above the level before."""
+    """MiB: the peak over `steps` training steps at rank r, and above the level before."""
     def status_kib(key):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
@@ -225,10 +223,10 @@ def start_memory_children(a):
             for r in (0, a.rank)}
 
 
-# ---- the comparisons: each returns its rows and adds its notes ---------------------------------
+# ---- the comparisons: each returns its rows and adds its notes ----
 
 def train_rows(comparison, a, device, cands, targets, repeats=None):
-    """Timed steps and trainable parameters of (name, model, step) candidates; the first is the
+    """Timed steps and trainable parameters of (name, model, step) candidates, the first the
     baseline."""
     ms = time_interleaved({n: step for n, _, step in cands}, repeats or a.repeats, device)
     params = {n: [trainable(m)] for n, m, _ in cands}
@@ -264,10 +262,9 @@ def bench_train(a, device, notes, children):
 
 
 def mfu_rows(comparison, a, device, ms, models, lora=()):
-    """Model FLOPs utilization: the FLOPs a step needs, by nanoGPT's estimate, over its time and
-    the device's peak. Per token: 6N + 12·L·C·T (N: the parameters less wpe; forward 2N, backward
-    4N), and 4N + 12·L·C·T for the `lora` candidates, whose backward computes no gradient of a
-    frozen weight (the adapters' own FLOPs are negligible)."""
+    """Model FLOPs utilization: a step's FLOPs by nanoGPT's estimate over its time and the peak.
+    Per token 6N + 12·L·C·T (N: the parameters less wpe; forward 2N, backward 4N), 4N + 12·L·C·T
+    for `lora` candidates, whose backward computes no frozen weight's gradient."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     bf16 = a.dtype == "bfloat16"  # the data sheets' peak is bf16's
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu and bf16), 0)
@@ -294,8 +291,8 @@ def bench_infer(a, device, notes):
         ref = plain(inp)[0]
         diff = max((m(inp)[0] - ref).abs().max().item() for m in (lora, merged))
     notes.append(f"infer: the three models agree, max |Δlogit| = {diff:.2e}")
-    base, unmerged, merged_name = "plain GPT-2 (r=0)", f"LoRA r={a.rank} unmerged", \
-        f"LoRA r={a.rank} merged"
+    base, unmerged = "plain GPT-2 (r=0)", f"LoRA r={a.rank} unmerged"
+    merged_name = f"LoRA r={a.rank} merged"
     fns = {name: torch.no_grad()(autocast(a, device)(no_host_sync(device)(lambda m=m: m(inp))))
            for name, m in ((base, plain), (unmerged, lora), (merged_name, merged))}
     # twice the repeats: the 2% target is within the spread of a handful of samples
@@ -305,7 +302,7 @@ def bench_infer(a, device, notes):
 
 def bench_layer(a, device, notes):
     rows = []
-    for C in [int(w) for w in a.layer_widths.split(",") if w]:
+    for C in sorted({a.n_embd, 1024}):  # the bench's width and GPT-2 medium's
         comp, fns = f"layer C={C}", {}
         kw = dict(r=a.rank, lora_alpha=a.alpha, enable_lora=[True, False, True],
                   fan_in_fan_out=True, merge_weights=False)
@@ -370,9 +367,8 @@ def bench_hf(a, device, notes):
     cands = [(peft_name, hf, train_step(hf, hf_loss, device, a, False)),
              (ours_name, *ours_train(a, device, a.rank))]
     rows = train_rows("hf", a, device, cands, {ours_name: ("≤", 1.0)})
-    notes.append(f"hf: transformers {transformers.__version__}, peft {peft.__version__}, attention "
-                 f"'{hf.config._attn_implementation}' (ours: SDPA), the same loss; "
-                 f"peft adapts Q, K and V (A: r×C, B: 3C×r), ours Q and V (A: 2r×C, B: 2C×r)")
+    notes.append(f"hf: transformers {transformers.__version__}, peft {peft.__version__}, "
+                 f"{hf.config._attn_implementation} attention as ours; peft adapts Q, K and V")
     return rows
 
 
@@ -418,7 +414,7 @@ def bench_nanogpt(a, device, notes):
         rows += mfu_rows("nanogpt", a, device, ms, list(models.values()))
     where = "the bench's sizes" if a.preset else "its CPU Shakespeare configuration"
     notes.append(f"nanogpt: {a.nanogpt} at {where}: batch_size {batch_size}, "
-                 + ", ".join(f"{k} {v}" for k, v in c.items()) + "; the same AdamW and batch "
+                 + ", ".join(f"{k} {v}" for k, v in c.items()) + "; one AdamW and batch "
                  f"for all; '{arch_name}': bias=True, its {len(gelus)} nn.GELU approximate='tanh'")
     return rows
 
@@ -460,7 +456,7 @@ def table_lines(rows):
     return lines
 
 
-# ---- output and command line -------------------------------------------------------------------
+# ---- output and command line ----
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__[:__doc__.index("Timing:")],
@@ -494,9 +490,7 @@ def parse_args(argv):
             (min(getattr(a, k) for k in positive) < 1,
              ", ".join("--" + k.replace("_", "-") for k in positive) + " must be >= 1"),
             (not re.fullmatch(r"bench|\d+,\d+,\d+,\d+", a.gen_model),
-             "--gen-model: bench or L,C,H,V"),
-            (not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", a.layer_widths),
-             "--layer-widths: widths >= 1, comma-separated")):
+             "--gen-model: bench or L,C,H,V")):
         if bad:
             raise ValueError(message)
     a.sizes = {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
@@ -528,17 +522,14 @@ def run(a):
                 processor=cpu or platform.machine(), cpu_count=os.cpu_count(),
                 load_average_1min=load,
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                **{k: getattr(a, k) for k in OPTIONS}, optimizer="torch.optim.AdamW(lr=1e-4)")
+                **{k: getattr(a, k) for k in OPTIONS})
     gpu = f" ({meta['gpu']})" if meta["gpu"] else ""
     print(f"# bench_lora_gpt2.py\n\ntorch {meta['torch']} | Python {meta['python']} | processor: "
-          f"{meta['processor']} ({meta['cpu_count']} CPUs) | threads: {a.threads} | device: "
-          f"{device}"
-          f"{gpu} | {a.dtype}{' compiled' * a.compile} | load average at start: {load:.2f}\n"
-          f"model: n_layer={a.n_layer} n_embd={a.n_embd} n_head={a.n_head} vocab={a.vocab_size} | "
-          f"batch {a.batch_size} × block {a.block_size} | LoRA r={a.rank} α={a.alpha:g} | "
-          f"AdamW | "
-          f"{a.repeats} interleaved repeats after a warm-up; median, paired ratio\n",
-          flush=True)
+          f"{meta['processor']} ({meta['cpu_count']} CPUs) | threads: {a.threads} | {device}{gpu}"
+          f" | {a.dtype}{' compiled' * a.compile} | load average at start: {load:.2f}\nmodel: "
+          f"n_layer={a.n_layer} n_embd={a.n_embd} n_head={a.n_head} vocab={a.vocab_size} | batch "
+          f"{a.batch_size} × block {a.block_size} | LoRA r={a.rank} α={a.alpha:g} | AdamW | "
+          f"{a.repeats} repeats\n", flush=True)
 
     # The memory children run first, while the references (seconds to import) are imported.
     children = start_memory_children(a) if "train" in a.only else None

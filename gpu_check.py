@@ -44,7 +44,7 @@ BENCH = ["--device", "cuda", "--preset", "gpt2.sm", "--block-size", "1024", "--b
          "--dtype", "bfloat16", "--compile", "--repeats", "5"]
 BENCH_DRY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size",
              "64", "--block-size", "16", "--batch-size", "2", "--repeats", "1", "--threads", "1",
-             "--layer-widths", "32", "--gen-tokens", "8", "--gen-model", "bench",
+             "--gen-tokens", "8", "--gen-model", "bench",
              "--dtype", "bfloat16", "--peak-tflops", "1",
              "--only", "train,infer,layer,gen"]
 

@@ -2612,7 +2612,7 @@ def test_readme_installs_a_cpu_torch_before_the_requirements_would_pull_a_cuda_o
 
 BENCH_TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "64",
               "--block-size", "16", "--batch-size", "2", "--repeats", "1",
-              "--layer-widths", "32", "--gen-tokens", "8", "--gen-model", "bench", "--threads", "1"]
+              "--gen-tokens", "8", "--gen-model", "bench", "--threads", "1"]
 
 UNMEASURED = ("not installed", "no baseline")  # cells of rows whose reference is missing
 
@@ -2768,8 +2768,6 @@ def test_bench_nanogpt_row_with_a_standin_model_py(tmp_path):
     ("--gen-model", "4,256,8", "--gen-model"),
     ("--gen-model", "1,30,4,64", "n_embd (30) must be divisible by n_head (4)"),
     ("--gen-tokens", "0", "--gen-tokens"),
-    ("--layer-widths", "768,wide", "--layer-widths"),
-    ("--layer-widths", "768,0", "--layer-widths"),
     ("--device", "gpu", "--device"),
     ("--json", "{tmp}/no/such/folder/bench.json", "--json"),
     ("--n-head", "3", "n_head"),
