@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import io
 import os
-import signal
 import sys
 import time
 
@@ -311,8 +310,11 @@ def main(argv=None) -> dict:
     """Run what is not done yet, then write the report; returns its figures."""
     o, s = settings(sys.argv[1:] if argv is None else argv)
     rt = ts.setup_runtime(s)
-    with ts.claim(s.out_dir):
-        return run(o, s, rt)
+    try:
+        with ts.claim(s.out_dir):
+            return run(o, s, rt)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("interrupted: run the same command again to go on") from None
 
 
 def run(o, s, rt) -> dict:
@@ -348,19 +350,8 @@ def run(o, s, rt) -> dict:
 
 
 def cli(argv=None) -> int:
-    """One line on stderr and a non-zero exit status for each expected failure."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` acts as Ctrl-C
-    try:
-        main(argv)
-        return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to go on", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {ts.one_line(e)}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """The command: train_shakespeare.py's, one line on stderr for each expected failure."""
+    return ts.cli(argv, main)
 
 
 if __name__ == "__main__":

@@ -2960,7 +2960,8 @@ def test_paper_script_again_trains_nothing_and_keeps_its_tables_without_matplotl
     assert {k: r["loss"] for k, r in again["runs"].items()} == losses
 
 
-def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_path, monkeypatch):
+def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_path, monkeypatch,
+                                                      capsys):
     """Stopped at the first checkpoint of its first adaptation (r = 1), then run again: the same
     figures as a run never stopped. Runs are keyed by their settings, not by --ranks."""
     result, out = paper_run
@@ -2976,6 +2977,7 @@ def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_
     monkeypatch.setattr(ts, "save_atomic", stop)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the figures are tested above
     assert paper.cli(argv) == 130
+    assert "interrupted: run the same command again" in capsys.readouterr().err
     [part] = os.listdir(tmp_path / "runs")
     assert part.startswith("r1-") and part.endswith(".part")
     monkeypatch.setattr(ts, "save_atomic", save)

@@ -232,7 +232,7 @@ REQUIRED = {"base": ("config", "tokenizer", "weights"),
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """Write path.tmp, then rename it: readers see the old or the new file, never half of one."""
+    """Write path.tmp, then rename it: readers see the old or the new file, never half."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
@@ -588,8 +588,8 @@ def one_line(e: BaseException) -> str:
     return text if cut < 0 else text[:cut] + "it holds more than tensors and plain data"
 
 
-def cli(argv=None) -> int:
-    """One line on stderr and a non-zero exit status for every expected failure."""
+def cli(argv=None, main=main) -> int:
+    """One line on stderr and an exit status > 0 for each expected failure."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` acts as Ctrl-C
     try:
         main(argv)
