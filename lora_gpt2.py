@@ -70,7 +70,7 @@ class GPT2Config:
     lora_r_dropout: float = 0.0
     fix_dropout: float = 0.0
 
-    def __post_init__(self):  # checked once, here: the config never changes afterwards
+    def __post_init__(self):  # checked once: the config never changes
         for f in fields(self):  # plain Python numbers (not numpy's), as JSON and torch expect
             value = getattr(self, f.name)
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
@@ -130,8 +130,8 @@ def _check_dropout(p, what: str) -> None:
         raise ValueError(f"{what} is a dropout probability and must lie in [0, 1), got {p!r}")
 
 
-# The gradients of A and B grow with the scaling α/r, and AdamW squares them: beyond these bounds
-# the square overflows (or underflows) float32 and bfloat16, and B would silently never move.
+# A's and B's gradients grow with α/r, and AdamW squares them: beyond these bounds the square
+# overflows (or underflows) float32 and bfloat16, and B would silently never move.
 _SCALING_RANGE = (1e-18, 1e18)
 
 
@@ -150,8 +150,8 @@ def _check_lora(r, alpha, dropout, r_dropout, r_name="LoRA rank r", alpha_name="
 
 
 def _check_id_range(ids: torch.Tensor, n: int, what: str, fix: str, negative_ok=False) -> None:
-    """A clear error instead of an index error deep inside. Only on the CPU: on an accelerator it
-    would stall every step with a device→host copy (there a device-side assert reports it)."""
+    """A clear error instead of an index error deep inside; on the CPU only, as elsewhere it would
+    stall every step on a device→host copy (a device-side assert reports it there)."""
     if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())
@@ -575,7 +575,7 @@ class GPT2LMModel(nn.Module):
         all_acc = (hit | ~counted).all(dim=1)
         return t1_acc.float(), all_acc.float()
 
-    # ---- checkpoint formats, thin methods over section 11
+    # ---- checkpoint formats (section 11)
 
     def load_weight(self, state_dict: Union[Mapping[str, torch.Tensor], _Path]) -> "GPT2LMModel":
         """Load GPT-2 and/or LoRA weights (Hugging Face, microsoft/LoRA or ours) from a state dict
@@ -651,7 +651,7 @@ PRESETS: Dict[str, Dict[str, int]] = {
     "gpt2.xl": dict(n_embd=1600, n_layer=48, n_head=25),   # 1558M, "gpt2-xl"
 }
 
-# Hugging Face hub names of the same checkpoints.
+# Hugging Face hub names of the same sizes.
 HUB_MODELS: Dict[str, str] = {n: f"openai-community/{n}"
                               for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
@@ -710,8 +710,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A state dict with ΔW folded in and no LoRA tensors, for a rank-0 model of the same sizes
-    (for Hugging Face, use save_pretrained). The model is left as it was."""
+    """A state dict with ΔW folded in and no LoRA tensors, for a rank-0 model of the same sizes;
+    the model is left as it was."""
     sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
         for name, m in _named_lora_layers(model).items():
@@ -984,10 +984,13 @@ def _download_from_hub(repo_id: str) -> str:
 def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str,
                   config: dict):
     """Write so that an interruption never leaves a folder that loads wrong: both files to
-    temporary names, the old config out (new weights never meet it), the weights, config last."""
+    temporary names, the old config out, then the weights, the config last."""
     save_file, folder = _safetensors().torch.save_file, _path(folder, "the folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
+    other = ("adapter_" if config_name == "config.json" else "") + "config.json"
+    if os.path.isfile(os.path.join(folder, other)):  # transformers would load them as one
+        raise ValueError(f"{folder} holds another export's {other}; choose another folder")
     os.makedirs(folder, exist_ok=True)
     names = (weights_name, config_name)
     for name in os.listdir(folder):  # what a killed export left
@@ -1016,7 +1019,7 @@ def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, conf
 def save_pretrained(model: GPT2LMModel, folder) -> None:
     """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, the tied
     head stored once (as wte): transformers and from_pretrained give this model's logits from it.
-    The model is left as it was, merged or not."""
+    The model is left as it was."""
     cfg, p = model.config, model.config.fix_dropout
     tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if in the vocabulary
@@ -1040,8 +1043,8 @@ def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:  # {our key: 
 
 def _trained_bias_mode(model: GPT2LMModel) -> str:
     if not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
-        raise ValueError("no LoRA weight requires grad, so the trained biases cannot be told: "
-                         "mark_only_lora_as_trainable(model, bias=...) as in training first")
+        raise ValueError("no LoRA weight requires grad, so trained biases cannot be told: "
+                         "mark_only_lora_as_trainable(model, bias=...) first")
     trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     for bias in _BIAS_MODES:
         if trained == list(_peft_biases(model, bias)):
@@ -1051,13 +1054,11 @@ def _trained_bias_mode(model: GPT2LMModel) -> str:
 
 
 def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
-    """Write the LoRA weights as a PEFT adapter folder, which peft.PeftModel.from_pretrained and
-    load_adapter read back to this model's logits.
-
-    PEFT has one LoRA on the fused c_attn; ours on Q and V are the same ΔW with A' = [A_q; A_v]
-    (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so α'/r' = α/r. Trained
-    biases go too (bias "lora_only" or "all"); other trainable weights are refused. The
-    base_fingerprint goes in the safetensors metadata, as PEFT warns of unknown config keys."""
+    """Write the LoRA weights as a PEFT adapter folder, which peft and load_adapter read back to
+    this model's logits. PEFT has one LoRA on the fused c_attn; ours on Q and V are the same ΔW
+    with A' = [A_q; A_v] (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so
+    α'/r' = α/r. Trained biases go too; other trainable weights are refused. The base record goes
+    in the safetensors metadata (PEFT warns of unknown config keys)."""
     cfg = model.config
     r, C = cfg.lora_attn_dim, cfg.n_embd
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
@@ -1081,17 +1082,17 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
                   adapter_config)
 
 
-# adapter_config.json fields free to hold anything (names, training-only settings; r and α are
-# checked apart); any other (use_dora, a newer field...) must be null, false or empty.
+# adapter_config.json fields that may hold anything (r and α are checked apart); any other
+# (use_dora, a newer field...) must be null, false or empty.
 _PEFT_FREE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version",
                      "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
                      "fan_in_fan_out", "megatron_core", "runtime_config", "qalora_group_size")
 
 
 def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
-    """Set the LoRA weights (and biases) from a PEFT adapter folder as save_adapter writes it; the
-    model needs lora_attn_dim = r'/2 and α/r = α'/r'. A ValueError refuses, changing nothing, what
-    it cannot hold (K rows in B', a B' not block-diagonal, a field not neutral) or another base."""
+    """Set the LoRA weights (and biases) from a PEFT adapter folder as save_adapter writes it
+    (lora_attn_dim = r'/2, α/r = α'/r'). A ValueError refuses, changing nothing, what this model
+    cannot hold (K rows in B', B' not block-diagonal, a field not neutral) or another base."""
     folder = _path(folder, "the adapter folder")
     cfg_path = os.path.join(folder, "adapter_config.json")
     weights_path = os.path.join(folder, "adapter_model.safetensors")

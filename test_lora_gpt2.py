@@ -1655,6 +1655,23 @@ def test_an_adapter_is_refused_on_the_merged_export_of_its_own_model(tmp_path):
 
 
 @needs_safetensors
+def test_an_export_never_joins_a_folder_holding_the_other_kind(tmp_path):
+    """transformers loads a folder's config.json and adapter_config.json as one model: a merged
+    export into an adapter's folder, or an adapter into a model folder, is refused, writing
+    nothing."""
+    model = tiny_lora_model()
+    model.save_adapter(tmp_path / "ad")
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="holds another export's adapter_config.json"):
+        model.save_pretrained(tmp_path / "ad")
+    with pytest.raises(ValueError, match="holds another export's config.json"):
+        model.save_adapter(tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json",
+                                                   "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+
+
+@needs_safetensors
 def test_an_adapter_is_refused_on_a_base_whose_w0_holds_a_nan(tmp_path):
     """A NaN in c_attn's W0 is no rounding difference (every comparison with NaN is false)."""
     tiny_lora_model().save_adapter(tmp_path)
