@@ -23,7 +23,8 @@ import torch
 
 import bench_lora_gpt2 as bench
 import train_shakespeare as ts
-from lora_gpt2 import GPT2Config, GPT2LMModel, mark_only_lora_as_trainable, merge_lora
+from lora_gpt2 import (GPT2Config, GPT2LMModel, base_fingerprint, mark_only_lora_as_trainable,
+                       merge_lora)
 
 # train_shakespeare.py's options as this script sets them by default; options given come after.
 DEFAULTS = ["--out-dir", "out-paper", "--block-size", "64", "--base-iters", "1000",
@@ -95,7 +96,13 @@ def settings(argv) -> tuple:
 
 
 def load(path: str):
-    return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    """A finished run or checkpoint at `path`, or None; a damaged one is named, in one line."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated files, unpickling errors: many types
+        raise ValueError(f"cannot read {path} ({ts.one_line(e)}); delete it to redo it") from None
 
 
 def train(model, ids, data, s, rt, path: str, **kw) -> tuple:
@@ -148,7 +155,7 @@ def adapt(base, rank: int, seed: int, adapt_ids, data, s, rt, lr, data_sha: str)
     name = f"r{rank}" if rank else "full"
     recipe = {k: v for k, v in vars(s).items() if k not in UNKEYED}
     init = 1000 * seed + rank  # one seed at two ranks would make r = 4's A r = 16's first rows
-    key = repr((recipe, data_sha, ts.check_base(base, None), init))
+    key = repr((recipe, data_sha, base_fingerprint(base), init))
     run_key = hashlib.sha1(key.encode()).hexdigest()
     path = os.path.join(s.out_dir, "runs", f"{name}-seed{seed}-{run_key[:12]}.pt")
     done = load(path)

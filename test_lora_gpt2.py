@@ -3048,3 +3048,14 @@ def test_paper_script_reuses_the_base_train_shakespeare_cached_for_the_same_sett
         paper.main(without(TRAIN_TINY, "--rank") + ["--data", text_file, "--out-dir",
                                                     str(tmp_path)])
     assert "using the cached base" in capsys.readouterr().out
+
+
+def test_paper_script_names_a_damaged_run_file_and_the_fix(tmp_path):
+    """A run file cut short or foreign is a ValueError naming it (cli makes it one line), never a
+    traceback of whichever unpickling error it raises."""
+    for i, data in enumerate((b"not a checkpoint", b"PK\x03\x04cut")):
+        path = tmp_path / f"run{i}.pt"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"cannot read {re.escape(str(path))} .*delete it"):
+            paper.load(str(path))
+    assert paper.load(str(tmp_path / "absent.pt")) is None
