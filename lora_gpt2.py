@@ -19,12 +19,9 @@ r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 import os
-import re
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -70,30 +67,10 @@ class GPT2Config:
     lora_r_dropout: float = 0.0
     fix_dropout: float = 0.0
 
-    def __post_init__(self):  # checked once: the config never changes
-        for f in fields(self):  # plain Python numbers (not numpy's), as JSON and torch expect
-            value = getattr(self, f.name)
-            if isinstance(value, numbers.Number) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, (int if _is_int(value) else float)(value))
-        for name in ("vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head "
-                             f"({self.n_head})")
-        if self.n_ctx > self.n_positions:
-            raise ValueError(f"GPT2Config.n_ctx ({self.n_ctx}) must not exceed n_positions "
-                             f"({self.n_positions})")
-        eps, std = self.layer_norm_epsilon, self.initializer_range
-        if not (_is_real(eps) and eps > 0):
-            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number > 0, got {eps!r}")
-        if not (_is_real(std) and std >= 0):
-            raise ValueError(f"GPT2Config.initializer_range must be a number >= 0, got {std!r}")
-        _check_lora(self.lora_attn_dim, self.lora_attn_alpha, self.lora_dropout,
-                    self.lora_r_dropout, "GPT2Config.lora_attn_dim (the LoRA rank r)",
-                    "GPT2Config.lora_attn_alpha (α)")
-        _check_dropout(self.fix_dropout, "GPT2Config.fix_dropout")
+    def __post_init__(self):
+        # Checked once, as a config never changes: sizes are positive integers, n_embd a multiple
+        # of n_head, n_ctx ≤ n_positions, ε > 0, every dropout in [0, 1), α > 0 when r > 0.
+        _check_config(self)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPT2Config":
@@ -115,59 +92,6 @@ class GPT2Config:
         return asdict(self)
 
 
-# Argument checks shared by the config and the layers.
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_dropout(p, what: str) -> None:
-    if not _is_real(p) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{what} is a dropout probability and must lie in [0, 1), got {p!r}")
-
-
-# A's and B's gradients grow with α/r, and AdamW squares them: beyond these bounds the square
-# overflows (or underflows) float32 and bfloat16, and B would silently never move.
-_SCALING_RANGE = (1e-18, 1e18)
-
-
-def _check_lora(r, alpha, dropout, r_dropout, r_name="LoRA rank r", alpha_name="lora_alpha (α)"):
-    if not _is_int(r) or r < 0:
-        raise ValueError(f"{r_name} must be an integer >= 0 (0 disables LoRA), got {r!r}")
-    if r > 0:
-        if not (_is_real(alpha) and alpha > 0):
-            raise ValueError(f"{alpha_name} must be a finite number > 0 when r > 0, got {alpha!r}")
-        lo, hi = _SCALING_RANGE
-        if not lo <= alpha / r <= hi:
-            raise ValueError(f"the LoRA scaling α/r = {alpha}/{r} lies outside [{lo:g}, {hi:g}], "
-                             f"where AdamW overflows float32; choose {alpha_name} nearer to r")
-    _check_dropout(dropout, "lora_dropout")
-    _check_dropout(r_dropout, "lora_r_dropout")
-
-
-def _check_id_range(ids: torch.Tensor, n: int, what: str, fix: str, negative_ok=False) -> None:
-    """A clear error instead of an index error deep inside; on the CPU only, as elsewhere it would
-    stall every step on a device→host copy (a device-side assert reports it there)."""
-    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if (lo < 0 and not negative_ok) or hi >= n:
-        bound = f"vocab_size = {n}" if what in ("token ids", "lm_labels") else n
-        raise ValueError(f"{what} must lie in [0, {bound}), got values in [{lo}, {hi}]; {fix}")
-
-
-def _is_tensor(x, dim: int, dtypes=None) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() == dim and (dtypes is None or x.dtype in dtypes)
-
-
-def _describe(x) -> str:
-    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 # ---- 2. LoRA layers: loralib's arguments, parameter names and shapes ----
 class LoRALayer(nn.Linear):
     """A dense layer W0 (bias b), output in k groups of d = out/k rows, a low-rank update on the m
@@ -185,16 +109,8 @@ class LoRALayer(nn.Linear):
                  lora_dropout: float, lora_r_dropout: float, enable_lora: Sequence[bool],
                  fan_in_fan_out: bool, merge_weights: bool, bias: bool, device=None, dtype=None):
         nn.Module.__init__(self)  # not nn.Linear's: it would draw W0 once in the wrong layout
-        if not all(_is_int(n) and n > 0 for n in (in_features, out_features)):
-            raise ValueError(f"in_features, out_features must be positive integers: "
-                             f"{in_features!r}, {out_features!r}")
-        if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) \
-                or not enable_lora or not all(e in (0, 1) for e in enable_lora):
-            raise ValueError(f"enable_lora must be a list of booleans, one per output group, at "
-                             f"least one, e.g. [True, False, True]; got {enable_lora!r}")
-        if out_features % len(enable_lora):
-            raise ValueError(f"len(enable_lora) = {len(enable_lora)} must divide out_features = "
-                             f"{out_features}: each flag stands for an equal slice of the output")
+        # Sizes are positive integers, enable_lora one flag per equal slice of the output.
+        _check_layer_arguments(in_features, out_features, enable_lora)
         _check_lora(r, lora_alpha, lora_dropout, lora_r_dropout)
         new = dict(device=device, dtype=dtype)
         self.enable_lora = [bool(e) for e in enable_lora]
@@ -428,7 +344,7 @@ class GPT2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, past: Optional[Sequence[torch.Tensor]] = None,
                 len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
-        past_length = self._check_inputs(input_ids, past, len_past)
+        past_length = _check_model_inputs(self, input_ids, past, len_past)
         B, T = input_ids.shape
         # (B, 1) or (T,)
         pos = len_past.view(B, 1) if len_past is not None \
@@ -439,45 +355,6 @@ class GPT2Model(nn.Module):
             x, present = block(x, None if past is None else past[i], len_past, use_cache)
             presents.append(present)
         return self.ln_f(x), presents                                          # (B, T, C)
-
-    def _check_inputs(self, input_ids, past, len_past) -> int:
-        """Clear errors for inputs that would fail deep inside; returns the past length."""
-        cfg, dev, dtype = self.config, self.wte.weight.device, self.wte.weight.dtype
-        if not _is_tensor(input_ids, 2, (torch.long, torch.int32)) or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty integer tensor (batch, time), got "
-                             f"{_describe(input_ids)}")
-        B, T = input_ids.shape
-        _check_id_range(input_ids, cfg.vocab_size, "token ids",
-                        "check that the tokenizer matches the model")
-        if past is None and len_past is not None:
-            raise ValueError("len_past needs past: a first call without len_past gives the cache")
-        nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
-        autocast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
-            else dtype
-        if past is not None:
-            ok = isinstance(past, Sequence) and len(past) == cfg.n_layer and all(
-                _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype in (dtype, autocast)
-                and p.device == dev for p in past)
-            if not ok or (past[0].shape[0], past[0].shape[2], past[0].shape[4]) != (2, nh, hs):
-                raise ValueError(f"past must be the {cfg.n_layer} caches (2, B, {nh}, T, {hs}) a "
-                                 f"previous call returned ({dtype}, on {dev})")
-            if past[0].shape[1] != B:
-                raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; "
-                                 f"feed the same batch")
-        past_length = 0 if past is None else past[0].shape[-2]
-        if past_length + (T if len_past is None else 0) > cfg.n_ctx:
-            raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) "
-                             f"must lie in [1, n_ctx = {cfg.n_ctx}]; crop the input to the last "
-                             f"{cfg.n_ctx} tokens")
-        if len_past is not None:
-            if not _is_tensor(len_past, 1, (torch.long,)) or len_past.shape != (B,) or T != 1 \
-                    or len_past.device != dev:
-                raise ValueError(f"len_past must be a torch.long tensor on {dev} of shape (batch,) "
-                                 f"= ({B},), with exactly one new token per row; got "
-                                 f"{_describe(len_past)} and {T} new tokens")
-            _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
-                            "pad the prompts to leave room for the tokens to generate")
-        return past_length
 
 
 # ---- 7. The language-model head, tied to the token embedding ----
@@ -540,18 +417,9 @@ class GPT2LMModel(nn.Module):
 
     def _target_mask(self, input_ids, lm_labels, lm_mask, label_smooth) -> torch.Tensor:
         """lm_mask (ones when None) with the positions of negative labels set to 0, as float."""
-        shape = tuple(input_ids.shape)
-        if not _is_tensor(lm_labels, 2, (torch.long, torch.int32)) or lm_labels.shape != shape:
-            raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
-                             f"{shape}, got {_describe(lm_labels)}")
-        if lm_mask is not None and not (_is_tensor(lm_mask, 2) and lm_mask.shape == shape):
-            raise ValueError(f"lm_mask must have input_ids' shape {shape}, got "
-                             f"{_describe(lm_mask)}")
-        if not (_is_real(label_smooth) and 0.0 <= label_smooth < 1.0):
-            raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
-        _check_id_range(lm_labels, self.config.vocab_size, "lm_labels",
-                        "a negative label marks a position without target", negative_ok=True)
-        return (lm_labels >= 0).float() if lm_mask is None else lm_mask.float() * (lm_labels >= 0)
+        _check_loss_inputs(self.config, input_ids, lm_labels, lm_mask, label_smooth)
+        has_target = (lm_labels >= 0).float()                                  # (B, T)
+        return has_target if lm_mask is None else lm_mask.float() * has_target
 
     @staticmethod
     def _loss(logits, lm_labels, mask, label_smooth) -> torch.Tensor:
@@ -575,7 +443,7 @@ class GPT2LMModel(nn.Module):
         all_acc = (hit | ~counted).all(dim=1)
         return t1_acc.float(), all_acc.float()
 
-    # ---- checkpoint formats (section 11)
+    # ---- checkpoints: microsoft's load_weight here; file formats in checkpoint_formats.py
 
     def load_weight(self, state_dict: Union[Mapping[str, torch.Tensor], _Path]) -> "GPT2LMModel":
         """Load GPT-2 and/or LoRA weights (Hugging Face, microsoft/LoRA or ours) from a state dict
@@ -586,16 +454,23 @@ class GPT2LMModel(nn.Module):
     def from_pretrained(cls, source: _Path, **config_overrides) -> "GPT2LMModel":
         """A model from a Hugging Face folder, a weights file or a hub name; `config_overrides` set
         the LoRA rank and the rest: from_pretrained("gpt2", lora_attn_dim=4, lora_attn_alpha=32)."""
-        return _from_pretrained(cls, source, config_overrides)
+        import checkpoint_formats
+        return checkpoint_formats.from_pretrained(cls, source, config_overrides)
 
-    def save_pretrained(self, folder: _Path) -> None:  # a Hugging Face folder, ΔW merged
-        save_pretrained(self, folder)
+    def save_pretrained(self, folder: _Path) -> None:
+        """Write a Hugging Face GPT-2 folder, ΔW merged into W0 (transformers loads it)."""
+        import checkpoint_formats
+        checkpoint_formats.save_pretrained(self, folder)
 
     def save_adapter(self, folder: _Path, base_model_name_or_path: Optional[str] = None) -> None:
-        save_adapter(self, folder, base_model_name_or_path)  # a PEFT LoRA folder
+        """Write the LoRA weights as a PEFT adapter folder, with the record of their base."""
+        import checkpoint_formats
+        checkpoint_formats.save_adapter(self, folder, base_model_name_or_path)
 
-    def load_adapter(self, folder: _Path) -> "GPT2LMModel":  # reads save_adapter's folder
-        return load_adapter(self, folder)
+    def load_adapter(self, folder: _Path) -> "GPT2LMModel":
+        """Set the LoRA weights from a folder save_adapter wrote, if this model is its base."""
+        import checkpoint_formats
+        return checkpoint_formats.load_adapter(self, folder)
 
     # ---- generation
 
@@ -606,16 +481,7 @@ class GPT2LMModel(nn.Module):
         """Append `max_new_tokens` tokens to `input_ids` (B, T): the most likely (temperature 0), or
         drawn from softmax(logits / temperature) among the `top_k` most likely. With the cache, a
         step feeds the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
-        if not _is_int(max_new_tokens) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not (_is_real(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
-                             f"got {temperature!r}")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
-            raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-        if not _is_tensor(input_ids, 2):
-            raise ValueError("input_ids must be a tensor of shape (batch, time); for one prompt, "
-                             "ids[None]")
+        _check_generate_arguments(input_ids, max_new_tokens, temperature, top_k)
         idx, past, n_ctx = input_ids, None, self.config.n_ctx
         bad = torch.zeros((), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -720,120 +586,18 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def _frozen_hash(sd: Mapping[str, torch.Tensor], skip) -> str:
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        if not k.startswith("transformer.") or "lora_" in k or k in skip:
-            continue
-        v = sd[k].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{k}:{tuple(v.shape)};".encode() + v.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _probes(w: torch.Tensor) -> List[float]:
-    """‖W‖ and 8 projections uᵀWv in float64, u and v fixed cosines (not an RNG's draws)."""
-    f = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()
-    U, V = (torch.cos(torch.arange(1, n + 1, dtype=torch.float64)[:, None] * f * c) * math.sqrt(2)
-            for n, c in zip(w.shape, (1, math.pi)))                           # (rows, 8), (cols, 8)
-    w = w.detach().to("cpu", torch.float64)
-    return [w.norm().item()] + (U.t() @ w @ V).diagonal().tolist()
-
-
-def base_fingerprint(model: nn.Module, bias: str = "none") -> str:
-    """The record of the base an adapter keeps (JSON): the dtype, a SHA-256 of the trunk but LoRA,
-    the biases `bias` names and the W0 of LoRA layers (rank 0 too), and each such W0's _probes."""
-    sd = model.state_dict()
-    adapted = {f"{n}.weight" for n in _named_lora_layers(model, adapted_only=False)}
-    skip = adapted | {k for k in sd if _is_lora_name(model, k, bias)}
-    probes = {k: _probes(sd[k]) for k in sorted(adapted)}
-    dtype = str(model.transformer.wte.weight.dtype)[6:]
-    return json.dumps(dict(dtype=dtype, frozen=_frozen_hash(sd, skip), adapted=probes))
-
-
-# W0 within tol·‖W0‖: k merge/unmerge cycles move W (and a probe) by about u·sqrt(2k)·‖W0 + ΔW‖
-# (u = 2^-24 in float32, 2^-8 in bfloat16). 1e-4 allows float32 ~10^5 cycles at ‖ΔW‖ = ‖W0‖ and
-# refuses merged exports from ‖ΔW‖ ≈ 1e-3·‖W0‖ up; 16 bits get 2^-5.
-
-
-def base_difference(model: nn.Module, record: str, bias: str = "none") -> Optional[str]:
-    """None if `model` is the base `record` describes (base_fingerprint's, or an older SHA-256 of
-    the frozen parts), else what differs."""
-    sd = model.state_dict()
-    if re.fullmatch("[0-9a-f]{64}", str(record)):
-        adapted = {f"{n}.weight" for n in _named_lora_layers(model)}
-        return None if _frozen_hash(sd, adapted) == record else "another base (its weights differ)"
-    try:
-        rec, mine = json.loads(record), json.loads(base_fingerprint(model, bias))
-        tol = 2 ** -5 if rec["dtype"] in ("float16", "bfloat16") else 1e-4
-        differs = rec["frozen"] != mine["frozen"] or set(rec["adapted"]) != set(mine["adapted"])
-        far = [k for k, p in rec["adapted"].items() if not differs and any(  # NaN is far too
-            not abs(a - b) <= tol * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
-    except (ValueError, TypeError, LookupError, AttributeError):
-        return "an unreadable base record"
-    if (differs or far) and rec["dtype"] != mine["dtype"]:
-        dtype = rec["dtype"]
-        return (f"another precision ({mine['dtype']}, not {dtype}): load the base in {dtype}, as "
-                f"saved (a copy cast to {mine['dtype']} and back has lost bits)")
-    if far:
-        return f"another base: {far[0]} is not the W0 recorded, beyond rounding (a merged export?)"
-    return "another base (its weights differ)" if differs else None
-
-
-# ---- 11. Checkpoint formats: Hugging Face, microsoft/LoRA and PEFT, in and out ----
+# ---- 11. microsoft's load_weight: state-dict keys of every GPT-2 checkpoint ----
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of HF / microsoft
 _HEAD_KEYS = ("lm_head.weight", "lm_head.decoder.weight")  # tied to wte
-
-
-def _safetensors():
-    try:  # imported here only: safetensors stays optional
-        import safetensors.torch
-    except ImportError:
-        raise ValueError("Hugging Face and PEFT files need: pip install safetensors") from None
-    return safetensors
-
-
-def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    safe_open = _safetensors().safe_open
-    try:
-        open(path, "rb").close()  # safetensors calls an unreadable file missing
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:  # truncated or foreign files
-        raise ValueError(f"cannot read {path} as a safetensors file "
-                         f"({type(e).__name__}: {e})") from None
-
-
-def _read_weights(path: _Path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"no weights file at {path!r}")
-    if path.endswith(".safetensors"):
-        return _read_safetensors(path)[0]
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
-    except Exception as e:  # pickle errors, truncated files, non-torch files
-        reason = str(e).split("\n")[0]
-        if "Weights only" in reason:
-            reason = "it holds more than tensors and plain data"
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint "
-                         f"({type(e).__name__}: {reason})") from None
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
-        raise ValueError(f"cannot read {path} as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _state_dict_of(source) -> Dict[str, torch.Tensor]:
     """A state dict (or the file holding one) keyed relative to GPT2Model, "h.0.attn.c_attn.weight",
     whatever wrapper or prefix it had; a head not tied to wte is refused: this model has none."""
-    sd = _read_weights(source) if isinstance(source, (str, os.PathLike)) else source
+    if isinstance(source, (str, os.PathLike)):
+        from checkpoint_formats import read_weights  # file formats live there
+        source = read_weights(source)
+    sd = source
     if isinstance(sd, Mapping) and "model_state_dict" in sd:
         sd = sd["model_state_dict"]
     if not isinstance(sd, Mapping):
@@ -889,262 +653,192 @@ def _load_weight(model: GPT2LMModel, sd: Dict[str, torch.Tensor]) -> GPT2LMModel
     return model
 
 
-def _from_pretrained(cls, source, config_overrides: Mapping) -> GPT2LMModel:
-    if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"from_pretrained needs a folder, a file or a hub name, got {source!r}")
-    name = path = os.fspath(source)
-    if not os.path.exists(path) and path in HUB_MODELS:
-        path = _download_from_hub(HUB_MODELS[path])
-    values = None
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            values = _config_from_hf_json(_read_json(os.path.join(path, "config.json")), path)
-        files = [f for f in ("model.safetensors", "pytorch_model.bin")
-                 if os.path.isfile(os.path.join(path, f))]
-        if not files and any(f.endswith(".index.json") for f in os.listdir(path)):
-            raise ValueError(f"{path}: sharded checkpoints are not read; save it as one file")
-        path = os.path.join(path, (files + ["model.safetensors"])[0])
-    elif not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path!r}: give a folder, a weights file, or one of "
-                         f"{', '.join(HUB_MODELS)}")
-    sd = _state_dict_of(path)
-    if "wte.weight" not in sd or sd["wte.weight"].dim() != 2:
-        raise ValueError(f"{path} holds no GPT-2 base weights (no 2-D wte.weight); for LoRA-only "
-                         f"weights, load a base model first, then model.load_weight(path)")
-    # With a config.json, n_head comes from it, not from the shapes
-    shapes = _config_from_shapes(sd, config_overrides if values is None else {"n_head": None})
-    values = dict(shapes) if values is None else values
-    if "h.0.attn.c_attn.lora_A" in sd:
-        values["lora_attn_dim"] = sd["h.0.attn.c_attn.lora_A"].shape[0] // 2  # A is (r·2, C)
-        if "lora_attn_alpha" not in config_overrides:  # a guessed α would silently rescale ΔW
-            raise ValueError(f"{path} holds LoRA weights, whose scaling α/r depends on α: pass "
-                             f"lora_attn_alpha=... (the α they were trained with)")
-    config = GPT2Config.from_dict({**values, **config_overrides})
-    for key, value in shapes.items():  # before building the model
-        if key not in ("n_ctx", "n_head") and getattr(config, key) != value:
-            raise ValueError(f"{key} = {getattr(config, key)} does not fit the weights in {path}, "
-                             f"which have {value}")
-    model = _load_weight(cls(config), sd)
-    model.name_or_path = name  # where the base came from, recorded in exported adapters
-    return model
+# ---- 12. Argument checks ----
+# Each rule is one ValueError naming the argument, what it got and the fix. They sit here, after the
+# model, so that the sections above read as the math: each class calls one named check.
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _config_from_hf_json(cfg: dict, where: str) -> dict:
-    """The GPT2Config fields of a Hugging Face GPT-2 config.json; refuses other variants."""
-    unsupported = {"model_type": cfg.get("model_type", "gpt2") != "gpt2",
-                   "activation_function": cfg.get("activation_function", "gelu_new") not in
-                   ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # GPT-2's tanh GELU
-                   "scale_attn_by_inverse_layer_idx": cfg.get("scale_attn_by_inverse_layer_idx"),
-                   "reorder_and_upcast_attn": cfg.get("reorder_and_upcast_attn"),
-                   "scale_attn_weights": cfg.get("scale_attn_weights", True) is False}
-    for key, bad in unsupported.items():
-        if bad:
-            raise ValueError(f"{where}: {key} = {cfg[key]!r} is not supported by this GPT-2")
-    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
-            "initializer_range")
-    values = {k: cfg[k] for k in keys if k in cfg}
-    GPT2Config.from_dict({**values, "n_ctx": 1})  # a ValueError naming a bad field, first
-    if cfg.get("n_inner") not in (None, 4 * values.get("n_embd", 768)):
-        raise ValueError(f"{where}: n_inner = {cfg['n_inner']} is not 4·n_embd, which this GPT-2 "
-                         f"assumes")
-    n_ctx = cfg.get("n_ctx", values.get("n_positions", 1024))
-    values["n_ctx"] = min(n_ctx, values.get("n_positions", 1024)) if _is_int(n_ctx) else n_ctx
-    return values
+def _is_real(value) -> bool:
+    """A finite real number, not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _config_from_shapes(sd: Mapping[str, torch.Tensor], overrides: Mapping) -> dict:
-    V, C = sd["wte.weight"].shape
-    wpe = sd.get("wpe.weight")
-    n_pos = wpe.shape[0] if wpe is not None and wpe.dim() == 2 else 1024
-    layers = {int(k.split(".")[1]) for k in sd if re.match(r"h\.\d+\.", k)}
-    values = dict(vocab_size=V, n_embd=C, n_positions=n_pos, n_ctx=n_pos,
-                  n_layer=max(layers, default=-1) + 1)
-    heads = [p["n_head"] for p in PRESETS.values() if p["n_embd"] == C]
-    if not heads and "n_head" not in overrides:
-        raise ValueError(f"cannot tell n_head from the weights (n_embd = {C} is no GPT-2 size): "
-                         f"give their folder with a config.json, or pass n_head=...")
-    return {**values, "n_head": heads[0]} if heads else values
+def _is_tensor(x, dim: int, dtypes=None) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == dim and (dtypes is None or x.dtype in dtypes)
 
 
-def _download_from_hub(repo_id: str) -> str:
-    try:  # returns the local folder of the weights and config.json
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ValueError(f"downloading {repo_id} needs: pip install huggingface_hub "
-                         f"safetensors") from None
-    try:
-        hf_hub_download(repo_id, "model.safetensors")
-        return os.path.dirname(hf_hub_download(repo_id, "config.json"))
-    except Exception as e:  # no network, no access, an unknown revision: one clear message
-        raise ValueError(f"could not download {repo_id} from the Hugging Face hub "
-                         f"({type(e).__name__}: {e}); check the network, or pass a local "
-                         f"folder") from None
-
-
-def _write_folder(folder, weights_name: str, tensors: dict, metadata: dict, config_name: str,
-                  config: dict):
-    """Write so that an interruption never leaves a folder that loads wrong: both files to
-    temporary names, the old config out, then the weights, the config last."""
-    save_file, folder = _safetensors().torch.save_file, _path(folder, "the folder")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{folder} exists and is a file, not a folder; choose another path")
-    other = ("adapter_" if config_name == "config.json" else "") + "config.json"
-    if os.path.isfile(os.path.join(folder, other)):  # transformers would load them as one
-        raise ValueError(f"{folder} holds another export's {other}; choose another folder")
-    os.makedirs(folder, exist_ok=True)
-    names = (weights_name, config_name)
-    for name in os.listdir(folder):  # what a killed export left
-        if re.fullmatch(rf"\.({'|'.join(map(re.escape, names))})\.\d+\.tmp", name):
-            os.remove(os.path.join(folder, name))
-    temps = [os.path.join(folder, f".{name}.{os.getpid()}.tmp") for name in names]
-    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for k, v in tensors.items()}
-    try:
-        save_file(tensors, temps[0], metadata)
-        with open(temps[1], "w", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # safetensors writes 0600: give the mode a new file gets
-        os.chmod(temps[0], os.stat(temps[1]).st_mode)
-        if os.path.exists(os.path.join(folder, config_name)):
-            os.remove(os.path.join(folder, config_name))
-        for name, temp in zip(names, temps):
-            os.replace(temp, os.path.join(folder, name))
-    except Exception as e:  # a full disk, safetensors' errors
-        raise OSError(f"cannot write {folder}: {e}") from None
-    finally:
-        for temp in filter(os.path.exists, temps):
-            os.remove(temp)
-
-
-def save_pretrained(model: GPT2LMModel, folder) -> None:
-    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, the tied
-    head stored once (as wte): transformers and from_pretrained give this model's logits from it.
-    The model is left as it was."""
-    cfg, p = model.config, model.config.fix_dropout
-    tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
-    eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if in the vocabulary
-    sizes = {k: v for k, v in cfg.to_dict().items() if not k.startswith(("lora_", "fix_"))}
-    hf_config = dict(
-        sizes, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_inner=None,
-        activation_function="gelu_new", resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot,
-        torch_dtype=str(model.transformer.wte.weight.dtype).replace("torch.", ""))
-    _write_folder(folder, "model.safetensors", tensors, {"format": "pt"}, "config.json", hf_config)
-
-
-_PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
-
-
-def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:  # {our key: PEFT's}
-    keys = [k for k in model.state_dict() if _is_lora_name(model, k, bias) and "lora_" not in k]
-    return {k: "base_model.model." + k.replace("c_attn.bias", "c_attn.base_layer.bias")
-            for k in keys}
-
-
-def _trained_bias_mode(model: GPT2LMModel) -> str:
-    if not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
-        raise ValueError("no LoRA weight requires grad, so trained biases cannot be told: "
-                         "mark_only_lora_as_trainable(model, bias=...) first")
-    trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    for bias in _BIAS_MODES:
-        if trained == list(_peft_biases(model, bias)):
-            return bias
-    raise ValueError(f"{_short(trained)} require grad: if trained, save_pretrained writes the "
-                     f"whole model; if not, mark_only_lora_as_trainable(model) first")
-
-
-def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
-    """Write the LoRA weights as a PEFT adapter folder, which peft and load_adapter read back to
-    this model's logits. PEFT has one LoRA on the fused c_attn; ours on Q and V are the same ΔW
-    with A' = [A_q; A_v] (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so
-    α'/r' = α/r. Trained biases go too; other trainable weights are refused. The base record goes
-    in the safetensors metadata (PEFT warns of unknown config keys)."""
-    cfg = model.config
-    r, C = cfg.lora_attn_dim, cfg.n_embd
-    base = base_model_name_or_path or getattr(model, "name_or_path", None)
-    if r == 0:
-        raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained "
-                         "saves it whole")
-    bias, sd = _trained_bias_mode(model), model.state_dict()
-    tensors = {peft: sd[k] for k, peft in _peft_biases(model, bias).items()}
-    for i, block in enumerate(model.transformer.h):
-        A, B = block.attn.c_attn.lora_A.detach(), block.attn.c_attn.lora_B.detach()  # (2r, C)
-        B2 = B.new_zeros(3 * C, 2 * r)                         # (3C, 2r) from (2C, r), K rows 0
-        B2[:C, :r], B2[2 * C:, r:] = B[:C], B[C:]              # B_q on A_q, B_v on A_v
-        tensors[_PEFT_KEY.format(i, "A")], tensors[_PEFT_KEY.format(i, "B")] = A, B2
-    adapter_config = dict(
-        peft_type="LORA", task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * cfg.lora_attn_alpha,
-        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias=bias,
-        use_rslora=False, use_dora=False,
-        base_model_name_or_path=base and _path(base, "base_model_name_or_path"))
-    metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model, bias)}
-    _write_folder(folder, "adapter_model.safetensors", tensors, metadata, "adapter_config.json",
-                  adapter_config)
-
-
-# adapter_config.json fields that may hold anything (r and α are checked apart); any other
-# (use_dora, a newer field...) must be null, false or empty.
-_PEFT_FREE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version",
-                     "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
-                     "fan_in_fan_out", "megatron_core", "runtime_config", "qalora_group_size")
-
-
-def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
-    """Set the LoRA weights (and biases) from a PEFT adapter folder as save_adapter writes it
-    (lora_attn_dim = r'/2, α/r = α'/r'). A ValueError refuses, changing nothing, what this model
-    cannot hold (K rows in B', B' not block-diagonal, a field not neutral) or another base."""
-    folder = _path(folder, "the adapter folder")
-    cfg_path = os.path.join(folder, "adapter_config.json")
-    weights_path = os.path.join(folder, "adapter_model.safetensors")
-    ac = _read_json(cfg_path)
-    sd, metadata = _read_safetensors(weights_path)
-    cfg, r2, alpha2, bias = model.config, ac.get("r"), ac.get("lora_alpha"), ac.get("bias", "none")
-    r, C, alpha = cfg.lora_attn_dim, cfg.n_embd, cfg.lora_attn_alpha
-    modeled = dict(peft_type=ac.get("peft_type") != "LORA", bias=bias not in _BIAS_MODES,
-                   target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]),
-                   init_lora_weights=ac.get("init_lora_weights", True)
-                   not in (True, False, "gaussian"))
-    for key in {**modeled, **ac}:  # modeled ones, even absent
-        neutral = key in _PEFT_FREE_FIELDS or ac.get(key) in (None, False, {}, [], "")
-        if modeled.get(key, not neutral):
-            raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model "
-                             f"holds plain LoRA on c_attn (Q, V), one r and α")
-    if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, alpha / r)):
-        raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with "
-                         f"lora_attn_dim = r'/2 (r' even) and lora_attn_alpha = α'/2; this one has "
-                         f"{r} and {alpha}")
-    biases = _peft_biases(model, bias)
-    expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"}
-    expected |= set(biases.values())
-    if set(sd) != expected:
-        raise ValueError(f"{weights_path}: weights this model cannot hold: "
-                         f"{_short(sorted(set(sd) - expected))}; missing: "
-                         f"{_short(sorted(expected - set(sd)))}")
-    new = {k.removeprefix("transformer."): sd[peft] for k, peft in biases.items()}
-    for i in range(cfg.n_layer):
-        A2, B2 = sd[_PEFT_KEY.format(i, "A")], sd[_PEFT_KEY.format(i, "B")]   # (2r, C), (3C, 2r)
-        if A2.shape != (2 * r, C) or B2.shape != (3 * C, 2 * r):
-            raise ValueError(f"layer {i}: A' {tuple(A2.shape)}, B' {tuple(B2.shape)} do not fit "
-                             f"this model's size")
-        if B2[C:2 * C].any():
-            raise ValueError(f"layer {i}: B' has non-zero K rows; this model keeps W_k frozen")
-        if B2[:C, r:].any() or B2[2 * C:, :r].any():
-            raise ValueError(f"layer {i}: B' is not block-diagonal; here Q and V have separate A's")
-        new[f"h.{i}.attn.c_attn.lora_A"] = A2                                # [A_q; A_v] (2r, C)
-        # [B_q; B_v] (2C, r)
-        new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B2[:C, :r], B2[2 * C:, r:]))
-    record = metadata.get("base_fingerprint")
-    why = record and base_difference(model, record, bias)
-    if why:
-        raise ValueError(f"{folder} does not go onto this model: {why}; load it onto its own base")
-    return _load_weight(model, new)  # copies in place, and keeps a merged model merged
-
-
-def _path(value, what: str) -> str:
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise ValueError(f"{what} must be a path, got {value!r}")
-    return os.fspath(value)
+def _describe(x) -> str:
+    """What the caller passed, for a message: a tensor's shape and dtype, else its type."""
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
 
 
 def _short(keys: List[str], n: int = 6) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+    """The first n keys of a list, and how many there are in all."""
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _check_dropout(p, what: str) -> None:
+    if not _is_real(p) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{what} is a dropout probability and must lie in [0, 1), got {p!r}")
+
+
+# A's and B's gradients grow with α/r, and AdamW squares them: beyond these bounds the square
+# overflows (or underflows) float32 and bfloat16, and B would silently never move.
+_SCALING_RANGE = (1e-18, 1e18)
+
+
+def _check_lora(r, alpha, dropout, r_dropout, r_name="LoRA rank r", alpha_name="lora_alpha (α)"):
+    """r an integer ≥ 0; when r > 0, α a finite number > 0 with α/r inside _SCALING_RANGE."""
+    if not _is_int(r) or r < 0:
+        raise ValueError(f"{r_name} must be an integer >= 0 (0 disables LoRA), got {r!r}")
+    if r > 0:
+        if not (_is_real(alpha) and alpha > 0):
+            raise ValueError(f"{alpha_name} must be a finite number > 0 when r > 0, got {alpha!r}")
+        low, high = _SCALING_RANGE
+        if not low <= alpha / r <= high:
+            raise ValueError(f"the LoRA scaling α/r = {alpha}/{r} lies outside [{low:g}, "
+                             f"{high:g}], where AdamW overflows float32; choose {alpha_name} "
+                             f"nearer to r")
+    _check_dropout(dropout, "lora_dropout")
+    _check_dropout(r_dropout, "lora_r_dropout")
+
+
+def _check_config(config) -> None:
+    """GPT2Config's rules, each a ValueError naming the field. Numbers become plain Python ints and
+    floats first (not numpy's), as JSON and torch expect."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            plain = int(value) if _is_int(value) else float(value)
+            object.__setattr__(config, field.name, plain)  # the dataclass is frozen
+    for name in ("vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head"):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"GPT2Config.n_embd ({config.n_embd}) must be divisible by n_head "
+                         f"({config.n_head})")
+    if config.n_ctx > config.n_positions:
+        raise ValueError(f"GPT2Config.n_ctx ({config.n_ctx}) must not exceed n_positions "
+                         f"({config.n_positions})")
+    epsilon = config.layer_norm_epsilon
+    if not (_is_real(epsilon) and epsilon > 0):
+        raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number > 0, got {epsilon!r}")
+    std = config.initializer_range
+    if not (_is_real(std) and std >= 0):
+        raise ValueError(f"GPT2Config.initializer_range must be a number >= 0, got {std!r}")
+    _check_lora(config.lora_attn_dim, config.lora_attn_alpha, config.lora_dropout,
+                config.lora_r_dropout, "GPT2Config.lora_attn_dim (the LoRA rank r)",
+                "GPT2Config.lora_attn_alpha (α)")
+    _check_dropout(config.fix_dropout, "GPT2Config.fix_dropout")
+
+
+def _check_layer_arguments(in_features, out_features, enable_lora) -> None:
+    """A LoRA layer's sizes, and one enable_lora flag per equal slice of its output."""
+    if not all(_is_int(n) and n > 0 for n in (in_features, out_features)):
+        raise ValueError(f"in_features, out_features must be positive integers: "
+                         f"{in_features!r}, {out_features!r}")
+    is_flag_list = (isinstance(enable_lora, Sequence) and not isinstance(enable_lora, (str, bytes))
+                    and len(enable_lora) > 0 and all(e in (0, 1) for e in enable_lora))
+    if not is_flag_list:
+        raise ValueError(f"enable_lora must be a list of booleans, one per output group, at "
+                         f"least one, e.g. [True, False, True]; got {enable_lora!r}")
+    if out_features % len(enable_lora):
+        raise ValueError(f"len(enable_lora) = {len(enable_lora)} must divide out_features = "
+                         f"{out_features}: each flag stands for an equal slice of the output")
+
+
+def _check_id_range(ids: torch.Tensor, n: int, what: str, fix: str, negative_ok=False) -> None:
+    """A clear error instead of an index error deep inside. On the CPU only: on a GPU reading the
+    minimum and maximum would stall every step on a device-to-host copy (a device-side assert
+    reports a bad id there)."""
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low = int(ids.min())
+    high = int(ids.max())
+    if (low < 0 and not negative_ok) or high >= n:
+        bound = f"vocab_size = {n}" if what in ("token ids", "lm_labels") else n
+        raise ValueError(f"{what} must lie in [0, {bound}), got values in [{low}, {high}]; {fix}")
+
+
+def _check_model_inputs(model, input_ids, past, len_past) -> int:
+    """GPT2Model.forward's inputs: integer ids within the vocabulary, a cache of this model's
+    shape, dtype, device and batch, at most n_ctx positions in all, and len_past with one new
+    token per row. Returns the length of the cache."""
+    config = model.config
+    device = model.wte.weight.device
+    dtype = model.wte.weight.dtype
+    if not _is_tensor(input_ids, 2, (torch.long, torch.int32)) or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty integer tensor (batch, time), got "
+                         f"{_describe(input_ids)}")
+    B, T = input_ids.shape
+    _check_id_range(input_ids, config.vocab_size, "token ids",
+                    "check that the tokenizer matches the model")
+    if past is None and len_past is not None:
+        raise ValueError("len_past needs past: a first call without len_past gives the cache")
+    nh = config.n_head
+    hs = config.n_embd // config.n_head
+    # Under autocast the cache comes back in the autocast dtype.
+    autocast_dtype = dtype
+    if torch.is_autocast_enabled(device.type):
+        autocast_dtype = torch.get_autocast_dtype(device.type)
+    if past is not None:
+        is_cache = isinstance(past, Sequence) and len(past) == config.n_layer and all(
+            _is_tensor(p, 5) and p.shape == past[0].shape and p.dtype in (dtype, autocast_dtype)
+            and p.device == device for p in past)
+        if not is_cache or (past[0].shape[0], past[0].shape[2], past[0].shape[4]) != (2, nh, hs):
+            raise ValueError(f"past must be the {config.n_layer} caches (2, B, {nh}, T, {hs}) a "
+                             f"previous call returned ({dtype}, on {device})")
+        if past[0].shape[1] != B:
+            raise ValueError(f"past was computed for a batch of {past[0].shape[1]}, not {B}; "
+                             f"feed the same batch")
+    past_length = 0 if past is None else past[0].shape[-2]
+    new_positions = T if len_past is None else 0  # with len_past the cache has a fixed size
+    if past_length + new_positions > config.n_ctx:
+        raise ValueError(f"sequence length {past_length + T} (past {past_length} + new {T}) "
+                         f"must lie in [1, n_ctx = {config.n_ctx}]; crop the input to the last "
+                         f"{config.n_ctx} tokens")
+    if len_past is not None:
+        is_len_past = (_is_tensor(len_past, 1, (torch.long,)) and len_past.shape == (B,)
+                       and T == 1 and len_past.device == device)
+        if not is_len_past:
+            raise ValueError(f"len_past must be a torch.long tensor on {device} of shape (batch,) "
+                             f"= ({B},), with exactly one new token per row; got "
+                             f"{_describe(len_past)} and {T} new tokens")
+        _check_id_range(len_past, past_length, "len_past values (rows of the cache)",
+                        "pad the prompts to leave room for the tokens to generate")
+    return past_length
+
+
+def _check_generate_arguments(input_ids, max_new_tokens, temperature, top_k) -> None:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (_is_real(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if not _is_tensor(input_ids, 2):
+        raise ValueError("input_ids must be a tensor of shape (batch, time); for one prompt, "
+                         "ids[None]")
+
+
+def _check_loss_inputs(config, input_ids, lm_labels, lm_mask, label_smooth) -> None:
+    """lm_labels integer ids of input_ids' shape (negative: no target), lm_mask of that shape too,
+    label_smooth in [0, 1)."""
+    shape = tuple(input_ids.shape)
+    if not _is_tensor(lm_labels, 2, (torch.long, torch.int32)) or lm_labels.shape != shape:
+        raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
+                         f"{shape}, got {_describe(lm_labels)}")
+    if lm_mask is not None and not (_is_tensor(lm_mask, 2) and lm_mask.shape == shape):
+        raise ValueError(f"lm_mask must have input_ids' shape {shape}, got {_describe(lm_mask)}")
+    if not (_is_real(label_smooth) and 0.0 <= label_smooth < 1.0):
+        raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
+    _check_id_range(lm_labels, config.vocab_size, "lm_labels",
+                    "a negative label marks a position without target", negative_ok=True)

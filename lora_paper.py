@@ -23,8 +23,8 @@ import torch
 
 import bench_lora_gpt2 as bench
 import train_shakespeare as ts
-from lora_gpt2 import (GPT2Config, GPT2LMModel, base_fingerprint, mark_only_lora_as_trainable,
-                       merge_lora)
+from checkpoint_formats import base_fingerprint
+from lora_gpt2 import GPT2Config, GPT2LMModel, mark_only_lora_as_trainable, merge_lora
 
 # train_shakespeare.py's options as this script sets them by default; options given come after.
 DEFAULTS = ["--out-dir", "out-paper", "--block-size", "64", "--base-iters", "1000",

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora_gpt2 import (GPT2Config, GPT2LMModel, base_difference, base_fingerprint, lora_state_dict,
-                       mark_only_lora_as_trainable)
+from checkpoint_formats import base_difference, base_fingerprint
+from lora_gpt2 import GPT2Config, GPT2LMModel, lora_state_dict, mark_only_lora_as_trainable
 
 try:
     import fcntl  # locks --out-dir; Windows has none, and runs there go unlocked

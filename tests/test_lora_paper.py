@@ -1,0 +1,222 @@
+"""Tests of lora_paper.py: the laws of the subspace similarity φ and of the amplification factor,
+and the script itself at tiny sizes (tables, figures, resuming, refusals).
+"""
+
+import glob
+import os
+import re
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+import train_shakespeare as ts
+
+from helpers import (TRAIN_TINY, copy_run, seeds, without)
+
+from helpers import (_hf_folder, byte_tokens)
+
+
+import lora_paper as paper  # noqa: E402
+
+
+@st.composite
+def two_matrices(draw, max_d=12):
+    """Two Gaussian matrices (r1, d) and (r2, d) with r1, r2 <= d, float64."""
+    d = draw(st.integers(2, max_d))
+    r1, r2 = draw(st.integers(1, d)), draw(st.integers(1, d))
+    g = torch.Generator().manual_seed(draw(seeds))
+    return (torch.randn(r1, d, generator=g, dtype=torch.float64),
+            torch.randn(r2, d, generator=g, dtype=torch.float64))
+
+
+@given(pair=two_matrices())
+def test_phi_lies_in_zero_one_and_is_symmetric(pair):
+    """0 <= phi(A1, A2, i, j) <= 1 for all i <= r1, j <= r2, and phi(A2, A1, j, i) equals it."""
+    A1, A2 = pair
+    grid = paper.subspace_similarity(A1, A2)
+    assert grid.shape == (len(A1), len(A2))
+    assert grid.min() >= -1e-12 and grid.max() <= 1 + 1e-12
+    torch.testing.assert_close(paper.subspace_similarity(A2, A1), grid.T)
+
+
+@given(pair=two_matrices())
+def test_phi_is_one_for_identical_subspaces_and_zero_for_orthogonal_ones(pair):
+    """phi(A, A, i, j) = 1 for all i, j (the top-min(i, j) directions are shared); phi = 1 at
+    i = j = r for another basis M A of the same row space; 0 for rows spanning orthogonal spaces."""
+    A, other = pair
+    ones = torch.ones(len(A), len(A), dtype=A.dtype)
+    torch.testing.assert_close(paper.subspace_similarity(A, A), ones)
+    mix = torch.randn(len(A), len(A), generator=torch.Generator().manual_seed(0), dtype=A.dtype)
+    M = torch.linalg.qr(mix)[0] * torch.arange(1.0, len(A) + 1, dtype=A.dtype)  # invertible
+    assert abs(paper.subspace_similarity(M @ A, A)[-1, -1].item() - 1) < 1e-9
+    Q = torch.linalg.qr(torch.cat([A.T, other.T], 1))[0].T  # orthonormal rows
+    k = min(len(A), len(Q) - 1)
+    assert paper.subspace_similarity(Q[:k], Q[k:]).abs().max() < 1e-9
+
+
+@given(pair=two_matrices())
+def test_phi_takes_the_top_singular_directions_first(pair):
+    """A = diag(s) Q, Q with orthonormal rows and s decreasing: the top-i right-singular subspace
+    of A is the span of Q's first i rows, so phi(A, Q_1, i, 1) = 1 for every i, and
+    phi(A, Q_r, 1, 1) = 0 for the last row Q_r."""
+    A, _ = pair
+    Q = torch.linalg.qr(A.T)[0].T  # (r, d), orthonormal rows
+    scaled = torch.arange(len(Q), 0, -1, dtype=Q.dtype)[:, None] * Q
+    ones = torch.ones(len(Q), 1, dtype=Q.dtype)
+    torch.testing.assert_close(paper.subspace_similarity(scaled, Q[:1]), ones)
+    if len(Q) > 1:
+        assert paper.subspace_similarity(scaled, Q[-1:])[0, 0] < 1e-9
+
+
+@given(pair=two_matrices(), data=st.data())
+def test_phi_is_invariant_to_the_sign_and_order_of_the_basis_vectors(pair, data):
+    """Permuting the rows of A1 and flipping their signs keeps its row space, so the grid of phi."""
+    A1, A2 = pair
+    order = data.draw(st.permutations(range(len(A1))))
+    signs = data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=len(A1), max_size=len(A1)))
+    moved = (A1 * torch.tensor(signs, dtype=A1.dtype)[:, None])[list(order)]
+    expected = paper.subspace_similarity(A1, A2)
+    torch.testing.assert_close(paper.subspace_similarity(moved, A2), expected)
+
+
+@given(pair=two_matrices(), c=st.floats(0.01, 100) | st.floats(-100, -0.01), r=st.integers(1, 12))
+def test_amplification_of_a_multiple_of_W(pair, c, r):
+    """dW = c W: ||dW||_F / ||U^T W V^T||_F = |c| ||W||_F / ||W_r||_F, with W_r the best rank-r part
+    of W (its norm: that of the top r singular values); exactly |c| when W has rank <= r."""
+    W, B = pair
+    r = min(r, min(W.shape))
+    top = torch.linalg.svdvals(W)[:r].square().sum().sqrt().item()
+    expected = abs(c) * W.norm().item() / top
+    assert paper.amplification(c * W, W, r) == pytest.approx(expected, rel=1e-9)
+    assert paper.projected_norm(W, *paper.top_singular(W, r)) == pytest.approx(top, rel=1e-9)
+    low = B[:r].T @ B[:r]  # (d, d) of rank <= r
+    assert paper.amplification(c * low, low, r) == pytest.approx(abs(c), rel=1e-6)
+
+
+PAPER_SETTINGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                  "--batch-size", "4", "--base-iters", "6", "--max-iters", "4", "--warmup", "1",
+                  "--eval-interval", "2", "--eval-iters", "2", "--device", "cpu",
+                  "--latency-repeats", "1"]
+PAPER_TINY = PAPER_SETTINGS + ["--ranks", "1,2,4", "--phi-ranks", "2,4", "--amp-ranks", "1,4"]
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("paper")
+    return paper.main(PAPER_TINY + ["--data", text_file, "--out-dir", str(out)]), out
+
+
+def test_paper_script_writes_every_table(paper_run):
+    result, out = paper_run
+    text = (out / "report.md").read_text(encoding="utf-8")
+    for heading in ("Rank sweep", "Subspace similarity", "Amplification", "Inference latency"):
+        assert f"## {heading}" in text
+    assert set(result["runs"]) == {(1, 0), (2, 0), (4, 0), (0, 0), (4, 1)}  # (rank, seed - --seed)
+    # rank 2 on Q and V of 2 layers of width 16
+    assert result["runs"][(2, 0)]["trainable"] == 2 * 2 * (16 + 16) * 2
+    assert result["phi"]["ranks"][0]["q"]["mean"].shape == (2, 4)
+    assert [row[:2] for row in result["amplification"][4]] == [[4, 0], [4, 1]]
+
+
+def test_paper_script_draws_every_figure_with_matplotlib(paper_run):
+    pytest.importorskip("matplotlib")
+    result, out = paper_run
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert result["files"] == ["rank_sweep.png", "subspace_ranks.png", "subspace_seeds.png"]
+    for name in result["files"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in text
+
+
+def test_paper_script_again_trains_nothing_and_keeps_its_tables_without_matplotlib(
+        paper_run, text_file, monkeypatch, capsys):
+    result, out = paper_run
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    again = paper.main(PAPER_TINY + ["--data", text_file, "--out-dir", str(out)])
+    assert again["files"] == [] and "pip install matplotlib" in capsys.readouterr().out
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "| LoRA r = 4 |" in text and "| full fine-tuning |" in text and "![" not in text
+    losses = {k: r["loss"] for k, r in result["runs"].items()}
+    assert {k: r["loss"] for k, r in again["runs"].items()} == losses
+
+
+def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_path, monkeypatch,
+                                                      capsys):
+    """Stopped at the first checkpoint of its first adaptation (r = 1), then run again: the same
+    figures as a run never stopped. Runs are keyed by their settings, not by --ranks."""
+    result, out = paper_run
+    copy_run(str(out), tmp_path)  # the cached base
+    argv = PAPER_SETTINGS + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
+                             "--data", text_file, "--out-dir", str(tmp_path)]
+    save = ts.save_atomic
+
+    def stop(obj, path):
+        save(obj, path)
+        if path.endswith(".part"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ts, "save_atomic", stop)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the figures are tested above
+    assert paper.cli(argv) == 130
+    assert "interrupted: run the same command again" in capsys.readouterr().err
+    [part] = os.listdir(tmp_path / "runs")
+    assert part.startswith("r1-") and part.endswith(".part")
+    monkeypatch.setattr(ts, "save_atomic", save)
+    again = paper.main(argv)
+    for key in ("loss", "accuracy", "history"):
+        assert again["runs"][(1, 0)][key] == result["runs"][(1, 0)][key]
+
+
+def test_paper_script_adapts_the_base_given_by_init_from(text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(ts, "gpt2_bpe", byte_tokens)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    _hf_folder(tmp_path / "hf", seed=0)  # 2 layers of width 32
+    out = tmp_path / "out"
+    result = paper.main(PAPER_SETTINGS + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "2",
+                                          "--data", text_file, "--init-from", str(tmp_path / "hf"),
+                                          "--out-dir", str(out)])
+    assert not glob.glob(str(out / "base-*.pt"))  # nothing pretrained
+    assert result["runs"][(1, 0)]["trainable"] == 1 * 2 * (32 + 32) * 2
+    assert (f"Base: {tmp_path / 'hf'}, 2 layers of width 32"
+            in (out / "report.md").read_text("utf-8"))
+
+
+@pytest.mark.parametrize("option, message", [(["--rank", "4"], "use --ranks"),
+                                             (["--phi-ranks", "4"], "two different"),
+                                             (["--ranks", "1,x"], "ranks and commas")])
+def test_paper_script_bad_options_are_one_line(option, message, capsys):
+    assert paper.cli(PAPER_TINY + option) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_paper_script_reuses_the_base_train_shakespeare_cached_for_the_same_settings(
+        finished_run, text_file, tmp_path, monkeypatch, capsys):
+    """Both scripts name a scratch base with ts.base_file: given train_shakespeare.py's settings,
+    lora_paper.py loads the base that run cached instead of pretraining its own."""
+    class Loaded(Exception):
+        pass
+
+    def stop(*args):
+        raise Loaded
+    copy_run(finished_run[1], tmp_path)
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("pretrained a base again"))
+    monkeypatch.setattr(ts, "evaluate", stop)  # the base's first evaluation: far enough
+    with pytest.raises(Loaded):
+        paper.main(without(TRAIN_TINY, "--rank") + ["--data", text_file, "--out-dir",
+                                                    str(tmp_path)])
+    assert "using the cached base" in capsys.readouterr().out
+
+
+def test_paper_script_names_a_damaged_run_file_and_the_fix(tmp_path):
+    """A run file cut short or foreign is a ValueError naming it (cli makes it one line), never a
+    traceback of whichever unpickling error it raises."""
+    for i, data in enumerate((b"not a checkpoint", b"PK\x03\x04cut")):
+        path = tmp_path / f"run{i}.pt"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"cannot read {re.escape(str(path))} .*delete it"):
+            paper.load(str(path))
+    assert paper.load(str(tmp_path / "absent.pt")) is None
