@@ -32,16 +32,24 @@ import torch
 import lora_gpt2 as L
 import train_shakespeare
 
+# The project's folder: every command runs there.
 HERE = os.path.dirname(os.path.abspath(__file__))
 # bf16 keeps 8 bits of mantissa: over these short runs its held-out loss drifts from fp32's by a
 # few hundredths of a nat at most; a broken path (no scaler, wrong casts) is off by tenths or more.
 LOSS_TOLERANCE = 0.05
+# train_shakespeare.py's settings for the four ways: short, but long enough for the losses to
+# part if a precision path is broken.
 TRAIN = ["--base-iters", "400", "--max-iters", "200", "--eval-interval", "100", "--sample", "100"]
+# The dry run's: a model of one layer of width 16, seconds on a CPU. float16 is slow there, so
+# every setting is as small as it can be.
 TRAIN_DRY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
              "--batch-size", "4", "--base-iters", "30", "--max-iters", "10",
              "--eval-interval", "10", "--eval-iters", "2", "--sample", "8", "--device", "cpu"]
+# The bench on the GPU: GPT-2 small at 1024 tokens, bf16 and compiled, as a user would train it.
 BENCH = ["--device", "cuda", "--preset", "gpt2.sm", "--block-size", "1024", "--batch-size", "8",
          "--dtype", "bfloat16", "--compile", "--repeats", "5"]
+# The dry run's bench: tiny sizes, one repeat; bfloat16 and a peak so that the MFU rows run too.
+# hf and nanogpt are left out: their references take seconds to import.
 BENCH_DRY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size",
              "64", "--block-size", "16", "--batch-size", "2", "--repeats", "1", "--threads", "1",
              "--gen-tokens", "8", "--gen-model", "bench",
@@ -51,94 +59,127 @@ BENCH_DRY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", 
 
 def command(argv, log):
     """Run a command, its output streamed into the log; (exit status, its last line)."""
-    proc = subprocess.Popen(argv, cwd=HERE, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    process = subprocess.Popen(argv, cwd=HERE, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     last = "no output"
-    for line in proc.stdout:
+    for line in process.stdout:
         log(line)
-        last = line.strip() or last
-    return proc.wait(), last
+        last = line.strip() or last  # the summary names the last line that says something
+    return process.wait(), last
 
 
-def suite(a, log):
+def suite(args, log):
     """The test suite (on the CPU, only its CUDA tests, which skip there)."""
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    status, last = command(argv + (["-k", "cuda"] if a.dry_run else []), log)
+    if args.dry_run:
+        argv += ["-k", "cuda"]
+    status, last = command(argv, log)
     return status == 0, last
 
 
-def train_runs(a, log):
-    """float32, bfloat16, float16 and compiled bfloat16 runs of the script, each in a new folder."""
-    data = a.data or (os.path.abspath(__file__) if a.dry_run else None)
-    common = (TRAIN_DRY if a.dry_run else TRAIN) + (["--data", data] if data else [])
+def train_runs(args, log):
+    """float32, bfloat16, float16 and compiled bfloat16 runs of the script, each in a new folder.
+
+    Each way must reach its report; every way but float32 must end within LOSS_TOLERANCE of the
+    float32 run's held-out loss."""
+    data = args.data
+    if not data and args.dry_run:
+        data = os.path.abspath(__file__)  # the dry run's corpus: this file
+    common = TRAIN_DRY if args.dry_run else TRAIN
+    if data:
+        common = common + ["--data", data]
     ways = {"float32": ["--dtype", "float32"], "bfloat16": ["--dtype", "bfloat16"],
             "float16": ["--dtype", "float16"]}
-    if not a.dry_run:
+    if not args.dry_run:  # compiling takes a minute on a CPU
         ways["bfloat16 compiled"] = ["--dtype", "bfloat16", "--compile"]
-    results, checks, scratch = {}, [], tempfile.mkdtemp(prefix="gpu-check-")
+    losses = {}
+    checks = []
+    scratch = tempfile.mkdtemp(prefix="gpu-check-")
     for way, extra in ways.items():
         argv = common + extra + ["--out-dir", os.path.join(scratch, way.replace(" ", "-"))]
-        t0, buffer = time.perf_counter(), _Tee(log)
+        start = time.perf_counter()
+        buffer = _Tee(log)
         try:
+            # In this process, its printed lines into the log as they come.
             with contextlib.redirect_stdout(buffer):
                 figures = train_shakespeare.main(argv)
-            results[way] = figures["adapted_loss"]
-            seconds = time.perf_counter() - t0
-            log(f"{way}: held-out loss {figures['base_loss']:.4f} -> {results[way]:.4f}, "
+            losses[way] = figures["adapted_loss"]
+            seconds = time.perf_counter() - start
+            log(f"{way}: held-out loss {figures['base_loss']:.4f} -> {losses[way]:.4f}, "
                 f"{seconds:.0f} s")
         except Exception as e:  # every way is tried, and each failure reported
             log(f"{way}: {type(e).__name__}: {e}")
             reason = f"{type(e).__name__}: {train_shakespeare.one_line(e)}"
             checks.append((f"train {way}", False, reason))
     shutil.rmtree(scratch)
-    reference = results.get("float32")
-    for way, loss in results.items():
-        if way != "float32":
-            ok = reference is not None and abs(loss - reference) <= LOSS_TOLERANCE
-            gap = "no float32 run" if reference is None else \
-                f"{loss - reference:+.4f} vs float32 {reference:.4f}"
-            checks.append((f"train {way}", ok, f"held-out loss {loss:.4f} ({gap})"))
+    # Each other way against float32's loss.
+    reference = losses.get("float32")
+    for way, loss in losses.items():
+        if way == "float32":
+            continue
+        passed = reference is not None and abs(loss - reference) <= LOSS_TOLERANCE
+        if reference is None:
+            gap = "no float32 run"
+        else:
+            gap = f"{loss - reference:+.4f} vs float32 {reference:.4f}"
+        checks.append((f"train {way}", passed, f"held-out loss {loss:.4f} ({gap})"))
     return checks
 
 
-def graph_breaks(a, log):
-    """torch._dynamo.explain of the training forward and loss, full and LoRA, under autocast."""
-    device = torch.device("cpu" if a.dry_run else "cuda")
-    sizes = dict(n_layer=1, n_embd=32, n_head=2) if a.dry_run else L.PRESETS["gpt2.sm"]
+def graph_breaks(args, log):
+    """torch._dynamo.explain of the training forward and loss, full and LoRA, under autocast:
+    a graph break would cost the compiled step its speed."""
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.dry_run:
+        sizes = dict(n_layer=1, n_embd=32, n_head=2)
+    else:
+        sizes = L.PRESETS["gpt2.sm"]
     checks = []
-    for r in (0, 4):
-        model = L.GPT2LMModel(L.GPT2Config(**sizes, lora_attn_dim=r, lora_attn_alpha=16)).to(device)
-        if r:
+    for rank in (0, 4):
+        config = L.GPT2Config(**sizes, lora_attn_dim=rank, lora_attn_alpha=16)
+        model = L.GPT2LMModel(config).to(device)
+        if rank:
             L.mark_only_lora_as_trainable(model)
-        x = torch.randint(0, 64, (2, 64), device=device)
+        tokens = torch.randint(0, 64, (2, 64), device=device)  # (B, T): inputs and labels
         with torch.autocast(device.type, torch.bfloat16):
-            ex = torch._dynamo.explain(model)(x, x)
+            explained = torch._dynamo.explain(model)(tokens, tokens)
         torch._dynamo.reset()
-        reasons = "; ".join(str(b.reason).splitlines()[0] for b in ex.break_reasons)
-        log(f"explain r={r}: {ex.graph_count} graph(s), {ex.graph_break_count} break(s) {reasons}")
-        checks.append((f"graph breaks, {'LoRA' if r else 'full'}", ex.graph_break_count == 0,
-                       f"{ex.graph_break_count} break(s), {ex.graph_count} graph(s) {reasons}"))
+        reasons = "; ".join(str(b.reason).splitlines()[0] for b in explained.break_reasons)
+        graphs = explained.graph_count
+        breaks = explained.graph_break_count
+        log(f"explain r={rank}: {graphs} graph(s), {breaks} break(s) {reasons}")
+        checks.append((f"graph breaks, {'LoRA' if rank else 'full'}", breaks == 0,
+                       f"{breaks} break(s), {graphs} graph(s) {reasons}"))
     return checks
 
 
-def bench(a, log):
-    """The bench; its table and notes go to the log, its figures to bench.json."""
-    path = os.path.abspath(os.path.join(a.out, "bench.json"))
-    argv = (BENCH_DRY if a.dry_run else BENCH) + ["--json", path]
-    argv += ["--nanogpt", a.nanogpt] if a.nanogpt else []
+def bench(args, log):
+    """The bench; its table and notes go to the log, its figures to bench.json.
+
+    A missed speed target is a figure to report, not a broken path: those rows are listed with
+    MISSED but do not fail the check."""
+    path = os.path.abspath(os.path.join(args.out, "bench.json"))
+    argv = (BENCH_DRY if args.dry_run else BENCH) + ["--json", path]
+    if args.nanogpt:
+        argv += ["--nanogpt", args.nanogpt]
     status, last = command([sys.executable, "bench_lora_gpt2.py", *argv], log)
     if status:
         return [("bench", False, last)]
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)["rows"]
-    missed = sum(r["met"] is False for r in rows)
+    missed = sum(row["met"] is False for row in rows)
     checks = [("bench", True, f"{len(rows)} rows, {missed} target(s) missed")]
-    for r in rows:  # a missed speed target is a figure to report, not a broken path
-        if r["median"] is not None and (r["unit"] in ("%", "MiB") or r["met"] is not None):
-            ratio = f", {r['ratio']:.3g}× {r['target'] or 'baseline'}" if r["ratio"] != 1 else ""
-            status = {True: "met", False: "MISSED"}.get(r["met"], "")
-            checks.append((f"  {r['comparison']}: {r['candidate']}", status,
-                           f"{r['median']:.4g} {r['unit']}{ratio}"))
+    # The summary lists the measured rows with a target, and every memory and MFU row.
+    for row in rows:
+        listed = row["unit"] in ("%", "MiB") or row["met"] is not None
+        if row["median"] is None or not listed:
+            continue
+        ratio = ""
+        if row["ratio"] != 1:
+            ratio = f", {row['ratio']:.3g}× {row['target'] or 'baseline'}"
+        status = {True: "met", False: "MISSED"}.get(row["met"], "")
+        checks.append((f"  {row['comparison']}: {row['candidate']}", status,
+                       f"{row['median']:.4g} {row['unit']}{ratio}"))
     return checks
 
 
@@ -150,6 +191,7 @@ class _Tee(list):
         self.log = log
 
     def write(self, text):
+        # Pieces of a line gather until its newline.
         self.append(text)
         if text.endswith("\n"):
             self.log("".join(self).rstrip("\n"))
@@ -160,35 +202,49 @@ class _Tee(list):
 
 
 def main(argv=None) -> bool:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="on the CPU at tiny sizes, in seconds")
-    p.add_argument("--nanogpt", help="a clone of karpathy/nanoGPT, for the bench's nanogpt rows")
-    p.add_argument("--data", help="the corpus of the training runs (default: the script's)")
-    p.add_argument("--out", default="gpu-check", help="the folder of the logs and bench.json")
-    p.add_argument("--only", default="suite,train_runs,graph_breaks,bench", help="the steps to run")
-    a = p.parse_args(argv)
-    if not a.dry_run and not torch.cuda.is_available():
-        p.exit(1, "error: no CUDA GPU here; run with --dry-run to check the script on the CPU\n")
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "log.txt"), "w", encoding="utf-8") as f:
+    """Every step of --only, each check a line of the summary; True when none failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="on the CPU at tiny sizes, in seconds")
+    parser.add_argument("--nanogpt",
+                        help="a clone of karpathy/nanoGPT, for the bench's nanogpt rows")
+    parser.add_argument("--data", help="the corpus of the training runs (default: the script's)")
+    parser.add_argument("--out", default="gpu-check",
+                        help="the folder of the logs and bench.json")
+    parser.add_argument("--only", default="suite,train_runs,graph_breaks,bench",
+                        help="the steps to run")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.exit(1, "error: no CUDA GPU here; run with --dry-run to check the script on the "
+                    "CPU\n")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "log.txt"), "w", encoding="utf-8") as log_file:
         def log(text):
-            f.write(text.rstrip("\n") + "\n")
-            f.flush()
-        where = "CPU (dry run)" if a.dry_run else torch.cuda.get_device_name()
+            log_file.write(text.rstrip("\n") + "\n")
+            log_file.flush()  # a long step's progress can be followed with tail -f
+        where = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
         log(f"gpu_check: {where}, torch {torch.__version__}")
         checks = []
-        for step in (s for s in (suite, train_runs, graph_breaks, bench) if s.__name__ in a.only):
-            t0 = time.perf_counter()
-            result = step(a, log)
-            checks += [("test suite", *result)] if step is suite else result
-            seconds = time.perf_counter() - t0
+        for step in (suite, train_runs, graph_breaks, bench):
+            if step.__name__ not in args.only:
+                continue
+            start = time.perf_counter()
+            result = step(args, log)
+            # The suite is one check; the other steps return a list of them.
+            if step is suite:
+                checks.append(("test suite", *result))
+            else:
+                checks += result
+            seconds = time.perf_counter() - start
             print(f"  ({step.__name__}: {seconds:.0f} s)", file=sys.stderr, flush=True)
-        status = {True: "PASS", False: "FAIL"}
-        summary = [f"{status.get(ok, ok):6} {name}: {what}" for name, ok, what in checks]
+        # A check passes (True), fails (False), or is a figure listed with its status text.
+        labels = {True: "PASS", False: "FAIL"}
+        summary = [f"{labels.get(passed, passed):6} {name}: {what}"
+                   for name, passed, what in checks]
         log("\n".join(["", "summary:"] + summary))
     print("\n".join([f"gpu_check on {where}, torch {torch.__version__}"] + summary))
-    return all(ok is not False for _, ok, _ in checks)
+    return all(passed is not False for _, passed, _ in checks)
 
 
 if __name__ == "__main__":
