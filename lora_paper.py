@@ -46,6 +46,16 @@ DEFAULTS = ["--out-dir", "out-paper", "--block-size", "64", "--base-iters", "100
 # A run's key is made of its other settings, the text and the base; these do not change what a
 # run computes.
 UNKEYED = ("out_dir", "data", "sample", "prompt")
+# The version of the files this script writes into --out-dir/runs: in every run file and in its
+# name's key, so that a file of another version is never read as a run of this one.
+RUN_FORMAT = "lora-paper-run/2"
+# A finished run's fields and their types; LoRA runs also hold their adapters' "weights".
+RUN_FIELDS = dict(rank=int, seed=int, loss=float, accuracy=float, history=list,
+                  ms_per_step=float, trainable=int, bytes=int)
+# What ts.train needs to go on from an interrupted run's .part file.
+PART_FIELDS = dict(step=int, history=list, optimizer=dict, scaler=dict, weights=dict)
+# The figures this script draws; a run without matplotlib removes those an earlier run drew.
+FIGURE_NAMES = ("rank_sweep.png", "subspace_ranks.png", "subspace_seeds.png")
 # The paper's figures: Table 18 (GPT-2 M, E2E, loss by rank) and Table 7 (GPT-3; see report()).
 PAPER_LOSS = {1: 1.23, 4: 1.18, 16: 1.16, 64: 1.16}
 PAPER_AMP = {4: [0.32, 21.67, 0.02, 61.95, 6.91], 64: [1.90, 37.71, 0.33, 61.95, 3.57]}
@@ -117,6 +127,8 @@ def parse_options(argv) -> tuple:
     parser.add_argument("--amp-ranks", default="4,64", help="ranks of the amplification table")
     parser.add_argument("--latency-repeats", type=_at_least(1), default=5,
                         help="timed samples each")
+    # Known here only to be refused: runs go on or start anew by themselves.
+    parser.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)
     # The options this script does not know are train_shakespeare.py's.
     options, rest = parser.parse_known_args(argv)
     try:
@@ -128,15 +140,36 @@ def parse_options(argv) -> tuple:
     every_rank = options.ranks + options.phi_ranks + options.amp_ranks
     if min(every_rank) < 1 or len(options.phi_ranks) != 2:
         raise ValueError("ranks must be integers >= 1, and --phi-ranks two different ones")
+    if options.overwrite:
+        raise ValueError("--overwrite: lora_paper.py redoes only the runs whose settings changed; "
+                         "to redo every run, remove the folder runs in its --out-dir")
     # --rank -1 marks a --rank given by the user: this script sets the rank of each run itself.
-    settings = ts.parse_settings(DEFAULTS + ["--rank", "-1"] + rest)[0]
+    # --overwrite: a train_shakespeare.py run (ckpt.pt) in --out-dir is no concern of this
+    # script, which neither reads nor writes ckpt.pt; it may share that run's cached base.
+    own = ["--overwrite"]
+    settings = ts.parse_settings(DEFAULTS + ["--rank", "-1"] + rest + own)[0]
+    settings.overwrite = False
     given = settings.rank != -1 or settings.resume
     if given or settings.save_pretrained or settings.save_adapter:
         raise ValueError("use --ranks, not --rank, --resume or exports (runs resume by themselves)")
     # The learning rates of LoRA (rank 1 stands for any) and of full fine-tuning (rank 0).
-    options.lr = [ts.parse_settings(DEFAULTS + rest + ["--rank", str(rank)])[0].lr
+    options.lr = [ts.parse_settings(DEFAULTS + rest + own + ["--rank", str(rank)])[0].lr
                   for rank in (1, 0)]
+    # A scratch base's width is known now: ranks beyond it are refused before anything runs.
+    if settings.init_from == "scratch":
+        check_ranks(options, settings.n_embd)
     return options, settings
+
+
+def check_ranks(options, width: int) -> None:
+    """Refuse ranks above the base's width: A (r, width) of rank r > width adds nothing, its
+    singular vectors stop at width, and a huge r would fail to allocate after the other runs."""
+    every_rank = options.ranks + options.phi_ranks + options.amp_ranks
+    too_large = sorted({rank for rank in every_rank if rank > width})
+    if too_large:
+        listed = ", ".join(map(str, too_large))
+        raise ValueError(f"--ranks, --phi-ranks, --amp-ranks: {listed} exceed the base's width "
+                         f"n_embd {width}; choose ranks <= {width}")
 
 
 # ---- The runs
@@ -150,15 +183,66 @@ def load(path: str):
         raise ValueError(f"cannot read {path} ({ts.one_line(e)}); delete it to redo it") from None
 
 
+def wrong_fields(record: dict, fields: dict) -> list:
+    """The names of `fields` that `record` lacks or holds with another type (a bool is not an
+    int, an int is a float)."""
+    wrong = []
+    for name, kind in fields.items():
+        value = record.get(name)
+        kinds = (int, float) if kind is float else kind
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            wrong.append(name)
+    return wrong
+
+
+def wrong_weights(weights, model) -> str:
+    """Why `weights` are not the trainable weights of `model` (names and shapes), or ""."""
+    expected = {name: tuple(w.shape) for name, w in ts.trainable_weights(model).items()}
+    if not isinstance(weights, dict):
+        return "its weights are not a dict"
+    found = {name: tuple(getattr(w, "shape", ())) for name, w in weights.items()}
+    if found != expected:
+        differing = sorted(set(found.items()) ^ set(expected.items()))
+        return f"its weights are not this run's (first difference: {differing[0][0]})"
+    return ""
+
+
+def check_part(state, part: str, model, iters: int) -> None:
+    """Refuse a .part file this run cannot go on from, naming it and the fix, before ts.train
+    reads it."""
+    why = ""
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        why = f"it is not a {RUN_FORMAT} checkpoint of lora_paper.py"
+    elif wrong_fields(state, PART_FIELDS):
+        why = f"it lacks or mistypes {', '.join(wrong_fields(state, PART_FIELDS))}"
+    elif not 0 <= state["step"] <= iters:
+        why = f"its step {state['step']} is outside 0 to {iters}"
+    else:
+        why = wrong_weights(state["weights"], model)
+    if not why:
+        # AdamW's state holds one entry per trainable parameter, in two groups.
+        trainable = sum(1 for p in model.parameters() if p.requires_grad)
+        groups = state["optimizer"].get("param_groups", [])
+        saved = sum(len(group.get("params", [])) for group in groups)
+        if saved != trainable:
+            why = f"its optimizer holds {saved} parameters, this run trains {trainable}"
+    if why:
+        raise ValueError(f"{part} does not fit this run ({why}): remove it, and the same command "
+                         f"starts this run anew")
+
+
 def train(model, ids, data, settings, runtime, path: str, **keywords) -> tuple:
     """ts.train, going on from path.part if there; (history, (loss, accuracy), ms per step)."""
     part = path + ".part"
     start = time.perf_counter()
     resume = load(part)
+    if resume is not None:
+        check_part(resume, part, model, keywords["iters"])
 
     def save(phase, model, state):
         # Each checkpoint of the run replaces path.part: an interrupted run goes on from it.
-        ts.save_atomic({**state, "weights": ts.trainable_weights(model)}, part)
+        record = {**state, "weights": ts.trainable_weights(model), "format": RUN_FORMAT}
+        ts.save_atomic(record, part)
     history, evaluation = ts.train(model, ids, *data, settings, runtime, save=save, resume=resume,
                                    **keywords)
     # The time per step counts the steps this process ran.
@@ -217,18 +301,19 @@ def adapt(base, rank: int, seed: int, adapt_ids, data, settings, runtime, lr,
     # One seed at two ranks would make r = 4's A the first rows of r = 16's: the init differs.
     init = 1000 * seed + rank
     # The run's file is named by a digest of all that makes it: a changed setting is a new run.
-    key = repr((recipe, data_sha, base_fingerprint(base), init))
+    key = repr((RUN_FORMAT, recipe, data_sha, base_fingerprint(base), init))
     run_key = hashlib.sha1(key.encode()).hexdigest()
     path = os.path.join(settings.out_dir, "runs", f"{name}-seed{seed}-{run_key[:12]}.pt")
-    done = load(path)
-    if done is not None:
-        runtime.log(f"done before: {path}")
-        return done
     torch.manual_seed(init)  # the adapters' init
     model = GPT2LMModel(with_lora(base.config, rank, settings)).to(runtime.device)
     model.load_weight(base.state_dict())
     if rank:
         mark_only_lora_as_trainable(model)
+    done = load(path)
+    if done is not None:
+        check_run(done, path, rank, seed, model)
+        runtime.log(f"done before: {path}")
+        return done
     runtime.log(f"adapting: {name}, seed {seed}, lr {settings.lr:g}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     history, (loss, accuracy), ms_per_step = train(model, adapt_ids, data, settings, runtime, path,
@@ -241,12 +326,29 @@ def adapt(base, rank: int, seed: int, adapt_ids, data, settings, runtime, lr,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # LoRA runs keep their adapters for the analyses; full fine-tuning's weights are not needed.
     adapters_kept = {"weights": weights} if rank else {}
-    result = dict(rank=rank, seed=seed, loss=loss, accuracy=accuracy, history=history,
-                  ms_per_step=ms_per_step, trainable=trainable, bytes=buffer.tell(),
-                  **adapters_kept)
+    result = dict(format=RUN_FORMAT, rank=rank, seed=seed, loss=loss, accuracy=accuracy,
+                  history=history, ms_per_step=ms_per_step, trainable=trainable,
+                  bytes=buffer.tell(), **adapters_kept)
     ts.save_atomic(result, path)
     os.remove(path + ".part")
     return result
+
+
+def check_run(run, path: str, rank: int, seed: int, model) -> None:
+    """Refuse a finished-run file of another version or layout, naming it and the fix, before
+    the report would trip over it; `model` is the run's, whose adapters the file must hold."""
+    why = ""
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        why = f"it is not a {RUN_FORMAT} run of lora_paper.py"
+    elif wrong_fields(run, RUN_FIELDS):
+        why = f"it lacks or mistypes {', '.join(wrong_fields(run, RUN_FIELDS))}"
+    elif (run["rank"], run["seed"]) != (rank, seed):
+        why = f"it holds the run of rank {run['rank']}, seed {run['seed']}"
+    elif rank:
+        why = wrong_weights(run.get("weights"), model)
+    if why:
+        raise ValueError(f"{path} is not this run's file ({why}): remove it, and the same "
+                         f"command redoes the run")
 
 
 # ---- The analyses
@@ -316,7 +418,13 @@ def plots(options, runs, phis, base_loss: float, out_dir: str, log) -> list:
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
-        log("no figures without matplotlib (pip install matplotlib); the report has tables")
+        # An earlier run's figures show other ranks and seeds: none stays beside this report.
+        stale = [name for name in FIGURE_NAMES if os.path.isfile(os.path.join(out_dir, name))]
+        for name in stale:
+            os.remove(os.path.join(out_dir, name))
+        removed = f"; removed the earlier figures {', '.join(stale)}" if stale else ""
+        log(f"no figures without matplotlib (pip install matplotlib); the report has "
+            f"tables{removed}")
         return []
     # The rank sweep: held-out loss by rank, beside full fine-tuning and the base.
     figure, axes = plt.subplots(figsize=(5.5, 3.6), layout="tight")
@@ -452,6 +560,7 @@ def run(options, settings, runtime) -> dict:
     base_ids, adapt_ids, *data = ts.split(ids, settings, scratch)
     base = base_model(settings, runtime, tokenizer, base_ids, data, data_sha)
     base.requires_grad_(False)
+    check_ranks(options, base.config.n_embd)  # for --init-from, whose width is known only now
     base_figures = ts.evaluate(base, *data, settings, runtime)
     options.middle = base.config.n_layer // 2
     options.where = dict(layer=f"layer {options.middle}", mean="mean of layers",

@@ -5,6 +5,7 @@ and the script itself at tiny sizes (tables, figures, resuming, refusals).
 import glob
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -220,3 +221,119 @@ def test_paper_script_names_a_damaged_run_file_and_the_fix(tmp_path):
         with pytest.raises(ValueError, match=f"cannot read {re.escape(str(path))} .*delete it"):
             paper.load(str(path))
     assert paper.load(str(tmp_path / "absent.pt")) is None
+
+
+def _copy_paper_run(out, dest):
+    """The paper run's folder, its runs included, in another folder."""
+    shutil.copytree(out, dest)
+    return dest
+
+
+def _run_file(out, prefix):
+    [path] = glob.glob(str(out / "runs" / f"{prefix}-seed*.pt"))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["other layout", "older version", "other rank's adapters"])
+def test_paper_script_refuses_a_run_file_it_did_not_write_naming_it_and_the_fix(
+        paper_run, text_file, tmp_path, monkeypatch, damage):
+    """A run file of another layout or version, or holding another run's adapters, is refused in
+    one line naming it, before the report (it used to end in a KeyError or TypeError traceback
+    after every run, or to be read as a run of this version)."""
+    out = _copy_paper_run(paper_run[1], tmp_path / "out")
+    path = _run_file(out, "r1")
+    run = torch.load(path, weights_only=True)
+    if damage == "other layout":
+        run = {"rank": 1, "loss": "low"}
+    elif damage == "older version":
+        run.pop("format", None)
+    else:
+        run["weights"] = torch.load(_run_file(out, "r2"), weights_only=True)["weights"]
+    torch.save(run, path)
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ValueError, match=f"{re.escape(path)} is not this run's file .*remove it"):
+        paper.main(PAPER_TINY + ["--data", text_file, "--out-dir", str(out)])
+
+
+def test_paper_script_without_matplotlib_removes_the_figures_of_an_earlier_run(
+        paper_run, text_file, tmp_path, monkeypatch, capsys):
+    """The figures of an earlier run show other ranks and seeds: a run that cannot draw its own
+    removes them rather than leave them beside its report."""
+    out = _copy_paper_run(paper_run[1], tmp_path / "out")
+    for name in ("rank_sweep.png", "subspace_ranks.png", "subspace_seeds.png"):
+        (out / name).write_bytes(b"\x89PNG\r\n\x1a\n an earlier run's")
+    (out / "mine.png").write_bytes(b"the user's")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    paper.main(PAPER_TINY + ["--data", text_file, "--out-dir", str(out)])
+    assert sorted(p.name for p in out.glob("*.png")) == ["mine.png"]
+    assert "removed the earlier figures rank_sweep.png" in capsys.readouterr().out
+
+
+def test_paper_script_shares_an_out_dir_with_a_train_shakespeare_run(
+        finished_run, text_file, tmp_path, monkeypatch, capsys):
+    """A train_shakespeare.py run (ckpt.pt) in --out-dir is left alone, and its cached base used;
+    the advice to --resume it, an option this script refuses, is gone. --overwrite is refused
+    with advice this script follows."""
+    class Loaded(Exception):
+        pass
+
+    def stop(*args):
+        raise Loaded
+    copy_run(finished_run[1], tmp_path, everything=True)
+    checkpoint = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("pretrained a base again"))
+    monkeypatch.setattr(ts, "evaluate", stop)
+    argv = without(TRAIN_TINY, "--rank") + ["--data", text_file, "--out-dir", str(tmp_path)]
+    with pytest.raises(Loaded):
+        paper.main(argv)
+    assert (tmp_path / "ckpt.pt").read_bytes() == checkpoint
+    assert paper.cli(argv + ["--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --overwrite") and "remove the folder runs" in err
+    assert "--resume" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["no optimizer", "older version", "other weights"])
+def test_paper_script_names_a_part_file_that_does_not_fit_and_the_fix(
+        paper_run, text_file, tmp_path, monkeypatch, damage):
+    """An interrupted run's .part file that this run cannot go on from is named, with the fix;
+    it used to be reported as OUT/ckpt.pt, a file that does not exist."""
+    copy_run(str(paper_run[1]), tmp_path)  # the cached base
+    argv = PAPER_SETTINGS + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
+                             "--data", text_file, "--out-dir", str(tmp_path)]
+    save = ts.save_atomic
+
+    def stop(obj, path):
+        save(obj, path)
+        if path.endswith(".part"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ts, "save_atomic", stop)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert paper.cli(argv) == 130
+    [part] = glob.glob(str(tmp_path / "runs" / "*.part"))
+    state = torch.load(part, weights_only=True)
+    if damage == "no optimizer":
+        del state["optimizer"]
+    elif damage == "older version":
+        state.pop("format", None)
+    else:
+        state["weights"] = {name: torch.zeros(3) for name in state["weights"]}
+    torch.save(state, part)
+    monkeypatch.setattr(ts, "save_atomic", save)
+    with pytest.raises(ValueError, match=f"{re.escape(part)} does not fit this run .*remove it"):
+        paper.main(argv)
+
+
+@pytest.mark.parametrize("option", [["--ranks", "1,100000000000"], ["--amp-ranks", "1,17"],
+                                    ["--phi-ranks", "2,17"]])
+def test_paper_script_refuses_ranks_above_the_width_before_any_run(option, text_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    """A rank above the base's width (16 here) adds nothing and, when huge, cannot be allocated:
+    refused in one line before the base or any adaptation trains."""
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("trained"))
+    argv = PAPER_TINY + option + ["--data", text_file, "--out-dir", str(tmp_path / "out")]
+    assert paper.cli(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "exceed the base's width n_embd 16" in err
+    assert err.count("\n") == 1
