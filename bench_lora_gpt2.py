@@ -13,6 +13,12 @@ PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two to three 
            there and doing GPT-2's work (biases, tanh GELU); at nanoGPT's CPU Shakespeare
            settings, or at the bench's sizes when --preset is given.
   gen      greedy generation, with the key/value cache versus without.
+  memory   the peak memory and step time of a training step, each in a fresh process: full
+           fine-tuning and LoRA, each without and with the library's savings (the loss in
+           chunks without the full logits, activation checkpointing, both), beside
+           transformers+peft's LoRA without and with its gradient checkpointing
+           (--memory-runs picks some). On a CPU: the peak resident memory above the built
+           model; on CUDA: the peak allocated.
 
 Timing: a warm-up, then the candidates interleaved (A B, B A, ...) so that a drift of the
 machine hits all alike; a row's ratio is the median of candidate / baseline within a repeat. On
@@ -23,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -42,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora_gpt2 as L  # noqa: E402
 
 # The comparisons in the order they run; --only picks among them.
-COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen")
+COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen", "memory")
 TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline", "ratio range",
                 "target", "met?")
 # nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides (batch 12), and
@@ -53,6 +60,35 @@ NANOGPT_BATCH = 12
 # Dense bf16 TFLOP/s from NVIDIA's data sheets (SXM unless said). The first name that the GPU's
 # name contains wins, so "H100 PCIe" comes before "H100".
 PEAK_TFLOPS = {"H100 PCIe": 756, "A100": 312, "H100": 989, "H200": 989}
+# The memory comparison's runs, each in a fresh process, in the order they run; --memory-runs
+# picks some. model: ours or transformers+peft; lora: LoRA on Q,V (peft: Q,K,V) or full
+# fine-tuning; chunked: the loss computed in chunks of positions, the full logits never held
+# (forward(..., return_logits=False)); checkpointing: each block's activations recomputed in
+# backward instead of kept.
+MEMORY_RUNS = {
+    "full": dict(model="ours", lora=False, chunked=False, checkpointing=False),
+    "full-chunked": dict(model="ours", lora=False, chunked=True, checkpointing=False),
+    "full-ckpt": dict(model="ours", lora=False, chunked=False, checkpointing=True),
+    "full-both": dict(model="ours", lora=False, chunked=True, checkpointing=True),
+    "lora": dict(model="ours", lora=True, chunked=False, checkpointing=False),
+    "lora-chunked": dict(model="ours", lora=True, chunked=True, checkpointing=False),
+    "lora-ckpt": dict(model="ours", lora=True, chunked=False, checkpointing=True),
+    "lora-both": dict(model="ours", lora=True, chunked=True, checkpointing=True),
+    "peft": dict(model="peft", lora=True, chunked=False, checkpointing=False),
+    "peft-ckpt": dict(model="peft", lora=True, chunked=False, checkpointing=True),
+}
+# The memory targets of issue 24, as (title, baseline run, candidate run, target on a CPU, on
+# CUDA). LoRA is held to half of full fine-tuning called the same way (the training script's:
+# the chunked loss), to half of peft's LoRA (0.6 on a GPU), and checkpointing must lower it.
+MEMORY_TARGETS = (
+    ("LoRA / full fine-tuning, both with the chunked loss", "full-chunked", "lora-chunked",
+     ("≤", 0.5), ("≤", 0.5)),
+    ("LoRA with the chunked loss / transformers+peft", "peft", "lora-chunked",
+     ("≤", 0.5), ("≤", 0.6)),
+    ("LoRA with the chunked loss: checkpointing added", "lora-chunked", "lora-both",
+     ("<", 1.0), ("<", 1.0)),
+    ("LoRA / transformers+peft, both checkpointed", "peft-ckpt", "lora-both", None, None),
+)
 # The comparison operators a target may use, as they are printed in the table.
 OPERATORS = {"≤": lambda x, y: x <= y, "<": lambda x, y: x < y, "≥": lambda x, y: x >= y}
 
@@ -79,6 +115,7 @@ OPTIONS = dict(
     nanogpt=("", "a clone of karpathy/nanoGPT, whose model.py is timed"),
     gen_tokens=(256, "tokens to generate, after a prompt of 16"),
     gen_model=("4,256,8,8192", "the generation model's n_layer,n_embd,n_head,vocab, or bench"),
+    memory_runs=(",".join(MEMORY_RUNS), "runs of the memory comparison"),
 )
 # The sizes of the bench's model when no --preset is given: 4 layers of GPT-2 small.
 DEFAULT_SIZES = dict(n_layer=4, n_embd=768, n_head=12)
@@ -224,18 +261,53 @@ def train_step(model, loss_function, device, args, ours=True):
     return step
 
 
-def ours_train(args, device, rank):
+class Unavailable(Exception):
+    """A saving that the library or a reference does not offer: its rows read "not available"."""
+
+
+def ours_train(args, device, rank, chunked=False, checkpointing=False):
     """(model, step) of our model at `rank`: only LoRA trains when rank > 0, everything when
-    rank = 0."""
+    rank = 0. `chunked`: the loss without the full logits (forward's return_logits=False);
+    `checkpointing`: each block's activations recomputed in backward."""
     model = build(device, args, rank)
     if rank > 0:
         L.mark_only_lora_as_trainable(model)
+    # Each saving is asked of the library only where it offers it: an attribute set on a model
+    # that does not know it would silently change nothing.
+    if checkpointing:
+        if not hasattr(model.transformer, "checkpoint_activations"):
+            raise Unavailable("lora_gpt2 has no checkpoint_activations")
+        model.transformer.checkpoint_activations = True
+    keywords = {}
+    if chunked:
+        if "return_logits" not in inspect.signature(model.forward).parameters:
+            raise Unavailable("lora_gpt2's forward has no return_logits")
+        keywords["return_logits"] = False  # forward returns (None, loss)
     inputs, labels = make_batch(args.batch_size, args.block_size, args.vocab_size, device)
     runner = torch.compile(model) if args.compile else model
 
     def loss():
-        return runner(inputs, lm_labels=labels)[1]
-    return model, train_step(model, loss, device, args)
+        return runner(inputs, lm_labels=labels, **keywords)[1]
+    step = train_step(model, loss, device, args)
+    step.loss = loss  # the loss alone, for checks
+    return model, step
+
+
+def memory_candidate(args, device, name):
+    """(model, step) of the memory comparison's run `name`, one of MEMORY_RUNS."""
+    run = MEMORY_RUNS[name]
+    if run["model"] == "ours":
+        rank = args.rank if run["lora"] else 0
+        return ours_train(args, device, rank, run["chunked"], run["checkpointing"])
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None:
+        raise Unavailable("not installed (transformers and peft)")
+    model, _, _ = build_peft_model(args, device)
+    model.train()  # transformers checkpoints only in training mode; dropout is 0 anyway
+    if run["checkpointing"]:
+        # transformers' own switch; the non-reentrant kind works with frozen embeddings.
+        model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, peft_step(model, args, device)
 
 
 def read_status_kib(key):
@@ -247,13 +319,19 @@ def read_status_kib(key):
     raise KeyError(key)
 
 
-def peak_memory(args, device, rank, steps=2):
-    """MiB: the peak over `steps` training steps at `rank`, and that peak above the level
-    before the first step (the built model, its batch and, on the CPU, the process itself)."""
-    _, step = ours_train(args, device, rank)
+def peak_memory(args, device, name, steps=2):
+    """The memory run `name` in this process: MiB of the peak over `steps` training steps, of
+    that peak above the level before the first step (the built model, its batch and, on the
+    CPU, the process itself), and the milliseconds of the last step. The second step is the one
+    that matters: AdamW's state exists from the first on."""
+    try:
+        _, step = memory_candidate(args, device, name)
+    except Unavailable as e:
+        return dict(unavailable=str(e))
     cuda = device.type == "cuda"
     # The high-water mark starts at the level before the steps.
     if cuda:
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
@@ -261,22 +339,44 @@ def peak_memory(args, device, rank, steps=2):
             clear_refs.write("5")  # VmHWM := VmRSS
         before = read_status_kib("VmRSS") / 1024
     for _ in range(steps):
+        start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        step_ms = (time.perf_counter() - start) * 1e3
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = read_status_kib("VmHWM") / 1024
-    return dict(peak=peak, above_model=peak - before)
+    return dict(peak=peak, above_model=peak - before, step_ms=step_ms)
+
+
+def child_argv(args, name):
+    """The command of a fresh process that measures the memory run `name` with the bench's own
+    options, and prints one line of JSON last."""
+    return [sys.executable, os.path.abspath(__file__), *args.argv, "--_child", name]
 
 
 def start_memory_children(args):
-    """A fresh process per training candidate (r=0 and r=rank), both at once, each measuring
-    its own peak; bench_train collects them."""
-    argv = [sys.executable, os.path.abspath(__file__), *args.argv, "--_child"]
+    """A fresh process per training candidate (full fine-tuning and LoRA), both at once, each
+    measuring its own peak; bench_train collects them."""
     children = {}
-    for rank in (0, args.rank):
-        children[rank] = subprocess.Popen(argv + [str(rank)], stdout=subprocess.PIPE, text=True)
+    for name in ("full", "lora"):
+        children[name] = subprocess.Popen(child_argv(args, name), stdout=subprocess.PIPE,
+                                          text=True)
     return children
+
+
+def measure_in_child(args, name):
+    """The figures of the memory run `name` from a fresh process; a failure (an allocator's
+    error, a process killed for memory) becomes {"failed": its last line}."""
+    process = subprocess.run(child_argv(args, name), capture_output=True, text=True)
+    if process.returncode == 0:
+        return json.loads(process.stdout.splitlines()[-1])
+    if process.returncode < 0:  # killed by a signal: SIGKILL is the kernel's out-of-memory killer
+        return dict(failed=f"killed by signal {-process.returncode} (out of memory?)")
+    lines = process.stderr.strip().splitlines() or [f"exit status {process.returncode}"]
+    return dict(failed=f"failed: {lines[-1][:120]}")
 
 
 # ---- the comparisons: each returns its rows and adds its notes ----
@@ -295,11 +395,11 @@ def train_rows(comparison, args, device, candidates, targets, repeats=None):
 def bench_train(args, device, notes, children):
     """Full fine-tuning against LoRA: step time, trainable parameters, peak memory (from the
     children started at the beginning), checkpoint bytes and, where a peak is known, MFU."""
-    outputs = {rank: child.communicate()[0] for rank, child in children.items()}
+    outputs = {name: child.communicate()[0] for name, child in children.items()}
     if any(child.returncode for child in children.values()):
         raise RuntimeError("a memory measurement failed (its error is printed above)")
     # Each child prints one line of JSON last.
-    memory = {rank: json.loads(output.splitlines()[-1]) for rank, output in outputs.items()}
+    memory = {name: json.loads(output.splitlines()[-1]) for name, output in outputs.items()}
     full, full_step = ours_train(args, device, 0)
     lora, lora_step = ours_train(args, device, args.rank)
     name = f"LoRA r={args.rank} (Q,V)"
@@ -308,7 +408,7 @@ def bench_train(args, device, notes, children):
 
     what = "GPU allocated" if device.type == "cuda" else "RSS"
     for key, label in (("peak", f"peak {what}"), ("above_model", f"peak {what} above model")):
-        values = {"full fine-tuning": [memory[0][key]], name: [memory[args.rank][key]]}
+        values = {"full fine-tuning": [memory["full"][key]], name: [memory["lora"][key]]}
         rows += make_rows(f"train: {label}", values, "full fine-tuning", "MiB",
                           {name: ("<", 1.0)})
 
@@ -573,6 +673,110 @@ def bench_gen(args, device, notes):
     return make_rows("gen", per_second, "without cache", "tokens/s", {"with KV cache": ("≥", 3.0)})
 
 
+def memory_label(name, args):
+    """The memory run `name` as the table names it."""
+    run = MEMORY_RUNS[name]
+    if run["model"] == "peft":
+        who = f"transformers+peft r={args.rank} (Q,K,V)"
+    elif run["lora"]:
+        who = f"LoRA r={args.rank} (Q,V)"
+    else:
+        who = "full fine-tuning"
+    savings = [saving for saving, key in (("chunked loss", "chunked"),
+                                          ("checkpointing", "checkpointing")) if run[key]]
+    return who + (", " + " + ".join(savings) if savings else "")
+
+
+def unmeasured_row(comparison, candidate, unit, status):
+    """A row whose figure is not there, `status` saying why."""
+    return dict(comparison=comparison, candidate=candidate, median=None, unit=unit, ratio=None,
+                ratio_range=None, target="", met=None, samples=[], status=status)
+
+
+def memory_notes(args, device):
+    """Where a training step's memory goes, by arithmetic on the bench's sizes: the weights,
+    the logits and the optimizer's state of full fine-tuning and LoRA."""
+    # On the meta device: shapes only, nothing allocated.
+    with torch.device("meta"):
+        full = L.GPT2LMModel(L.GPT2Config(**args.sizes))
+        lora = L.GPT2LMModel(L.GPT2Config(**args.sizes, lora_attn_dim=args.rank,
+                                          lora_attn_alpha=args.alpha))
+    L.mark_only_lora_as_trainable(lora)
+    parameters = sum(p.numel() for p in full.parameters())
+    mib = 2**20
+    # One fp32 (B, T, V) tensor: the logits; the loss's softmax and the logits' gradient are
+    # each as large again.
+    logits = args.batch_size * args.block_size * args.vocab_size * 4 / mib
+    # fp32 gradient, exp_avg and exp_avg_sq: 12 bytes per trainable parameter.
+    states_full = trainable(full) * 12 / mib
+    states_lora = trainable(lora) * 12 / mib
+    notes = [f"memory: weights {parameters * 4 / mib:,.0f} MiB (in the built model, below the "
+             f"line the peaks are measured from); one fp32 (B, T, V) logits tensor "
+             f"{logits:,.0f} MiB; gradients + AdamW states: full {states_full:,.0f} MiB, LoRA "
+             f"{states_lora:.2f} MiB; each run: a fresh process, 2 steps, one after another"]
+    if device.type != "cuda":
+        notes.append("memory on a GPU (bf16, compiled; issue 24's GPU targets): not run here "
+                     "(--device cpu)")
+    return notes
+
+
+def bench_memory(args, device, notes):
+    """The peak memory and step time of each run of --memory-runs, each in a fresh process,
+    one after another; then issue 24's targets, where both of their runs were measured."""
+    results = {}
+    for name in args.memory_runs:
+        start = time.perf_counter()
+        results[name] = measure_in_child(args, name)
+        print(f"    (memory {name}: {time.perf_counter() - start:.0f} s)", file=sys.stderr,
+              flush=True)
+    what = "GPU allocated" if device.type == "cuda" else "RSS"
+    peak_comparison = f"memory: peak {what} above model"
+    step_comparison = "memory: step time"
+    measured = [name for name in args.memory_runs if "above_model" in results[name]]
+    # The baseline: full fine-tuning as the library always ran it, or the first measured run.
+    baseline = "full" if "full" in measured else (measured[0] if measured else None)
+    ordered = ([baseline] if baseline else []) + [n for n in args.memory_runs if n != baseline]
+    rows = []
+    for comparison, key, unit in ((peak_comparison, "above_model", "MiB"),
+                                  (step_comparison, "step_ms", "ms")):
+        figures = {memory_label(name, args): [results[name][key]]
+                   for name in ordered if name in measured}
+        by_label = {}
+        if baseline:
+            measured_rows = make_rows(comparison, figures, memory_label(baseline, args), unit)
+            by_label = {row["candidate"]: row for row in measured_rows}
+        # In the order of --memory-runs, the baseline first; a run without figures says why.
+        for name in ordered:
+            label = memory_label(name, args)
+            if name in measured:
+                rows.append(by_label[label])
+            elif "unavailable" in results[name]:
+                status = f"not available ({results[name]['unavailable']})"
+                rows.append(unmeasured_row(comparison, label, unit, status))
+            else:
+                rows.append(unmeasured_row(comparison, label, unit, results[name]["failed"]))
+
+    # Issue 24's targets: each a pair of runs, side by side in this one bench.
+    for title, base_name, candidate_name, cpu_target, cuda_target in MEMORY_TARGETS:
+        comparison = f"memory target: {title}"
+        target = cuda_target if device.type == "cuda" else cpu_target
+        pair = (base_name, candidate_name)
+        if all(name in measured for name in pair):
+            values = {memory_label(name, args): [results[name]["above_model"]] for name in pair}
+            targets = {memory_label(candidate_name, args): target} if target else {}
+            rows += make_rows(comparison, values, memory_label(base_name, args), "MiB", targets)
+            continue
+        lacking = [name for name in pair if name not in measured]
+        for name in lacking:
+            if name in results:
+                status = "not measured (see its row above)"
+            else:
+                status = f"not measured (needs --memory-runs with {name})"
+            rows.append(unmeasured_row(comparison, memory_label(name, args), "MiB", status))
+    notes += memory_notes(args, device)
+    return rows
+
+
 def format_figure(value, unit):
     """A median as the table shows it: thousands with separators, three significant digits
     below."""
@@ -606,6 +810,31 @@ def table_lines(rows):
 
 # ---- output and command line ----
 
+def machine_memory_bytes(device):
+    """The memory a run can use: the GPU's on CUDA, the machine's RAM otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def names_error(option, given, valid):
+    """Why the comma-separated names of `option` are not a choice among `valid`, or ""."""
+    unknown = [name for name in given if name not in valid]
+    if not given:
+        return f"{option}: name at least one of {','.join(valid)}"
+    if unknown:
+        return f"{option}: unknown {','.join(unknown)}; choose from {','.join(valid)}"
+    return ""
+
+
+def range_error(option, value, low, high):
+    """Why `value` of `option` lies outside [low, high], or ""."""
+    if not low <= value <= high:  # NaN fails every comparison
+        bounds = [f"{bound:,}" if isinstance(bound, int) else f"{bound:g}" for bound in (low, high)]
+        return f"{option} must lie in [{bounds[0]}, {bounds[1]}], got {value}"
+    return ""
+
+
 def parse_args(argv):
     """The options, checked before anything runs: a bad one is a ValueError naming it."""
     parser = argparse.ArgumentParser(description=__doc__[:__doc__.index("Timing:")],
@@ -622,37 +851,64 @@ def parse_args(argv):
         shown = f" [{default}]" if default not in ("", None, False) else ""
         parser.add_argument("--" + name.replace("_", "-"), default=default, help=text + shown,
                             **kind)
-    # A memory measurement's process: the rank it measures.
-    parser.add_argument("--_child", type=int, help=argparse.SUPPRESS)
+    # A memory measurement's process: the run it measures.
+    parser.add_argument("--_child", choices=MEMORY_RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv  # for the memory measurements' processes
-    # Sizes not given come from the preset, or from 4 layers of GPT-2 small.
-    for key, value in L.PRESETS.get(args.preset, DEFAULT_SIZES).items():
-        setattr(args, key, getattr(args, key) or value)
     args.only = [name for name in args.only.split(",") if name]
+    args.memory_runs = [name for name in args.memory_runs.split(",") if name]
 
-    positive = ("repeats", "gen_tokens", "block_size", "batch_size", "rank", "threads")
+    # The names, the device and the files: each a (bad, message) check, in this order.
     bad_device = (not re.fullmatch(r"cpu|cuda(:\d+)?", args.device)
                   or (args.device != "cpu" and not torch.cuda.is_available()))
-    json_folder = os.path.dirname(os.path.abspath(args.json))
-    checks = (
-        (set(args.only) - set(COMPARISONS), f"--only: choose from {','.join(COMPARISONS)}"),
+    json_path = os.path.abspath(args.json) if args.json else ""
+    only_error = names_error("--only", args.only, COMPARISONS)
+    memory_runs_error = names_error("--memory-runs", args.memory_runs, MEMORY_RUNS)
+    checks = [
+        (only_error, only_error),
+        (memory_runs_error, memory_runs_error),
         (args.preset and args.preset not in L.PRESETS,
          f"--preset: choose from {', '.join(L.PRESETS)}"),
         (bad_device, "--device: cpu, or cuda or cuda:N where CUDA is available"),
         (args.dtype not in ("float32", "bfloat16"), "--dtype: float32 or bfloat16"),
-        (args.json and not os.path.isdir(json_folder), "--json: no such folder"),
+        (args.json and not os.path.isdir(os.path.dirname(json_path)), "--json: no such folder"),
+        (args.json and os.path.isdir(json_path),
+         f"--json {args.json} is a folder; name a file, e.g. {os.path.join(args.json, 'b.json')}"),
+        (args.json and os.path.isdir(os.path.dirname(json_path))
+         and not os.access(os.path.dirname(json_path), os.W_OK),
+         f"--json: cannot write in {os.path.dirname(json_path)}"),
         (args.nanogpt and not os.path.isfile(os.path.join(args.nanogpt, "model.py")),
          "--nanogpt: no model.py"),
-        (max(GEN_PROMPT_TOKENS + args.gen_tokens, args.block_size) > 1024,
-         "--block-size and 16 + --gen-tokens must not exceed n_ctx 1024"),
-        (min(getattr(args, key) for key in positive) < 1,
-         ", ".join("--" + key.replace("_", "-") for key in positive) + " must be >= 1"),
         (not re.fullmatch(r"bench|\d+,\d+,\d+,\d+", args.gen_model),
-         "--gen-model: bench or L,C,H,V"))
+         "--gen-model: bench or L,C,H,V")]
     for bad, message in checks:
         if bad:
             raise ValueError(message)
+
+    # Sizes given as 0 are refused below, not replaced by the preset's: only those not given are.
+    for key, value in L.PRESETS.get(args.preset, DEFAULT_SIZES).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    # Every number within its range: (option, value, lowest, highest).
+    n_ctx = 1024
+    cpus = os.cpu_count() or 1
+    ranges = [("--threads", args.threads, 1, cpus),
+              ("--repeats", args.repeats, 1, 1000),
+              ("--n-layer", args.n_layer, 1, 1000),
+              ("--n-embd", args.n_embd, 1, 2**16),
+              ("--n-head", args.n_head, 1, args.n_embd),
+              ("--vocab-size", args.vocab_size, 2, 2**24),
+              ("--block-size", args.block_size, 1, n_ctx),
+              ("--batch-size", args.batch_size, 1, 2**16),
+              ("--rank", args.rank, 1, args.n_embd),
+              ("--alpha", args.alpha, 1e-6, 1e6),
+              ("--peak-tflops", args.peak_tflops, 0, 1e6),
+              ("--gen-tokens", args.gen_tokens, 1, n_ctx - GEN_PROMPT_TOKENS)]
+    for option, value, low, high in ranges:
+        message = range_error(option, value, low, high)
+        if message:
+            raise ValueError(message)
+
     # The bench's model and the generation model.
     args.sizes = {key: getattr(args, key) for key in ("n_layer", "n_embd", "n_head", "vocab_size")}
     if args.gen_model == "bench":
@@ -662,6 +918,17 @@ def parse_args(argv):
     # A bad size (heads not dividing the width, ...) is named by GPT2Config before anything runs.
     for sizes in (args.sizes, args.gen_sizes):
         L.GPT2Config(**sizes, lora_attn_dim=args.rank, lora_attn_alpha=args.alpha)
+    # A model or a batch's logits larger than the machine's memory would fail to allocate only
+    # after the comparisons before it had run.
+    available = machine_memory_bytes(torch.device(args.device))
+    weights = 4 * (12 * args.n_layer * args.n_embd**2 + (args.vocab_size + n_ctx) * args.n_embd)
+    logits = 4 * args.batch_size * args.block_size * args.vocab_size
+    for what, needed, options in (
+            ("the model's fp32 weights", weights, "--n-layer, --n-embd, --vocab-size"),
+            ("a batch's fp32 logits", logits, "--batch-size, --block-size, --vocab-size")):
+        if needed > available:
+            raise ValueError(f"{options}: {what} alone take {needed / 2**30:,.1f} GiB, more "
+                             f"than the {available / 2**30:,.1f} GiB here")
     return args
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every accelerator path of the project in one run, on one CUDA GPU, in about five minutes:
+"""Every accelerator path of the project in one run, on one CUDA GPU, in about fifteen minutes:
 
     python gpu_check.py [--nanogpt PATH] [--data PATH] [--out DIR]   # on a machine with a CUDA GPU
     python gpu_check.py --dry-run                                     # the same on the CPU, tiny
@@ -10,7 +10,8 @@
    with a held-out loss within LOSS_TOLERANCE of the float32 run's;
 3. the training forward and loss, full and LoRA, traced by torch._dynamo.explain: no graph break;
 4. bench_lora_gpt2.py at GPT-2 small's size, block 1024, bfloat16 and compiled, every comparison:
-   peak memory and model FLOPs utilization (MFU) of full fine-tuning and LoRA among them.
+   peak memory and model FLOPs utilization (MFU) of full fine-tuning and LoRA among them, and the
+   memory comparison's ten runs (each a process of its own that compiles: about ten minutes).
 
 Each step's output goes to --out; the last lines are the summary, one check a line, and the exit
 status is 1 if any check failed. --dry-run runs steps 1-4 on the CPU at tiny sizes in seconds (no
@@ -49,12 +50,13 @@ TRAIN_DRY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size"
 BENCH = ["--device", "cuda", "--preset", "gpt2.sm", "--block-size", "1024", "--batch-size", "8",
          "--dtype", "bfloat16", "--compile", "--repeats", "5"]
 # The dry run's bench: tiny sizes, one repeat; bfloat16 and a peak so that the MFU rows run too.
-# hf and nanogpt are left out: their references take seconds to import.
+# hf and nanogpt are left out: their references take seconds to import; of the memory runs, two
+# (each a process of its own), one of them with both of the library's savings.
 BENCH_DRY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size",
              "64", "--block-size", "16", "--batch-size", "2", "--repeats", "1", "--threads", "1",
              "--gen-tokens", "8", "--gen-model", "bench",
              "--dtype", "bfloat16", "--peak-tflops", "1",
-             "--only", "train,infer,layer,gen"]
+             "--only", "train,infer,layer,gen,memory", "--memory-runs", "full,lora-both"]
 
 
 def command(argv, log):
@@ -201,10 +203,35 @@ class _Tee(list):
         pass
 
 
+# The steps, functions of this module, in the order they run; --only picks some.
+STEP_NAMES = ("suite", "train_runs", "graph_breaks", "bench")
+
+
+def check_options(args) -> str:
+    """Why the options cannot be run, before any step starts, or "": a typo in --only would
+    otherwise run nothing and pass, and a bad path fail only after the steps before it."""
+    unknown = [name for name in args.only if name not in STEP_NAMES]
+    if not args.only:
+        return f"--only: name at least one of {','.join(STEP_NAMES)}"
+    if unknown:
+        return f"--only: unknown {','.join(unknown)}; choose from {','.join(STEP_NAMES)}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out} is not a folder; name a folder for the logs and bench.json"
+    if args.data and not os.path.isfile(args.data):
+        return f"--data {args.data}: no such file"
+    if args.nanogpt and not os.path.isfile(os.path.join(args.nanogpt, "model.py")):
+        return f"--nanogpt {args.nanogpt}: no model.py there; pass a clone of karpathy/nanoGPT"
+    return ""
+
+
 def main(argv=None) -> bool:
     """Every step of --only, each check a line of the summary; True when none failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(message):  # one line on stderr, exit status 1, no usage dump
+        parser.exit(1, f"error: {message} (see --help)\n")
+    parser.error = error
     parser.add_argument("--dry-run", action="store_true",
                         help="on the CPU at tiny sizes, in seconds")
     parser.add_argument("--nanogpt",
@@ -212,9 +239,13 @@ def main(argv=None) -> bool:
     parser.add_argument("--data", help="the corpus of the training runs (default: the script's)")
     parser.add_argument("--out", default="gpu-check",
                         help="the folder of the logs and bench.json")
-    parser.add_argument("--only", default="suite,train_runs,graph_breaks,bench",
-                        help="the steps to run")
+    parser.add_argument("--only", default=",".join(STEP_NAMES),
+                        help="the steps to run, among " + ",".join(STEP_NAMES))
     args = parser.parse_args(argv)
+    args.only = [name for name in args.only.split(",") if name]
+    problem = check_options(args)
+    if problem:
+        parser.error(problem)
     if not args.dry_run and not torch.cuda.is_available():
         parser.exit(1, "error: no CUDA GPU here; run with --dry-run to check the script on the "
                     "CPU\n")
@@ -226,18 +257,19 @@ def main(argv=None) -> bool:
         where = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
         log(f"gpu_check: {where}, torch {torch.__version__}")
         checks = []
-        for step in (suite, train_runs, graph_breaks, bench):
-            if step.__name__ not in args.only:
+        for name in STEP_NAMES:
+            if name not in args.only:
                 continue
+            step = globals()[name]  # looked up when run, so that tests can stand in for it
             start = time.perf_counter()
             result = step(args, log)
             # The suite is one check; the other steps return a list of them.
-            if step is suite:
+            if name == "suite":
                 checks.append(("test suite", *result))
             else:
                 checks += result
             seconds = time.perf_counter() - start
-            print(f"  ({step.__name__}: {seconds:.0f} s)", file=sys.stderr, flush=True)
+            print(f"  ({name}: {seconds:.0f} s)", file=sys.stderr, flush=True)
         # A check passes (True), fails (False), or is a figure listed with its status text.
         labels = {True: "PASS", False: "FAIL"}
         summary = [f"{labels.get(passed, passed):6} {name}: {what}"

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -18,15 +19,18 @@ import torch
 
 
 import bench_lora_gpt2 as bench
+import gpu_check
 
 from helpers import HERE, tiny_lora_model
 
 
 BENCH_TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "64",
               "--block-size", "16", "--batch-size", "2", "--repeats", "1",
-              "--gen-tokens", "8", "--gen-model", "bench", "--threads", "1"]
+              "--gen-tokens", "8", "--gen-model", "bench", "--threads", "1",
+              "--memory-runs", "lora"]  # one run of the memory comparison: a process each
 
-UNMEASURED = ("not installed", "no baseline")  # cells of rows whose reference is missing
+# cells of rows whose reference or run is missing
+UNMEASURED = ("not installed", "no baseline", "not available", "not measured")
 
 # A stand-in for nanoGPT's model.py: the same GPTConfig fields, GPT(config), and
 # forward(idx, targets) -> (logits, loss); it prints on construction, as nanoGPT's GPT does.
@@ -103,7 +107,7 @@ def test_bench_smoke_table_structure(tiny_run):
         by_comp.setdefault(r[0], []).append(r)
     for comp, rs in by_comp.items():
         baselines = sum(r[6] == "baseline" for r in rs)
-        assert baselines == 1 or (baselines == 0 and any(r[2].startswith("not installed")
+        assert baselines == 1 or (baselines == 0 and any(r[2].startswith(UNMEASURED)
                                                          for r in rs)), comp
     for r in rows:
         assert r[7] in ("yes", "MISSED", "—")
@@ -248,3 +252,124 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_offers_the_dry_run():
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("error: no CUDA GPU") and "--dry-run" in out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--only", "", "--only: name at least one of train,infer,layer,hf,nanogpt,gen,memory"),
+    ("--only", "train,trian", "--only: unknown trian; choose from train,"),
+    ("--memory-runs", "lora,lora-chunk", "--memory-runs: unknown lora-chunk; choose from full,"),
+    ("--json", "{tmp}", "is a folder; name a file"),
+    ("--threads", str((os.cpu_count() or 1) + 1), "--threads must lie in [1, "),
+    ("--threads", "0", "--threads must lie in [1, "),
+    ("--peak-tflops", "-1", "--peak-tflops must lie in [0, "),
+    ("--peak-tflops", "nan", "--peak-tflops must lie in [0, "),
+    ("--peak-tflops", "inf", "--peak-tflops must lie in [0, "),
+    ("--repeats", "1000000", "--repeats must lie in [1, 1,000]"),
+    ("--n-layer", "0", "--n-layer must lie in [1, "),
+    ("--rank", "100000000000", "--rank must lie in [1, 32]"),
+    ("--alpha", "nan", "--alpha must lie in"),
+    ("--vocab-size", "1", "--vocab-size must lie in [2, "),
+    ("--batch-size", "100000000", "--batch-size must lie in [1, "),
+    ("--n-embd", "65536", "the model's fp32 weights alone take")])
+def test_bench_refuses_names_paths_and_numbers_out_of_range_before_measuring(
+        tmp_path, monkeypatch, option, value, message):
+    """Issue 22: an empty or unknown --only ran nothing and passed, --json DIR failed after the
+    whole bench, and numbers were checked only for >= 1 or not at all (--n-layer 0 took the
+    preset's, a rank or width too large failed to allocate mid-run)."""
+    monkeypatch.setattr(bench, "run", lambda a: pytest.fail("measured despite a bad option"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.main(BENCH_TINY + [option, value.format(tmp=tmp_path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "foo"], "--only: unknown foo; choose from suite,train_runs,graph_breaks,bench"),
+    (["--only", "suite,train-runs"], "--only: unknown train-runs; choose from suite,"),
+    (["--only", ""], "--only: name at least one of suite,train_runs,graph_breaks,bench"),
+    (["--out", "{tmp}/file"], "--out {tmp}/file is not a folder"),
+    (["--data", "{tmp}/absent.txt"], "--data {tmp}/absent.txt: no such file"),
+    (["--nanogpt", "{tmp}"], "--nanogpt {tmp}: no model.py there")])
+def test_gpu_check_refuses_what_it_cannot_do_before_any_step(tmp_path, monkeypatch, capsys, argv,
+                                                            message):
+    """A typo in --only used to run nothing and exit 0 (CI would pass without checking); --out
+    FILE ended in a traceback. Each is one line on stderr, exit status 1, and no step runs."""
+    (tmp_path / "file").write_text("not a folder")
+    for name in ("suite", "train_runs", "graph_breaks", "bench"):
+        monkeypatch.setattr(gpu_check, name, lambda *a: pytest.fail("ran a step"))
+    argv = ["--dry-run"] + [arg.format(tmp=tmp_path) for arg in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err.startswith("error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1, err
+
+
+def _fabricated_memory(args, name):
+    """Figures a child would print: MiB above the model and ms per step, by run."""
+    peaks = {"full": 100.0, "full-chunked": 80.0, "lora": 60.0, "lora-chunked": 30.0,
+             "lora-ckpt": 20.0, "lora-both": 10.0, "peft": 70.0, "peft-ckpt": 40.0}
+    if name == "full-ckpt":
+        return dict(unavailable="lora_gpt2 has no checkpoint_activations")
+    if name == "full-both":
+        return dict(failed="killed by signal 9 (out of memory?)")
+    return dict(peak=peaks[name] + 500, above_model=peaks[name], step_ms=peaks[name] / 10)
+
+
+def test_bench_memory_rows_compare_each_run_and_check_issue_24s_targets(monkeypatch):
+    """The memory comparison: a row per run (full fine-tuning as baseline), a run the library
+    cannot do or that failed says so, and the targets pair the runs they name."""
+    monkeypatch.setattr(bench, "measure_in_child", _fabricated_memory)
+    args = bench.parse_args(BENCH_TINY + ["--memory-runs", ",".join(bench.MEMORY_RUNS)])
+    notes = []
+    rows = bench.bench_memory(args, torch.device("cpu"), notes)
+    peaks = [row for row in rows if row["comparison"] == "memory: peak RSS above model"]
+    assert [row["candidate"] for row in peaks] == [bench.memory_label(name, args)
+                                                   for name in bench.MEMORY_RUNS]
+    assert peaks[0]["target"] == "baseline" and peaks[0]["median"] == 100.0
+    by_candidate = {row["candidate"]: row for row in peaks}
+    assert by_candidate["LoRA r=4 (Q,V), chunked loss"]["ratio"] == pytest.approx(0.3)
+    assert (by_candidate["full fine-tuning, checkpointing"]["status"]
+            == "not available (lora_gpt2 has no checkpoint_activations)")
+    assert (by_candidate["full fine-tuning, chunked loss + checkpointing"]["status"]
+            == "killed by signal 9 (out of memory?)")
+    steps = [row for row in rows if row["comparison"] == "memory: step time"]
+    assert steps[0]["median"] == 10.0 and len(steps) == len(bench.MEMORY_RUNS)
+    targets = {row["comparison"]: row for row in rows
+               if row["comparison"].startswith("memory target") and row["target"] != "baseline"}
+    full_ratio = targets["memory target: LoRA / full fine-tuning, both with the chunked loss"]
+    assert full_ratio["ratio"] == pytest.approx(30 / 80) and full_ratio["met"] is True
+    peft_ratio = targets["memory target: LoRA with the chunked loss / transformers+peft"]
+    assert peft_ratio["ratio"] == pytest.approx(30 / 70) and peft_ratio["met"] is True
+    checkpointing = targets["memory target: LoRA with the chunked loss: checkpointing added"]
+    assert checkpointing["ratio"] == pytest.approx(1 / 3) and checkpointing["met"] is True
+    assert any("not run here" in note for note in notes)  # the GPU rows: not guessed
+
+
+def test_bench_memory_targets_name_the_runs_they_lack(monkeypatch):
+    monkeypatch.setattr(bench, "measure_in_child", _fabricated_memory)
+    args = bench.parse_args(BENCH_TINY + ["--memory-runs", "lora-chunked"])
+    rows = bench.bench_memory(args, torch.device("cpu"), [])
+    status = {(row["comparison"], row["candidate"]): row["status"] for row in rows}
+    title = "memory target: LoRA / full fine-tuning, both with the chunked loss"
+    assert (status[(title, "full fine-tuning, chunked loss")]
+            == "not measured (needs --memory-runs with full-chunked)")
+
+
+def test_bench_savings_leave_the_loss_as_it_was():
+    """Each of the library's savings changes where memory goes, not the loss: the four ways of
+    calling our model give one loss (within float rounding). A saving the library lacks is
+    reported "not available" by the bench, and skipped here."""
+    args = bench.parse_args(BENCH_TINY)
+    for rank in (0, args.rank):
+        losses = {}
+        for chunked in (False, True):
+            for checkpointing in (False, True):
+                try:
+                    _, step = bench.ours_train(args, torch.device("cpu"), rank, chunked,
+                                               checkpointing)
+                except bench.Unavailable:
+                    continue
+                losses[(chunked, checkpointing)] = step.loss().item()
+        plain = losses[(False, False)]
+        assert all(loss == pytest.approx(plain, rel=1e-5) for loss in losses.values()), losses
