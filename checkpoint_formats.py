@@ -218,6 +218,7 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
     The model is left as it was."""
     cfg, p = model.config, model.config.fix_dropout
     tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
+    _check_finite(tensors, "save_pretrained")  # after merging, which can overflow too
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if in the vocabulary
     sizes = {k: v for k, v in cfg.to_dict().items() if not k.startswith(("lora_", "fix_"))}
     hf_config = dict(
@@ -324,6 +325,8 @@ def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[s
     if r == 0:
         raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained "
                          "saves it whole")
+    # The base too: its record would not match the same base once loaded (inf - inf is NaN).
+    _check_finite(model.state_dict(), "save_adapter")
     bias, sd = _trained_bias_mode(model), model.state_dict()
     tensors = {peft: sd[k] for k, peft in _peft_biases(model, bias).items()}
     for i, block in enumerate(model.transformer.h):
@@ -403,3 +406,11 @@ def _path(value, what: str) -> str:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise ValueError(f"{what} must be a path, got {value!r}")
     return os.fspath(value)
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """No export holds NaN or infinity: they load without complaint and give NaN logits."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ValueError(f"{what}: {key} holds NaN or infinite values (an overflow in "
+                             f"training?); an export of it would give NaN logits")
