@@ -216,7 +216,8 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
     """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, the tied
     head stored once (as wte): transformers and from_pretrained give this model's logits from it.
     The model is left as it was."""
-    cfg, p = model.config, model.config.fix_dropout
+    cfg = model.config
+    p = cfg.fix_dropout
     tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
     _check_finite(tensors, "save_pretrained")  # after merging, which can overflow too
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if in the vocabulary
@@ -242,7 +243,7 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
 #             and unmerging (W0 + ΔW - ΔW) moves it by a few units of the last place.
 
 def _frozen_hash(state_dict: Mapping[str, torch.Tensor], skip) -> str:
-    """SHA-256 of the trunk's tensors (names, shapes and float32 values), LoRA and `skip` left out."""
+    """SHA-256 of the trunk's tensors (names, shapes, float32 values), LoRA and `skip` left out."""
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         if not key.startswith("transformer.") or "lora_" in key or key in skip:

@@ -304,9 +304,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None,
                 len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
         B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        # (B, nh, T, hs) each
-        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        nh = self.n_head
+        hs = C // nh
+        # Q, K and V in one product; LoRA adds B_q A_q x to Q and B_v A_v x to V.
+        q, k, v = self.c_attn(x).split(C, dim=2)                               # (B, T, C) each
+        q = q.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
         mask = None
         if len_past is not None:     # fixed-size cache: write row len_past[b], out of place
             row = len_past.view(B, 1, 1, 1).expand(B, nh, 1, hs)
@@ -556,7 +560,9 @@ class GPT2LMModel(nn.Module):
         drawn from softmax(logits / temperature) among the `top_k` most likely. With the cache, a
         step feeds the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
         _check_generate_arguments(input_ids, max_new_tokens, temperature, top_k)
-        idx, past, n_ctx = input_ids, None, self.config.n_ctx
+        idx = input_ids
+        past = None
+        n_ctx = self.config.n_ctx
         bad = torch.zeros((), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if use_cache and past is not None and past[0].shape[-2] < n_ctx:
@@ -829,7 +835,8 @@ def _state_dict_of(source) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping):
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got "
                          f"{type(sd).__name__}")
-    out, head = {}, None
+    out = {}
+    head = None
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} -> {type(value).__name__}: not a state "
