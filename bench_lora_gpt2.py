@@ -23,6 +23,28 @@ PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two to three 
 Timing: a warm-up, then the candidates interleaved (A B, B A, ...) so that a drift of the
 machine hits all alike; a row's ratio is the median of candidate / baseline within a repeat. On
 CUDA our uncompiled steps run under set_sync_debug_mode("error"). Memory: a fresh process each.
+
+Reading a row: `median` is the candidate's figure, the median over the repeats; `ratio vs
+baseline` is the median of its ratios to the comparison's first row, repeat by repeat; `ratio
+range` is the smallest and the largest of those ratios, so a range that straddles a target says
+the machine was too noisy to decide. A target is met or MISSED on the median ratio. A row whose
+reference is not installed, or whose run the library cannot do, says so instead of a figure.
+
+Why each memory figure comes from a fresh process: a process's peak resident memory only grows,
+and memory one model freed stays in the allocator's pools for the next. Each process builds its
+model, resets its high-water mark to the present level (VmHWM := VmRSS through
+/proc/self/clear_refs; on CUDA, reset_peak_memory_stats), trains, and reports the mark above
+that level: what training adds to the built model. The weights themselves are below the line;
+gradients, AdamW's state, activations and the logits are above it.
+
+Where a training step's memory goes (docs/performance-memory.md has the measured figures): full
+fine-tuning keeps a gradient and two AdamW moments per weight, 12 bytes in fp32; LoRA keeps them
+only for A and B. Both keep the activations that backward needs, layer by layer, and the logits:
+batch x tokens x vocabulary floats, with the loss's softmax and the logits' gradient each as
+large again. At 1,024 tokens and GPT-2's 50,257 words those last dominate a LoRA step, which is
+why the library offers the loss in chunks (forward(..., return_logits=False)) and activation
+checkpointing (model.transformer.checkpoint_activations = True), and the memory comparison
+measures each.
 """
 
 import argparse
@@ -116,6 +138,7 @@ OPTIONS = dict(
     gen_tokens=(256, "tokens to generate, after a prompt of 16"),
     gen_model=("4,256,8,8192", "the generation model's n_layer,n_embd,n_head,vocab, or bench"),
     memory_runs=(",".join(MEMORY_RUNS), "runs of the memory comparison"),
+    memory_steps=(2, "training steps of each memory run (1: LoRA's peak less AdamW's state)"),
 )
 # The sizes of the bench's model when no --preset is given: 4 layers of GPT-2 small.
 DEFAULT_SIZES = dict(n_layer=4, n_embd=768, n_head=12)
@@ -130,6 +153,8 @@ def no_host_sync(device, enabled=True):
     if device.type != "cuda" or not enabled:
         yield
         return
+    # A hidden .item() or a CPU tensor mixed in would stall the GPU at every step: the mode
+    # makes such a sync raise, so that the bench fails instead of timing a slow path.
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -141,6 +166,7 @@ def no_host_sync(device, enabled=True):
 def time_interleaved(functions, repeats, device, warm_up=True):
     """Milliseconds per call of each candidate {name: function}: a warm-up round, then `repeats`
     interleaved rounds. Returns {name: [milliseconds per call, one per round]}."""
+    # CUDA runs asynchronously: a clock read needs the GPU's queue drained first.
     if device.type == "cuda":
         def synchronize():
             torch.cuda.synchronize(device)
@@ -149,6 +175,7 @@ def time_interleaved(functions, repeats, device, warm_up=True):
             pass
 
     def seconds_per_call(function, calls):
+        """The mean time of `calls` calls in a row, the queue drained before and after."""
         synchronize()
         start = time.perf_counter()
         for _ in range(calls):
@@ -319,8 +346,8 @@ def read_status_kib(key):
     raise KeyError(key)
 
 
-def peak_memory(args, device, name, steps=2):
-    """The memory run `name` in this process: MiB of the peak over `steps` training steps, of
+def peak_memory(args, device, name):
+    """The memory run `name` in this process: MiB of the peak over --memory-steps steps, of
     that peak above the level before the first step (the built model, its batch and, on the
     CPU, the process itself), and the milliseconds of the last step. The second step is the one
     that matters: AdamW's state exists from the first on."""
@@ -338,7 +365,7 @@ def peak_memory(args, device, name, steps=2):
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # VmHWM := VmRSS
         before = read_status_kib("VmRSS") / 1024
-    for _ in range(steps):
+    for _ in range(args.memory_steps):
         start = time.perf_counter()
         step()
         if cuda:
@@ -354,6 +381,7 @@ def peak_memory(args, device, name, steps=2):
 def child_argv(args, name):
     """The command of a fresh process that measures the memory run `name` with the bench's own
     options, and prints one line of JSON last."""
+    # The same options: the child builds the same model at the same sizes, and checks them again.
     return [sys.executable, os.path.abspath(__file__), *args.argv, "--_child", name]
 
 
@@ -371,6 +399,7 @@ def measure_in_child(args, name):
     """The figures of the memory run `name` from a fresh process; a failure (an allocator's
     error, a process killed for memory) becomes {"failed": its last line}."""
     process = subprocess.run(child_argv(args, name), capture_output=True, text=True)
+    # The child's last line of output is its JSON; anything before it is the library's.
     if process.returncode == 0:
         return json.loads(process.stdout.splitlines()[-1])
     if process.returncode < 0:  # killed by a signal: SIGKILL is the kernel's out-of-memory killer
@@ -426,8 +455,8 @@ def bench_train(args, device, notes, children):
     # What LoRA saves: an fp32 gradient, exp_avg and exp_avg_sq per trainable parameter.
     states = [f"{trainable(model) * 12 / 2**20:.2f}" for model in (full, lora)]
     peak = "max_memory_allocated" if device.type == "cuda" else "VmHWM"
-    notes.append(f"memory: {peak} of a fresh process over 2 steps; gradients + AdamW states: "
-                 f"full {states[0]} MiB, LoRA {states[1]} MiB")
+    notes.append(f"memory: {peak} of a fresh process over {args.memory_steps} steps; gradients + "
+                 f"AdamW states: full {states[0]} MiB, LoRA {states[1]} MiB")
     return rows
 
 
@@ -577,6 +606,8 @@ def bench_hf(args, device, notes):
     if missing:
         status = f"not installed ({' and '.join(missing)})"
         return missing_rows("hf", [peft_name, ours_name], "ms", status)
+    # Both adapt at the same rank and alpha; peft adapts K too, which transformers' fused c_attn
+    # leaves it no way to skip: a little more work on its side.
     model, transformers, peft = build_peft_model(args, device)
     candidates = [(peft_name, model, peft_step(model, args, device)),
                   (ours_name, *ours_train(args, device, args.rank))]
@@ -713,7 +744,8 @@ def memory_notes(args, device):
     notes = [f"memory: weights {parameters * 4 / mib:,.0f} MiB (in the built model, below the "
              f"line the peaks are measured from); one fp32 (B, T, V) logits tensor "
              f"{logits:,.0f} MiB; gradients + AdamW states: full {states_full:,.0f} MiB, LoRA "
-             f"{states_lora:.2f} MiB; each run: a fresh process, 2 steps, one after another"]
+             f"{states_lora:.2f} MiB; each run: a fresh process, {args.memory_steps} steps, one "
+             f"after another"]
     if device.type != "cuda":
         notes.append("memory on a GPU (bf16, compiled; issue 24's GPU targets): not run here "
                      "(--device cpu)")
@@ -723,6 +755,7 @@ def memory_notes(args, device):
 def bench_memory(args, device, notes):
     """The peak memory and step time of each run of --memory-runs, each in a fresh process,
     one after another; then issue 24's targets, where both of their runs were measured."""
+    # One after another: two at once would share the cores and blur each other's step time.
     results = {}
     for name in args.memory_runs:
         start = time.perf_counter()
@@ -791,9 +824,11 @@ def table_lines(rows):
     """The markdown table of the rows, one line each after the header."""
     lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     for row in rows:
+        # A row without a figure shows why in the median's cell, and dashes after its unit.
         if row["median"] is None:
             cells = [row["status"], row["unit"], "—", "—", "—", "—"]
         else:
+            # The range exists only with two repeats or more; a ratio of one sample has none.
             if row["ratio_range"]:
                 ratio_range = "{:#.3g}–{:#.3g}".format(*row["ratio_range"])
             else:
@@ -894,6 +929,7 @@ def parse_args(argv):
     cpus = os.cpu_count() or 1
     ranges = [("--threads", args.threads, 1, cpus),
               ("--repeats", args.repeats, 1, 1000),
+              ("--memory-steps", args.memory_steps, 1, 100),
               ("--n-layer", args.n_layer, 1, 1000),
               ("--n-embd", args.n_embd, 1, 2**16),
               ("--n-head", args.n_head, 1, args.n_embd),
@@ -948,6 +984,7 @@ def main(argv=None):
 
 def machine_description(args, device):
     """What the figures depend on: versions, processor, load, and the options."""
+    # The load at the start: other work on the machine slows every candidate, unevenly.
     load = os.getloadavg()[0]
     processor = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
@@ -994,6 +1031,7 @@ def run(args):
         seconds[comparison] = time.perf_counter() - comparison_start
         print(f"  ({comparison}: {seconds[comparison]:.1f} s)", file=sys.stderr, flush=True)
 
+    # The table, then the notes: what each comparison checked, and the targets' count.
     lines = table_lines(rows)
     total = time.perf_counter() - start
     met = sum(row["met"] is True for row in rows)
@@ -1001,6 +1039,7 @@ def run(args):
     per_comparison = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     notes.append(f"targets met: {met}, missed: {missed}; {total:.0f} s in all ({per_comparison})")
     print("\n".join(lines) + "\n\n" + "\n".join("- " + note for note in notes), flush=True)
+    # The same figures for programs (gpu_check.py reads them): every row with its samples.
     payload = dict(meta={**meta, "total_seconds": total, "seconds_per_comparison": seconds},
                    rows=rows, notes=notes, table=lines)
     if args.json:

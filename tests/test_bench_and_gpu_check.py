@@ -265,6 +265,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_offers_the_dry_run():
     ("--peak-tflops", "nan", "--peak-tflops must lie in [0, "),
     ("--peak-tflops", "inf", "--peak-tflops must lie in [0, "),
     ("--repeats", "1000000", "--repeats must lie in [1, 1,000]"),
+    ("--memory-steps", "0", "--memory-steps must lie in [1, 100]"),
     ("--n-layer", "0", "--n-layer must lie in [1, "),
     ("--rank", "100000000000", "--rank must lie in [1, 32]"),
     ("--alpha", "nan", "--alpha must lie in"),
