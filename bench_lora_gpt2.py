@@ -403,7 +403,9 @@ def measure_in_child(args, name):
     if process.returncode == 0:
         return json.loads(process.stdout.splitlines()[-1])
     if process.returncode < 0:  # killed by a signal: SIGKILL is the kernel's out-of-memory killer
-        return dict(failed=f"killed by signal {-process.returncode} (out of memory?)")
+        signal_number = -process.returncode
+        guess = " (out of memory?)" if signal_number == 9 else ""
+        return dict(failed=f"killed by signal {signal_number}{guess}")
     lines = process.stderr.strip().splitlines() or [f"exit status {process.returncode}"]
     return dict(failed=f"failed: {lines[-1][:120]}")
 

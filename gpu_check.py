@@ -72,6 +72,7 @@ def command(argv, log):
 
 def suite(args, log):
     """The test suite (on the CPU, only its CUDA tests, which skip there)."""
+    # The suite in a process of its own: its tests set seeds, threads and devices freely.
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if args.dry_run:
         argv += ["-k", "cuda"]
@@ -143,9 +144,10 @@ def graph_breaks(args, log):
         if rank:
             L.mark_only_lora_as_trainable(model)
         tokens = torch.randint(0, 64, (2, 64), device=device)  # (B, T): inputs and labels
+        # Under autocast, as the training script runs: its casts must not break the graph either.
         with torch.autocast(device.type, torch.bfloat16):
             explained = torch._dynamo.explain(model)(tokens, tokens)
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # the next model is traced afresh, not from this one's cache
         reasons = "; ".join(str(b.reason).splitlines()[0] for b in explained.break_reasons)
         graphs = explained.graph_count
         breaks = explained.graph_break_count
@@ -167,6 +169,7 @@ def bench(args, log):
     status, last = command([sys.executable, "bench_lora_gpt2.py", *argv], log)
     if status:
         return [("bench", False, last)]
+    # The bench exits 0 with its figures written; its rows say what was measured.
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)["rows"]
     missed = sum(row["met"] is False for row in rows)
@@ -249,6 +252,7 @@ def main(argv=None) -> bool:
     if not args.dry_run and not torch.cuda.is_available():
         parser.exit(1, "error: no CUDA GPU here; run with --dry-run to check the script on the "
                     "CPU\n")
+    # Every step's output goes to the log; the terminal gets the timings and the summary.
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "log.txt"), "w", encoding="utf-8") as log_file:
         def log(text):

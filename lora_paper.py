@@ -64,6 +64,8 @@ PAPER_AMP = {4: [0.32, 21.67, 0.02, 61.95, 6.91], 64: [1.90, 37.71, 0.33, 61.95,
 # ---- The math
 def right_singular(A: torch.Tensor) -> torch.Tensor:
     """U (d, min(r, d)): A's right-singular vectors in columns, largest first."""
+    # In float64: the small singular values of a trained A are close, and float32 would order
+    # their vectors by rounding.
     return torch.linalg.svd(A.double(), full_matrices=False)[2].T
 
 
@@ -177,6 +179,7 @@ def load(path: str):
     """A finished run or checkpoint at `path`, or None; a damaged one is named, in one line."""
     if not os.path.isfile(path):
         return None
+    # weights_only: a run file holds tensors and plain data; nothing in it is executed.
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files, unpickling errors: many types
@@ -287,6 +290,7 @@ def with_lora(config: GPT2Config, rank: int, settings) -> GPT2Config:
 def qv(W: torch.Tensor) -> tuple:
     """(W_q, W_v), each (out, in), from a fused c_attn weight (in, 3 out)."""
     W = W.detach().cpu()
+    # Conv1D stores (in, out): the columns are Q's, then K's, then V's, each `width` wide.
     width = len(W)
     return W[:, :width].T, W[:, 2 * width:].T
 
@@ -381,6 +385,7 @@ def phi_grids(A1: list, A2: list, layer: int) -> dict:
 def amplification_rows(base, run: dict) -> list:
     """Table 7's figures, by layer: ||U^T Wq V^T||_F for U, V of ΔWq, of Wq and of a random
     matrix, then ||Wq||_F, ||ΔWq||_F and the factor."""
+    # One generator for the whole table: the random baseline is the same on every run.
     generator = torch.Generator().manual_seed(0)
     rank = run["rank"]
     rows = []
@@ -395,6 +400,7 @@ def amplification_rows(base, run: dict) -> list:
 
 def latency(base, lora, settings, runtime, repeats: int) -> list:
     """Table 1: a forward pass of --block-size tokens, batch 1 and 16, timed as the bench does."""
+    # A copy with ΔW folded into W0: the same function, without the adapters' extra matmuls.
     merged = GPT2LMModel(lora.config).load_weight(lora.state_dict()).to(runtime.device).eval()
     merge_lora(merged)
     rank = lora.config.lora_attn_dim
@@ -566,7 +572,8 @@ def run(options, settings, runtime) -> dict:
     options.where = dict(layer=f"layer {options.middle}", mean="mean of layers",
                          random="random A")
 
-    # The runs: (rank, seed offset). Each rank once, full fine-tuning (rank 0), and the second
+    # The runs: (rank, seed offset), each its own file in --out-dir/runs, skipped when done
+    # before. Each rank once, full fine-tuning (rank 0), and the second
     # phi rank again from the next seed.
     r1, r2 = options.phi_ranks
     every_rank = sorted(set(options.ranks + options.phi_ranks + options.amp_ranks))
@@ -583,6 +590,7 @@ def run(options, settings, runtime) -> dict:
                       f"r = {r2}, seed {settings.seed}", f"seed {settings.seed + 1}")}
     amps = {rank: amplification_rows(base, lora[(rank, 0)]) for rank in options.amp_ranks}
     runtime.log("timing forward passes")
+    # Latency is measured on the first phi rank's model: a small rank, as the paper's Table 1.
     latency_rows = latency(base, lora[(r1, 0)]["model"], settings, runtime,
                            options.latency_repeats)
 

@@ -374,3 +374,19 @@ def test_bench_savings_leave_the_loss_as_it_was():
                 losses[(chunked, checkpointing)] = step.loss().item()
         plain = losses[(False, False)]
         assert all(loss == pytest.approx(plain, rel=1e-5) for loss in losses.values()), losses
+
+
+@pytest.mark.parametrize("returncode, stderr, status", [
+    (-9, "", "killed by signal 9 (out of memory?)"),
+    (-15, "", "killed by signal 15"),
+    (1, "Traceback ...\nRuntimeError: DefaultCPUAllocator: not enough memory\n",
+     "failed: RuntimeError: DefaultCPUAllocator: not enough memory")])
+def test_bench_memory_run_that_fails_becomes_a_row_saying_how(monkeypatch, returncode, stderr,
+                                                               status):
+    """A memory run killed or failing (too large for the machine) is reported in its row; the
+    other runs still are measured."""
+    def finished(argv, **keywords):
+        return subprocess.CompletedProcess(argv, returncode, stdout="", stderr=stderr)
+    monkeypatch.setattr(bench.subprocess, "run", finished)
+    args = bench.parse_args(BENCH_TINY)
+    assert bench.measure_in_child(args, "full") == {"failed": status}
