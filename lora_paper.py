@@ -220,19 +220,29 @@ def _listed(kind, what):
     return values
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default, and the description and epilog as written."""
+
+
 def help_text() -> tuple:
     """(description, epilog) of --help: what runs, and the defaults this script gives
     train_shakespeare.py's options."""
-    description = __doc__.split("\n\n")[0].split("\n")[0] + (
-        "\n\nIt pretrains a base, adapts it to the same text in lower case at each rank and "
-        "seed, fine-tunes it in full, and writes report.md and its figures to --out-dir.")
-    given = " ".join(DEFAULTS)
-    epilog = ("train_shakespeare.py's options apply too, except --rank, --resume, "
-              "--save-pretrained and --save-adapter. This script's defaults for them: "
-              f"{given}. --lr is LoRA's learning rate (5e-3, the same at every rank, alpha "
-              "--alpha); full fine-tuning's is chosen from --full-lrs. Finished runs are kept "
-              "in --out-dir/runs: the same command skips them, and goes on from an interrupted "
-              "one.")
+    description = (
+        "The LoRA paper's GPT-2 findings in miniature, on Tiny Shakespeare.\n\n"
+        "It pretrains a base on half of the text, adapts it to the same text in lower case\n"
+        "with LoRA at each rank and seed, fine-tunes it in full, and writes report.md and its\n"
+        "figures (PNG, with matplotlib) to --out-dir. Finished runs are kept in\n"
+        "--out-dir/runs: the same command skips them, and goes on from an interrupted one.")
+    # The defaults this script gives train_shakespeare.py's options, one option a line.
+    pairs = [DEFAULTS[i:i + 2] for i in range(0, len(DEFAULTS), 2)]
+    given = "\n".join(f"  {option} {value}" for option, value in pairs)
+    epilog = (
+        "train_shakespeare.py's options apply too (see python train_shakespeare.py --help),\n"
+        "except --rank, --resume, --save-pretrained and --save-adapter. This script sets:\n"
+        f"{given}\n"
+        "--lr is LoRA's learning rate, the same at every rank (default 5e-3, with --alpha 16:\n"
+        "ΔW is scaled by alpha / r); full fine-tuning's is the best of --full-lrs.\n"
+        "--data PATH reads the text from PATH (default: Tiny Shakespeare, fetched into data/).")
     return description, epilog
 
 
@@ -240,7 +250,7 @@ def parse_options(argv) -> tuple:
     """(this script's options, train_shakespeare.py's settings)."""
     description, epilog = help_text()
     parser = _Parser(description=description, epilog=epilog, allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_Help)
     ranks = _listed(int, "ranks")
     parser.add_argument("--ranks", type=ranks, default="1,4,16,64",
                         help="LoRA ranks of the rank sweep")
@@ -502,8 +512,8 @@ def evaluate_all(model, val, windows, settings, runtime) -> tuple:
 
 def lowercase_ids(tokenizer: dict, text: str, ids: torch.Tensor) -> torch.Tensor:
     """The token ids of `text` in lower case, position for position: each character whose lower
-    case is one character of the alphabet becomes it, every other stays. GPT-2's BPE encodes
-    the lowered text anew."""
+    case is a character of the alphabet becomes it, every other stays (in Tiny Shakespeare every
+    letter has its lower case). GPT-2's BPE encodes the lowered text anew."""
     if tokenizer["type"] != "char":
         lowered = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
         return torch.tensor(ts.encode(tokenizer, lowered, "--data"))
@@ -871,11 +881,10 @@ def run(options, settings, runtime) -> dict:
     text = ts.read_text(settings, runtime)
     scratch = settings.init_from == "scratch"
     data_sha = hashlib.sha256(text.encode()).hexdigest()
-    # A scratch base reads characters (lower case ones included, for the task); a pretrained
-    # GPT-2 reads GPT-2's BPE.
+    # A scratch base reads characters, as train_shakespeare.py's (whose cached base it shares);
+    # a pretrained GPT-2 reads GPT-2's BPE.
     if scratch:
-        lowered = {c.lower() for c in text if len(c.lower()) == 1}
-        tokenizer = {"type": "char", "chars": "".join(sorted(set(text) | lowered))}
+        tokenizer = {"type": "char", "chars": "".join(sorted(set(text)))}
     else:
         tokenizer = {"type": "gpt2-bpe"}
     ids = torch.tensor(ts.encode(tokenizer, text, "--data"))
@@ -898,6 +907,14 @@ def run(options, settings, runtime) -> dict:
     other = dict(train_ids=other_ids, data=(val, windows), every_window=every,
                  settings=settings, runtime=runtime, data_sha=data_sha)
     seeds = [settings.seed + k for k in range(options.seeds)]
+    # Run files of an earlier version of this script have other names: never read, named once.
+    runs_folder = os.path.join(settings.out_dir, "runs")
+    ours = tuple(f"{name}-" for name in TASKS)
+    older = sorted(name for name in (os.listdir(runs_folder) if os.path.isdir(runs_folder) else [])
+                   if not name.startswith(ours))
+    if older:
+        runtime.log(f"not used: {len(older)} run file(s) in {runs_folder} of an earlier version of "
+                    f"lora_paper.py (such as {older[0]}); remove them")
     lora_ranks = sorted(set(options.ranks + options.phi_ranks + options.amp_ranks))
     runs = {}
 

@@ -98,11 +98,108 @@ def test_amplification_of_a_multiple_of_W(pair, c, r):
     assert paper.amplification(c * low, low, r) == pytest.approx(abs(c), rel=1e-6)
 
 
+def test_spread_is_the_mean_its_standard_error_and_range():
+    """spread: the mean, sample standard deviation over sqrt(n), lowest and highest; a single
+    value has no error. differs: only when the gap exceeds both errors and the ranges part."""
+    stats = paper.spread([1.0, 2.0, 3.0, 6.0])
+    assert stats["mean"] == 3.0 and stats["low"] == 1.0 and stats["high"] == 6.0
+    assert stats["se"] == pytest.approx((14 / 3) ** 0.5 / 2)
+    assert paper.spread([5.0])["se"] == 0.0
+    assert paper.shown(paper.spread([1.0, 3.0]), 1) == "2.0 ± 1.0 (1.0–3.0)"
+    apart, overlapping = paper.spread([0.0, 0.1]), paper.spread([0.05, 1.0])
+    assert paper.differs(apart, paper.spread([1.0, 1.1]))
+    assert not paper.differs(apart, overlapping)  # ranges overlap
+    assert not paper.differs(paper.spread([1.0] * 3), paper.spread([1.0] * 3))
+
+
+def test_gaussian_phi_averages_max_i_j_over_d():
+    """For independent Gaussian A1, A2 in R^d, phi(i, j) averages max(i, j) / d: the chance level
+    the Gaussian baseline draws. 400 draws at d = 12 put the mean within 0.02."""
+    generator = torch.Generator().manual_seed(0)
+    d, r1, r2 = 12, 3, 5
+    grids = [paper.subspace_similarity(torch.randn(r1, d, generator=generator),
+                                       torch.randn(r2, d, generator=generator))
+             for _ in range(400)]
+    mean = sum(grids) / len(grids)
+    i, j = torch.meshgrid(torch.arange(1, r1 + 1), torch.arange(1, r2 + 1), indexing="ij")
+    expected = torch.maximum(i, j).double() / d
+    assert (mean - expected).abs().max() < 0.02
+
+
+@given(d=st.integers(3, 12), k=st.integers(1, 3), r=st.integers(1, 6), seed=seeds)
+def test_a_drawn_from_the_inputs_covariance_lies_in_their_span(d, k, r, seed):
+    """Inputs in a k-dimensional subspace: a random A drawn from their covariance has its rows in
+    it (phi against its basis is 1 for the top min(r, k) directions); a Gaussian A does not.
+    Their effective dimensions: k."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, d - 1)
+    basis = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))[0].T
+    inputs = torch.randn(200, k, generator=generator, dtype=torch.float64) @ basis  # (200, d)
+    sigma = paper.second_moment(inputs)
+    assert paper.effective_dimensions(torch.eye(d, dtype=torch.float64)) == pytest.approx(d)
+    assert 1 - 1e-9 <= paper.effective_dimensions(sigma) <= k + 1e-9
+    A = paper.draw_like_inputs(sigma, r, generator)
+    top = min(r, k)
+    grid = paper.subspace_similarity(A, basis)
+    assert grid[:top, -1].min() > 1 - 1e-6
+    gaussian = torch.randn(r, d, generator=generator, dtype=torch.float64)
+    assert paper.subspace_similarity(gaussian, basis)[0, -1] < 1 - 1e-3
+
+
+def test_random_directions_are_orthonormal_and_hold_r_squared_over_d_squared_of_w():
+    """Random U (d_out, r), V (r, d_in) are orthonormal, and ||U^T W V^T||_F^2 averages
+    r^2 ||W||_F^2 / (d_out d_in) over draws: the share of W that directions knowing nothing of it
+    hold. 600 draws put the mean within 10%."""
+    generator = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 9, generator=generator, dtype=torch.float64)
+    r = 2
+    U, V = paper.random_directions(6, 9, r, generator)
+    torch.testing.assert_close(U.T @ U, torch.eye(r, dtype=U.dtype))
+    torch.testing.assert_close(V @ V.T, torch.eye(r, dtype=V.dtype))
+    squares = [paper.projected_norm(W, *paper.random_directions(6, 9, r, generator)) ** 2
+               for _ in range(600)]
+    expected = r ** 2 * W.norm().item() ** 2 / (6 * 9)
+    assert sum(squares) / len(squares) == pytest.approx(expected, rel=0.1)
+
+
+@given(pair=two_matrices(), r=st.integers(1, 12))
+def test_energy_in_top_is_one_for_a_matrix_of_rank_at_most_r(pair, r):
+    """The share of ||dW||^2 in the top-r singular values: 1 for rank <= r, growing with r."""
+    A, B = pair
+    r = min(r, len(A))
+    low = A[:r].T @ B[:r] if len(B) >= r else A[:len(B)].T @ B
+    assert paper.energy_in_top(low, r) == pytest.approx(1.0, abs=1e-9)
+    full = A.T @ A
+    assert paper.energy_in_top(full, r) <= paper.energy_in_top(full, r + 1) + 1e-12
+
+
+def test_lowercase_ids_keep_positions_and_windows_cover_the_held_out_text():
+    """The lower-case task maps each character to its lower case, position for position, as
+    encoding the lowered text does; every_window tiles the held-out text without overlap."""
+    text = "ROMEO:\nBut Soft, what Light? romeo bells! Q"
+    tokenizer = {"type": "char", "chars": "".join(sorted(set(text)))}
+    ids = torch.tensor(ts.encode(tokenizer, text, "text"))
+    lowered = paper.lowercase_ids(tokenizer, text, ids)
+    # "q" is not in the alphabet: "Q" stays
+    assert lowered.tolist() == ts.encode(tokenizer, text.lower()[:-1] + "Q", "text")
+    val = torch.arange(1000)
+    settings = ts.parse_settings(["--block-size", "16"])[0]
+    starts = paper.every_window(val, settings)
+    assert len(starts) == (1000 - 17) // 16 + 1 and starts[0] == 0 and starts[-1] == 1000 - 17
+    assert (starts.diff() >= 16).all()
+
+
 PAPER_SETTINGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
                   "--batch-size", "4", "--base-iters", "6", "--max-iters", "4", "--warmup", "1",
                   "--eval-interval", "2", "--eval-iters", "2", "--device", "cpu",
                   "--latency-repeats", "1"]
-PAPER_TINY = PAPER_SETTINGS + ["--ranks", "1,2,4", "--phi-ranks", "2,4", "--amp-ranks", "1,4"]
+PAPER_TINY = PAPER_SETTINGS + ["--ranks", "1,2,4", "--phi-ranks", "2,4", "--amp-ranks", "1,4",
+                               "--seeds", "2", "--full-lrs", "1e-3,3e-3", "--draws", "3"]
+# The runs of PAPER_TINY: (task, rank, seed, lr); rank 0 is full fine-tuning.
+SEEDS = (1337, 1338)
+TINY_RUNS = ({("lowercase", r, s, 5e-3) for r in (1, 2, 4) for s in SEEDS}
+             | {("lowercase", 0, 1337, lr) for lr in (1e-3, 3e-3)}
+             | {("other-half", 4, s, 5e-3) for s in SEEDS})
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +213,18 @@ def test_paper_script_writes_every_table(paper_run):
     text = (out / "report.md").read_text(encoding="utf-8")
     for heading in ("Rank sweep", "Subspace similarity", "Amplification", "Inference latency"):
         assert f"## {heading}" in text
-    assert set(result["runs"]) == {(1, 0), (2, 0), (4, 0), (0, 0), (4, 1)}  # (rank, seed - --seed)
-    # rank 2 on Q and V of 2 layers of width 16
-    assert result["runs"][(2, 0)]["trainable"] == 2 * 2 * (16 + 16) * 2
-    assert result["phi"]["ranks"][0]["q"]["mean"].shape == (2, 4)
-    assert [row[:2] for row in result["amplification"][4]] == [[4, 0], [4, 1]]
+    full_lr = result["full_lr"]
+    assert set(result["runs"]) == TINY_RUNS | {("lowercase", 0, 1338, full_lr)}
+    # rank 2 on Q and V of 2 layers of width 16; every run keeps its weights
+    assert result["runs"][("lowercase", 2, 1337, 5e-3)]["trainable"] == 2 * 2 * (16 + 16) * 2
+    assert all(run["weights"] for run in result["runs"].values())
+    assert result["phi"]["ranks"]["trained"]["q"]["grid"].shape == (2, 4)
+    assert result["phi"]["ranks"]["Gaussian"]["q"]["summary"]["mean phi"]["n"] == 3  # draws
+    assert result["sweep"]["ranks"][4]["loss"]["n"] == 2  # seeds
+    # every held-out window scored: (1115 bytes of held-out text - 17) // 16 + 1 of them
+    assert result["windows"] > 2 * 4
+    assert set(result["amplification"]) == {1, 4}
+    assert "± " in text and "Reading:" in text
 
 
 def test_paper_script_draws_every_figure_with_matplotlib(paper_run):
@@ -145,14 +249,28 @@ def test_paper_script_again_trains_nothing_and_keeps_its_tables_without_matplotl
     assert {k: r["loss"] for k, r in again["runs"].items()} == losses
 
 
+def test_paper_script_names_the_run_files_of_an_earlier_version_and_the_fix(
+        paper_run, text_file, tmp_path, monkeypatch, capsys):
+    """A run file of lora-paper-run/2 (named r4-seed1337-KEY.pt) is not read: one line names it
+    and the fix, and the runs of this version are used."""
+    out = _copy_paper_run(paper_run[1], tmp_path / "out")
+    (out / "runs" / "r4-seed1337-0123456789ab.pt").write_bytes(b"an earlier version's")
+    monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    paper.main(PAPER_TINY + ["--data", text_file, "--out-dir", str(out)])
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "not used" in line]
+    assert "1 run file(s)" in line and "r4-seed1337-0123456789ab.pt" in line
+    assert "remove them" in line
+
+
 def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_path, monkeypatch,
                                                       capsys):
     """Stopped at the first checkpoint of its first adaptation (r = 1), then run again: the same
     figures as a run never stopped. Runs are keyed by their settings, not by --ranks."""
     result, out = paper_run
     copy_run(str(out), tmp_path)  # the cached base
-    argv = PAPER_SETTINGS + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
-                             "--data", text_file, "--out-dir", str(tmp_path)]
+    argv = PAPER_TINY + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
+                         "--data", text_file, "--out-dir", str(tmp_path)]
     save = ts.save_atomic
 
     def stop(obj, path):
@@ -164,11 +282,12 @@ def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_
     assert paper.cli(argv) == 130
     assert "interrupted: run the same command again" in capsys.readouterr().err
     [part] = os.listdir(tmp_path / "runs")
-    assert part.startswith("r1-") and part.endswith(".part")
+    assert part.startswith("lowercase-r1-seed1337-") and part.endswith(".part")
     monkeypatch.setattr(ts, "save_atomic", save)
     again = paper.main(argv)
-    for key in ("loss", "accuracy", "history"):
-        assert again["runs"][(1, 0)][key] == result["runs"][(1, 0)][key]
+    key = ("lowercase", 1, 1337, 5e-3)
+    for name in ("loss", "accuracy", "history"):
+        assert again["runs"][key][name] == result["runs"][key][name]
 
 
 def test_paper_script_adapts_the_base_given_by_init_from(text_file, tmp_path, monkeypatch):
@@ -176,11 +295,11 @@ def test_paper_script_adapts_the_base_given_by_init_from(text_file, tmp_path, mo
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     _hf_folder(tmp_path / "hf", seed=0)  # 2 layers of width 32
     out = tmp_path / "out"
-    result = paper.main(PAPER_SETTINGS + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "2",
-                                          "--data", text_file, "--init-from", str(tmp_path / "hf"),
-                                          "--out-dir", str(out)])
+    result = paper.main(PAPER_TINY + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "2",
+                                      "--data", text_file, "--init-from", str(tmp_path / "hf"),
+                                      "--out-dir", str(out)])
     assert not glob.glob(str(out / "base-*.pt"))  # nothing pretrained
-    assert result["runs"][(1, 0)]["trainable"] == 1 * 2 * (32 + 32) * 2
+    assert result["runs"][("lowercase", 1, 1337, 5e-3)]["trainable"] == 1 * 2 * (32 + 32) * 2
     assert (f"Base: {tmp_path / 'hf'}, 2 layers of width 32"
             in (out / "report.md").read_text("utf-8"))
 
@@ -229,8 +348,8 @@ def _copy_paper_run(out, dest):
     return dest
 
 
-def _run_file(out, prefix):
-    [path] = glob.glob(str(out / "runs" / f"{prefix}-seed*.pt"))
+def _run_file(out, name):
+    [path] = glob.glob(str(out / "runs" / f"{name}-seed1337-*.pt"))
     return path
 
 
@@ -241,14 +360,15 @@ def test_paper_script_refuses_a_run_file_it_did_not_write_naming_it_and_the_fix(
     one line naming it, before the report (it used to end in a KeyError or TypeError traceback
     after every run, or to be read as a run of this version)."""
     out = _copy_paper_run(paper_run[1], tmp_path / "out")
-    path = _run_file(out, "r1")
+    path = _run_file(out, "lowercase-r1")
     run = torch.load(path, weights_only=True)
     if damage == "other layout":
         run = {"rank": 1, "loss": "low"}
     elif damage == "older version":
         run.pop("format", None)
     else:
-        run["weights"] = torch.load(_run_file(out, "r2"), weights_only=True)["weights"]
+        run["weights"] = torch.load(_run_file(out, "lowercase-r2"),
+                                    weights_only=True)["weights"]
     torch.save(run, path)
     monkeypatch.setattr(ts, "train", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -300,8 +420,8 @@ def test_paper_script_names_a_part_file_that_does_not_fit_and_the_fix(
     """An interrupted run's .part file that this run cannot go on from is named, with the fix;
     it used to be reported as OUT/ckpt.pt, a file that does not exist."""
     copy_run(str(paper_run[1]), tmp_path)  # the cached base
-    argv = PAPER_SETTINGS + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
-                             "--data", text_file, "--out-dir", str(tmp_path)]
+    argv = PAPER_TINY + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
+                         "--data", text_file, "--out-dir", str(tmp_path)]
     save = ts.save_atomic
 
     def stop(obj, path):
@@ -337,3 +457,16 @@ def test_paper_script_refuses_ranks_above_the_width_before_any_run(option, text_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "exceed the base's width n_embd 16" in err
     assert err.count("\n") == 1
+
+
+def test_paper_script_help_shows_every_default(capsys):
+    """--help names each default: the ranks, seeds, learning rates, the output folder and the
+    settings this script gives train_shakespeare.py's options."""
+    with pytest.raises(SystemExit) as stopped:
+        paper.parse_options(["--help"])
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 1,4,16,64)", "(default: 3)", "(default: 4,16)", "(default: 1,4,16)",
+                  "(default: 1e-4,3e-4,1e-3)", "--out-dir out-paper", "--base-iters 2000",
+                  "except --rank, --resume", "--data PATH"):
+        assert shown in text
