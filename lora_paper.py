@@ -745,6 +745,25 @@ def sweep_reading(options, sweep: dict) -> list:
     return lines + [""]
 
 
+def phi_reading(results: dict) -> list:
+    """Sentences that set each summary of the trained pairs against the highest of its
+    baselines: above it only where even the lowest pair is."""
+    lines = []
+    baselines = ("other data", "inputs' covariance", "Gaussian")
+    for comparison in results["phi"].values():
+        for matrix in "qv":
+            trained = comparison["trained"][matrix]["summary"]
+            for figure, stats in trained.items():
+                means = {where: comparison[where][matrix]["summary"][figure]["mean"]
+                         for where in baselines}
+                highest = max(means, key=means.get)
+                verdict = "above" if stats["low"] > means[highest] else "not above"
+                lines.append(f"- {' vs '.join(comparison['labels'])}, W{matrix}, {figure}: "
+                             f"{stats['mean']:.3f} (lowest pair {stats['low']:.3f}), {verdict} "
+                             f"the highest baseline, {highest} ({means[highest]:.3f}).")
+    return lines + [""]
+
+
 def report(options, settings, results: dict, base, files: list) -> str:
     """The report's markdown: each table with the paper's figures beside ours."""
     config = base.config
@@ -826,14 +845,17 @@ def report(options, settings, results: dict, base, files: list) -> str:
         for matrix in "qv":
             for where in ("trained", "other data", "inputs' covariance", "Gaussian"):
                 summary = comparison[where][matrix]["summary"]
-                digits = 3
-                cells = [shown(summary[name], digits) if where == "trained"
-                         else f"{summary[name]['mean']:.{digits}f}" for name in summary]
+                # The trained pairs with their spread; the baselines' means.
+                if where == "trained":
+                    cells = [shown(summary[name], 3) for name in summary]
+                else:
+                    cells = [f"{summary[name]['mean']:.3f}" for name in summary]
                 rows.append([" vs ".join(comparison["labels"]), f"W{matrix}", where] + cells)
     out += table(["A compared", "ΔW", "pairs", "φ(1, 1)", "φ(1, all j)", "mean φ"], rows)
     out += ["The paper: between r = 8 and r = 64 (GPT-3, layer 48) the top direction has",
             "φ > 0.5 and the rest is mostly noise; two seeds at r = 64 share their top",
             "directions, more for Wq than for Wv.", ""]
+    out += ["Reading:", ""] + phi_reading(results)
     out += [f"![{name}]({name})" for name in files if name.startswith("subspace")]
 
     # Amplification.
@@ -845,9 +867,10 @@ def report(options, settings, results: dict, base, files: list) -> str:
              "ΔWq's / random"]
     rows = [[rank] + [shown(results["amplification"][rank][name], 2) for name in names]
             for rank in options.amp_ranks]
-    rows += [[rank, *paper, PAPER_FACTOR[rank], f"{paper[0] / paper[2]:.0f}"]
+    # The paper's rows: its figures, its factor, and ΔWq's over random computed from them.
+    rows += [[f"{rank}, paper: GPT-3, 48", *paper, PAPER_FACTOR[rank],
+              f"{paper[0] / paper[2]:.0f}"]
              for rank, paper in PAPER_AMP.items()]
-    rows[-2][0], rows[-1][0] = "4, paper: GPT-3, 48", "64, paper: GPT-3, 48"
     out += table(["r"] + names, rows)
 
     # Latency: the bench's rows, by batch.
@@ -1018,14 +1041,14 @@ def sweep_figures(options, base, runs, lora, full, seeds, full_lr, base_original
               / sum(len(deltas) for deltas in full) for rank in options.ranks}
     other = [runs[("other-half", options.phi_ranks[1], seed, options.lr)]["loss"]
              for seed in seeds]
-    return dict(ranks=by_rank,
-                full=dict(loss=spread(full_losses),
-                          share=spread([(base_lowercase[0] - x) / full_gain
-                                        for x in full_losses]),
-                          ratio=spread([ratio(deltas) for deltas in full])),
-                base={"original": base_original[0], "original accuracy": base_original[1],
-                      "lowercase": base_lowercase[0], "lowercase accuracy": base_lowercase[1]},
-                **{"full energy": energy, "other half": spread(other)})
+    full_figures = dict(loss=spread(full_losses),
+                        share=spread([(base_lowercase[0] - loss) / full_gain
+                                      for loss in full_losses]),
+                        ratio=spread([ratio(deltas) for deltas in full]))
+    base_figures = {"original": base_original[0], "original accuracy": base_original[1],
+                    "lowercase": base_lowercase[0], "lowercase accuracy": base_lowercase[1]}
+    return {"ranks": by_rank, "full": full_figures, "base": base_figures,
+            "full energy": energy, "other half": spread(other)}
 
 
 def cli(argv=None) -> int:

@@ -224,7 +224,7 @@ def test_paper_script_writes_every_table(paper_run):
     # every held-out window scored: (1115 bytes of held-out text - 17) // 16 + 1 of them
     assert result["windows"] > 2 * 4
     assert set(result["amplification"]) == {1, 4}
-    assert "± " in text and "Reading:" in text
+    assert "± " in text and text.count("Reading:") == 2 and "the highest baseline" in text
 
 
 def test_paper_script_draws_every_figure_with_matplotlib(paper_run):
