@@ -11,7 +11,17 @@ zero: before training ΔW = 0. Once trained, ΔW can be added into W0 ("merged")
 This module follows microsoft/LoRA: its `loralib` layers (`Linear`, `MergedLinear`, with the same
 parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys and forward
 arguments), so that checkpoints and scripts move freely between the two. Its numbered sections
-read top to bottom, from the config to the checkpoint formats.
+read top to bottom like the paper:
+
+     1  the config                        7  the head, tied to the token embedding
+     2  the LoRA layers (start here)      8  GPT2LMModel: forward, accuracy, generation
+     3  Conv1D, GPT-2's linear layer      9  microsoft's loss, over chunks of positions
+     4  attention, LoRA on Q and V       10  presets
+     5  MLP and block                    11  loralib's helpers: what to train, merging
+     6  GPT2Model, the trunk             12  microsoft's load_weight
+
+and end with the argument checks (13), kept apart so that the model reads as math. File formats
+(Hugging Face folders, PEFT adapters, the hub) live in checkpoint_formats.py.
 
 Shapes in comments use B (batch), T (time), C (n_embd), nh (heads), hs (head size), V (vocab),
 r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
@@ -45,9 +55,13 @@ class GPT2Config:
     n_head              number of attention heads nh; head size hs = C / nh.
     layer_norm_epsilon  ε added to the variance inside every LayerNorm.
     initializer_range   standard deviation of the normal init of the weights.
-    lora_attn_dim       the LoRA rank r on Q and V; 0 means no adapters, plain GPT-2.
-    lora_attn_alpha     α; the update ΔW = BA is scaled by α / r.
-    lora_dropout        dropout on the adapter's input x, before A (as in loralib).
+    lora_attn_dim       the LoRA rank r on Q and V; 0 means no adapters, plain GPT-2. The paper
+                        adapts W_q and W_v (section 7.1) and finds r as small as 1 to 4 enough
+                        (section 7.2); microsoft's GPT-2 E2E runs use r = 4.
+    lora_attn_alpha     α; the update ΔW = BA is scaled by α / r (section 4.1), so that a new r
+                        needs no new learning rate. microsoft's E2E runs use α = 32.
+    lora_dropout        dropout on the adapter's input x, before A (as in loralib); 0.1 in the
+                        paper's GPT-2 runs (appendix D, Table 11).
 
     Two fields microsoft's GPT-2 stores but never uses; here they mean (0, off, by default):
     lora_r_dropout      dropout on A x, between A and B.
