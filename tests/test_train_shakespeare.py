@@ -65,11 +65,11 @@ def test_held_out_windows_are_evaluated_once_per_logged_step_and_the_report_reus
     monkeypatch.setattr(L.GPT2LMModel, "forward", counting)
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path),
                                    "--sample", "0"])
-    s = argparse.Namespace(block_size=32, batch_size=8, eval_iters=4)
+    settings = argparse.Namespace(block_size=32, batch_size=8, eval_iters=4)
     text = open(text_file, encoding="utf-8").read()
     windows = ts.split(torch.tensor(ts.encode({"type": "char",
                                                "chars": "".join(sorted(set(text)))}, text, "")),
-                       s, scratch=True)[3]
+                       settings, scratch=True)[3]
     assert sum(batches) == (30 // 5 + 20 // 5) * len(windows)
     assert (report["adapted_loss"], report["adapted_accuracy"]) == \
         (report["history"][-1]["val_loss"], report["history"][-1]["val_accuracy"])
@@ -117,7 +117,7 @@ def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text
                                                               capsys, monkeypatch):
     """bfloat16 and float32 pretraining give different weights: a bfloat16 run pretrains its own
     base."""
-    def stop(*a):
+    def stop(*args):
         raise KeyboardInterrupt  # at its first step: enough to see which base the run took
     monkeypatch.setattr(ts, "learning_rate", stop)
     with pytest.raises(KeyboardInterrupt, match="interrupted before a checkpoint"):
@@ -235,11 +235,11 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(
     def interrupt_at(n):  # Ctrl-C during the n-th step of the next run
         calls.clear()
 
-        def lr(*a):
+        def lr(*args):
             calls.append(1)
             if len(calls) == n:
                 raise KeyboardInterrupt
-            return real_lr(*a)
+            return real_lr(*args)
         monkeypatch.setattr(ts, "learning_rate", lr)
 
     interrupt_at(13)  # base step 13; the last checkpoint is base step 10
@@ -259,10 +259,13 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(
     assert resumed["history"] == uninterrupted["history"]
     for key in ("base_loss", "adapted_loss", "base_accuracy", "adapted_accuracy", "sample"):
         assert resumed[key] == uninterrupted[key], key
-    for name in ["ckpt.pt"] + [f for f in os.listdir(run_dir) if f.startswith("base-")]:
-        a = torch.load(os.path.join(out, name), weights_only=True)["weights"]
-        b = torch.load(os.path.join(run_dir, name), weights_only=True)["weights"]
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    bases = [name for name in os.listdir(run_dir) if name.startswith("base-")]
+    for name in ["ckpt.pt"] + bases:
+        resumed_weights = torch.load(os.path.join(out, name), weights_only=True)["weights"]
+        weights = torch.load(os.path.join(run_dir, name), weights_only=True)["weights"]
+        assert resumed_weights.keys() == weights.keys(), name
+        for key in weights:
+            assert torch.equal(resumed_weights[key], weights[key]), (name, key)
 
 
 def test_report_after_resume_measures_base_and_adapted_on_the_same_windows(finished_run, text_file,
@@ -412,8 +415,8 @@ def test_damaged_checkpoints_are_one_line_errors(finished_run, text_file, tmp_pa
         torch.save(crafted, path)
         assert message in one_line_error(["--resume", "--out-dir", out, "--sample", "0"],
                                          capsys), message
-    with open(path, "wb") as f:
-        f.write(os.urandom(4096))
+    with open(path, "wb") as file:
+        file.write(os.urandom(4096))
     assert "cannot read the checkpoint" in one_line_error(["--resume", "--out-dir", out], capsys)
 
     # a cached base of another size under the name this run's base would have
@@ -543,11 +546,11 @@ def test_offline_tiktoken_says_where_it_keeps_its_files(monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", argparse.Namespace(get_encoding=offline))
     ts.gpt2_bpe.cache_clear()
     try:
-        with pytest.raises(OSError, match="TIKTOKEN_CACHE_DIR") as e:
+        with pytest.raises(OSError, match="TIKTOKEN_CACHE_DIR") as error:
             ts.gpt2_bpe()
     finally:
         ts.gpt2_bpe.cache_clear()
-    assert "openaipublic" in str(e.value) and "\n" not in str(e.value)
+    assert "openaipublic" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_weights_of_an_unknown_width_point_at_a_folder_with_a_config(text_file, tmp_path, capsys):
@@ -575,14 +578,14 @@ def loopback_server(tmp_path):
     requests = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, directory=str(site), **k)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(site), **kwargs)
 
         def do_GET(self):
             requests.append(self.path)
             super().do_GET()
 
-        def log_message(self, *a):
+        def log_message(self, *args):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -611,7 +614,7 @@ def test_download_on_first_use_then_cached(loopback_server, tmp_path, monkeypatc
     assert report["history"][-1]["step"] == 2
 
     default_data = (argparse.Namespace(data=None),
-                    argparse.Namespace(rank=0, world=1, log=lambda *a: None))
+                    argparse.Namespace(rank=0, world=1, log=lambda *args: None))
     assert ts.read_text(*default_data) == body.decode()
     assert requests == ["/input.txt"]  # the right size is already there: no second download
     cached.write_bytes(body[:100])  # a truncated file is fetched again
@@ -637,7 +640,7 @@ def _process_of_two(rank, port, argv, log):
     """One of two processes, with the environment torchrun gives its workers."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    with open(log, "w") as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
         code = ts.cli(argv)
     os._exit(code)
 
@@ -653,26 +656,26 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
                          "--out-dir", copy_run(finished_run[1], tmp_path / "out")]
     single = ts.main(argv)
     one = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     fork = multiprocessing.get_context("fork")
     argv += ["--overwrite"]
     procs = [fork.Process(target=_process_of_two, args=(r, port, argv, tmp_path / f"log{r}"))
              for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        p.kill()
+    for process in procs:
+        process.start()
+    for process in procs:
+        process.join(timeout=120)
+        process.kill()
     logs = [(tmp_path / f"log{r}").read_text() for r in range(2)]
-    assert [p.exitcode for p in procs] == [0, 0], logs
+    assert [process.exitcode for process in procs] == [0, 0], logs
     assert "using the cached base" in logs[0] and "2 process(es)" in logs[0]
     assert logs[0].count("trainable parameters") == 1 and logs[1] == ""  # process 0 alone prints
     two = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert two["weights"].keys() == one["weights"].keys()
-    for k in one["weights"]:
-        torch.testing.assert_close(two["weights"][k], one["weights"][k], rtol=1e-3, atol=1e-4)
+    for key in one["weights"]:
+        torch.testing.assert_close(two["weights"][key], one["weights"][key], rtol=1e-3, atol=1e-4)
     assert two["history"][-1]["val_loss"] == pytest.approx(single["adapted_loss"], abs=1e-4)
     # the logged train loss is the mean over both processes' sequences, as one process's over all
     for a, b in zip(two["history"], single["history"]):
