@@ -24,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -157,6 +159,7 @@ def parse_settings(argv=None) -> tuple:
     # checked by every process
     if os.path.isfile(settings.out_dir):
         raise ValueError(f"--out-dir {settings.out_dir} is a file; pass a folder")
+    check_flags(settings, given_options(argv))
     if settings.resume:
         # the run's own settings first, then the command line's over them
         resume = read_checkpoint(path, "ckpt")
@@ -164,17 +167,13 @@ def parse_settings(argv=None) -> tuple:
         saved_argv = [f"--{key.replace('_', '-')}={value}" for key, value in saved.items()
                       if key not in FRESH and value is not None]
         settings = parser.parse_args(saved_argv + argv)
-        for key in SHAPING:
-            if getattr(settings, key) != saved.get(key, getattr(settings, key)):
-                raise ValueError(f"--{key.replace('_', '-')} {getattr(settings, key)}: the run in "
-                                 f"{settings.out_dir} was trained with {saved[key]}, which "
-                                 f"--resume keeps")
+        check_resumed_settings(settings, resume)
     elif not settings.overwrite and os.path.isfile(path):
-        raise ValueError(f"--out-dir {settings.out_dir} holds a run: --resume it, or start over "
-                         f"with --overwrite or in another --out-dir")
+        refuse_a_second_run(settings.out_dir)
     # adapters take a larger step than full fine-tuning
     if settings.lr is None:
         settings.lr = 5e-3 if settings.rank > 0 else 5e-4
+    check_learning_rates(settings)
     return settings, resume
 
 
@@ -318,6 +317,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
     # The data: the text, its tokenizer and its parts.
     text = read_text(settings, runtime)
     data_sha = hashlib.sha256(text.encode()).hexdigest()
+    check_same_text(data_sha, settings, runtime)
     if resume and resume["data_sha"] != data_sha:
         raise ValueError(f"--data is not the text the run in {settings.out_dir} trained on")
     scratch = settings.init_from == "scratch"
@@ -334,6 +334,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
         config = GPT2Config(vocab_size=len(chars), n_layer=settings.n_layer,
                             n_head=settings.n_head, n_embd=settings.n_embd,
                             n_positions=settings.block_size, n_ctx=settings.block_size)
+    check_sizes(settings, config)
     ids = torch.tensor(encode(tokenizer, text, "--data"))
     prompt = encode(tokenizer, settings.prompt, "--prompt") or [0]
     # checked once here, not on every batch
@@ -344,9 +345,23 @@ def run(settings, resume, runtime, last: dict) -> dict:
     # the adapted model's shape: the base's, with LoRA of --rank on Q and V
     lora = {"lora_attn_dim": settings.rank, "lora_attn_alpha": settings.alpha,
             "lora_dropout": settings.lora_dropout}
-    lora_config = settings.rank and GPT2Config.from_dict({**config.to_dict(), **lora})
+    lora_config = None
+    if settings.rank:
+        try:
+            lora_config = GPT2Config.from_dict({**config.to_dict(), **lora})
+        except ValueError as error:
+            raise ValueError(f"--rank {settings.rank}, --alpha {settings.alpha:g}, --lora-dropout "
+                             f"{settings.lora_dropout:g}: {error}") from None
+    # The scratch base's file: the one the run records once it adapts, else the recipe's name.
+    if scratch and adapting:
+        base_name = resume["base"]["file"]
+    elif scratch:
+        base_name = base_file(settings, config, data_sha, runtime.dtype)
+    base_path = scratch and os.path.join(settings.out_dir, base_name)
     # All that can be refused is refused before the first step.
-    check_exports(settings)
+    if scratch and resume:
+        check_resumed_base(resume, base_name, base_path, settings)
+    check_exports(settings, runtime.log)
 
     def write(path, kind, model, **more):
         """A checkpoint of `model`'s trainable weights, by process 0."""
@@ -357,21 +372,19 @@ def run(settings, resume, runtime, last: dict) -> dict:
     def save(phase, model, state):
         """ckpt.pt: the run's settings, its base and its training state."""
         write(os.path.join(settings.out_dir, "ckpt.pt"), "ckpt", model, phase=phase,
-              settings=vars(settings), data_sha=data_sha, base=base_info, **state)
+              settings=vars(settings), data_sha=data_sha, base=base_info,
+              dtype=str(runtime.dtype)[6:], **state)
         last.update(phase=phase, step=state["step"])
 
-    # The base: the cached scratch base, a new one pretrained here, or GPT-2.
+    # The base: the cached scratch base, a new one pretrained here, or GPT-2. An adapting run
+    # never pretrains (its base's file was checked above), so ckpt.pt never goes back to the
+    # base phase.
     base_evaluation = None
     if scratch:
-        if adapting:
-            name = resume["base"]["file"]
-        else:
-            name = base_file(settings, config, data_sha, runtime.dtype)
-        base_info = {"source": "scratch", "file": name}
-        path = os.path.join(settings.out_dir, name)
-        if os.path.isfile(path):
-            runtime.log(f"using the cached base {path}")
-            weights = read_checkpoint(path, "base")["weights"]
+        base_info = {"source": "scratch", "file": base_name}
+        if os.path.isfile(base_path):
+            runtime.log(f"using the cached base {base_path}")
+            weights = read_checkpoint(base_path, "base")["weights"]
             base = GPT2LMModel(config).load_weight(weights)
         else:
             torch.manual_seed(settings.seed)
@@ -380,8 +393,8 @@ def run(settings, resume, runtime, last: dict) -> dict:
                         f"{settings.base_iters} steps")
             base_evaluation = train(base, base_ids, val, windows, settings, runtime,
                                     phase="base", iters=settings.base_iters, lr=settings.base_lr,
-                                    resume=None if adapting else resume, save=save)[1]
-            write(path, "base", base)
+                                    resume=resume, save=save)[1]
+            write(base_path, "base", base)
     else:
         # a path made absolute; a hub name as it is
         if os.path.exists(settings.init_from):
@@ -583,24 +596,40 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, figures: dict, set
         else:
             figures["sample"] = gpt2_bpe()[1](out)
         runtime.log(f"sample ({settings.sample} tokens):\n{figures['sample']}")
-    # the exports asked for
-    if settings.save_pretrained:
-        model.save_pretrained(settings.save_pretrained)
-    if settings.save_adapter:
-        name = settings.init_from
-        # a scratch base goes inside, where the adapter's name for it leads peft
-        if name == "scratch":
-            name = os.path.join(settings.save_adapter, "base")
-            base_path = os.path.join(settings.out_dir, base["file"])
-            load_model(base_path)[0].save_pretrained(name)
-        model.save_adapter(settings.save_adapter, name)
-    folders = (settings.save_pretrained, settings.save_adapter) if chars else ()
-    for folder in filter(None, folders):
+    export(model, settings, runtime, base, chars)
+
+
+def export(model: GPT2LMModel, settings, runtime, base: dict, chars: str | None) -> None:
+    """Write the exports asked for, each folder whole (write_whole), and say what went where."""
+    def add_chars(folder):
         # token id i is the character chars[i]
-        path = os.path.join(folder, "chars.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as file:
-            json.dump({"chars": chars}, file)
-        os.replace(path + ".tmp", path)
+        if chars:
+            with open(os.path.join(folder, "chars.json"), "w", encoding="utf-8") as file:
+                json.dump({"chars": chars}, file)
+    with_chars = ", chars.json" if chars else ""
+    if settings.save_pretrained:
+        def fill_merged(folder):
+            model.save_pretrained(folder)
+            add_chars(folder)
+        verb = write_whole("--save-pretrained", settings.save_pretrained, fill_merged)
+        runtime.log(f"{verb} {settings.save_pretrained}: a Hugging Face GPT-2 folder with ΔW "
+                    f"merged (config.json, model.safetensors{with_chars})")
+    if settings.save_adapter:
+        target = os.path.realpath(settings.save_adapter)
+        # a scratch base goes inside, under the path it will have, wherever peft is run from
+        scratch = base["source"] == "scratch"
+        base_name = os.path.join(target, "base") if scratch else base["source"]
+
+        def fill_adapter(folder):
+            if scratch:
+                base_path = os.path.join(settings.out_dir, base["file"])
+                load_model(base_path)[0].save_pretrained(os.path.join(folder, "base"))
+            model.save_adapter(folder, base_name)
+            add_chars(folder)
+        verb = write_whole("--save-adapter", settings.save_adapter, fill_adapter)
+        inside = f", and its base in {os.path.join(settings.save_adapter, 'base')}"
+        runtime.log(f"{verb} {settings.save_adapter}: a PEFT adapter (adapter_config.json, "
+                    f"adapter_model.safetensors{with_chars}){inside if scratch else ''}")
 
 
 # ==== Run management: checkpoints, the lock on --out-dir, resume and export checks, download ====
@@ -646,6 +675,10 @@ def base_file(settings, config: GPT2Config, data_sha: str, dtype: torch.dtype) -
     return f"base-{hashlib.sha1(repr(recipe).encode()).hexdigest()[:12]}.pt"
 
 
+# what save_atomic writes ckpt.pt and a cached base through
+SAVE_TEMPORARY = re.compile(r"(ckpt|base-[0-9a-f]{12})\.pt\.tmp")
+
+
 @contextlib.contextmanager
 def claim(out_dir: str):
     """Hold --out-dir against a second run (the kernel drops a flock with its process)."""
@@ -660,9 +693,10 @@ def claim(out_dir: str):
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     raise ValueError(f"another run is using --out-dir {out_dir}") from None
-                # the leftovers of a killed save
+                # the leftovers of a killed save: this script's own names only (the lock
+                # says no other run is writing them)
                 for name in os.listdir(out_dir):
-                    if name.endswith(".tmp"):
+                    if SAVE_TEMPORARY.fullmatch(name):
                         os.remove(os.path.join(out_dir, name))
             yield
     finally:
@@ -670,6 +704,121 @@ def claim(out_dir: str):
         if created and os.listdir(out_dir) == [".lock"]:
             os.remove(lock_path)
             os.rmdir(out_dir)
+
+
+def out_dir_is_live(out_dir: str) -> bool:
+    """Whether a run holds the lock on `out_dir` now."""
+    lock_path = os.path.join(out_dir, ".lock")
+    if fcntl is None or not os.path.isfile(lock_path):
+        return False
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
+
+
+def refuse_a_second_run(out_dir: str) -> None:
+    """The refusal of a new run into an --out-dir that holds one, live or not."""
+    if out_dir_is_live(out_dir):
+        raise ValueError(f"--out-dir {out_dir} holds a run that is training now (another process "
+                         f"holds it): wait for it, or use another --out-dir")
+    raise ValueError(f"--out-dir {out_dir} holds a run: --resume it, or start over with "
+                     f"--overwrite or in another --out-dir")
+
+
+# ---- Settings a run cannot take
+# --resume in the base phase refuses a change of these: they make the base's weights
+BASE_RECIPE = ("base_iters", "base_lr", "warmup", "batch_size", "grad_accum", "weight_decay",
+               "grad_clip", "seed")
+
+
+def given_options(argv: list) -> set:
+    """The settings the command line names (not those left at their default)."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_flags(settings, given: set) -> None:
+    """Refuse options that contradict each other."""
+    if settings.resume and settings.overwrite:
+        raise ValueError(f"--resume goes on with the run in --out-dir {settings.out_dir} and "
+                         f"--overwrite starts a new one there: give one of them")
+    if settings.resume and "init_from" in given:
+        raise ValueError(f"--init-from {settings.init_from}: --resume keeps the base of the run in "
+                         f"--out-dir {settings.out_dir}; drop --init-from, or adapt another base "
+                         f"with --overwrite or in another --out-dir")
+
+
+def check_resumed_settings(settings, resume: dict) -> None:
+    """Refuse what --resume cannot change: the shapes of the weights, and the recipe of a base in
+    pretraining (finishing it with another would cache a base of two recipes)."""
+    saved = resume["settings"]
+    changeless = SHAPING + (BASE_RECIPE if resume["phase"] == "base" else ())
+    for key in changeless:
+        if key in saved and getattr(settings, key) != saved[key]:
+            option = f"--{key.replace('_', '-')} {getattr(settings, key)}"
+            if key in SHAPING:
+                raise ValueError(f"{option}: the run in {settings.out_dir} was trained with "
+                                 f"{saved[key]}, which --resume keeps")
+            raise ValueError(f"{option}: the run in {settings.out_dir} is pretraining its base "
+                             f"with {saved[key]}, which --resume keeps; drop the option, or start "
+                             f"anew with --overwrite")
+
+
+def check_learning_rates(settings) -> None:
+    """Refuse learning rates that overflow AdamW's float32 arithmetic (its first step moves a
+    weight by 10·lr, and weight decay multiplies by 1 - lr·decay)."""
+    largest = torch.finfo(torch.float32).max
+    for option, value in (("--lr", settings.lr), ("--base-lr", settings.base_lr)):
+        if 10 * value > largest or value * settings.weight_decay > largest:
+            raise ValueError(f"{option} {value:g} overflows the optimizer's float32 arithmetic "
+                             f"(with --weight-decay {settings.weight_decay:g}): pass at most "
+                             f"{largest / 10:.1e}")
+
+
+def check_sizes(settings, config: GPT2Config) -> None:
+    """Refuse a rank or block size the base cannot take, naming the option."""
+    if settings.rank < 0:
+        raise ValueError(f"--rank {settings.rank}: must be 0 (fine-tune every weight) or more")
+    # ΔW is n_embd × n_embd: a larger rank adds nothing, and its tensors may not fit in memory
+    if settings.rank > config.n_embd:
+        raise ValueError(f"--rank {settings.rank} exceeds the width {config.n_embd} of the base "
+                         f"(ΔW is {config.n_embd}×{config.n_embd}): pass at most {config.n_embd}")
+    if settings.block_size > config.n_ctx:
+        raise ValueError(f"--block-size {settings.block_size} is longer than the n_ctx = "
+                         f"{config.n_ctx} positions of --init-from {settings.init_from}: pass "
+                         f"at most {config.n_ctx}")
+
+
+def check_same_text(data_sha: str, settings, runtime, all_gather=None) -> None:
+    """Refuse processes that read different texts: each would train on its own."""
+    if runtime.world == 1:
+        return
+    gathered = [None] * runtime.world
+    (all_gather or dist.all_gather_object)(gathered, data_sha)
+    others = [rank for rank, sha in enumerate(gathered) if sha != gathered[0]]
+    if others:
+        raise ValueError(f"--data {settings.data or 'Tiny Shakespeare'}: process {others[0]} read "
+                         f"another text than process 0; give every process the same file")
+
+
+def check_resumed_base(resume: dict, name: str, path: str, settings) -> None:
+    """Refuse at once a resume whose scratch base is missing or another: nothing is written."""
+    if resume["phase"] == "adapt" and not os.path.isfile(path):
+        raise ValueError(f"--resume: {path} is missing, the base the adapters in "
+                         f"{settings.out_dir}/ckpt.pt were trained on; restore it, or start anew "
+                         f"with --overwrite")
+    recorded = resume["base"].get("file")
+    if resume["phase"] == "base" and recorded not in (None, name):
+        precision = resume.get("dtype", "the precision it began in")
+        raise ValueError(f"--dtype {settings.dtype}: the run in {settings.out_dir} is pretraining "
+                         f"its base ({recorded}) in {precision}; resume with --dtype "
+                         f"{str(precision).replace('torch.', '')}")
 
 
 def load_model(path: str) -> tuple:
@@ -710,8 +859,9 @@ def check_base(base: GPT2LMModel, info: dict | None) -> str:
     return base_fingerprint(base)
 
 
-def check_exports(settings) -> None:
-    """Refuse an export that cannot be written or would overwrite the base, run or other export."""
+def check_exports(settings, log=print) -> None:
+    """Refuse an export that cannot be written, would overwrite the base or the run, or would
+    replace a folder holding anything but an export of its kind; announce a replacement."""
     if settings.save_adapter and not settings.rank:
         raise ValueError("--save-adapter needs adapters (--rank > 0); use --save-pretrained")
     # the two exports go to two folders, neither inside the other
@@ -731,8 +881,11 @@ def check_exports(settings) -> None:
             raise ValueError(f"{option} would write into the --init-from base")
         if path == os.path.realpath(settings.out_dir):
             raise ValueError(f"{option} is --out-dir (the checkpoints)")
+        problem = export_problem(option, given[option])
+        if problem:
+            raise ValueError(problem)
         # the nearest folder that exists must take a file
-        parent = path
+        parent = os.path.dirname(path)
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         try:
@@ -740,6 +893,106 @@ def check_exports(settings) -> None:
         except OSError as error:
             why = (error.strerror or str(error)).lower()
             raise OSError(f"{option}: cannot write in {parent} ({why})") from None
+        if os.path.isdir(path) and os.listdir(path):
+            log(f"{option} {given[option]} holds an export: the run replaces it whole at the end")
+
+
+# ---- Exports: a folder is written whole or not at all
+# What each export folder may hold; anything else in it is the user's, and refused
+EXPORT_NAMES = {"--save-pretrained": ("config.json", "model.safetensors", "chars.json"),
+                "--save-adapter": ("adapter_config.json", "adapter_model.safetensors",
+                                   "chars.json", "base")}
+BASE_NAMES = ("config.json", "model.safetensors")
+# the temporary files of checkpoint_formats' _write_folder
+WRITE_FOLDER_TEMPORARY = re.compile(r"\.(model\.safetensors|adapter_model\.safetensors|"
+                                    r"config\.json|adapter_config\.json)\.\d+\.tmp")
+# the other kind's config, which transformers would load as one model with this one
+OTHER_KIND = {"--save-pretrained": ("adapter_config.json", "a PEFT adapter"),
+              "--save-adapter": ("config.json", "a Hugging Face model")}
+
+
+def export_problem(option: str, folder: str) -> str | None:
+    """Why `folder` cannot take the export of `option`, or None. It must be new, empty, or hold
+    only what an export of that kind writes, since the export replaces it whole."""
+    if not os.path.lexists(folder):
+        return None
+    if not os.path.isdir(folder):
+        return f"{option} {folder} is a file, not a folder: pass a new or empty folder"
+    names = sorted(os.listdir(folder))
+    other_config, other_kind = OTHER_KIND[option]
+    if other_config in names:
+        return (f"{option} {folder} holds {other_kind} ({other_config}): pass a new or empty "
+                f"folder")
+    base = os.path.join(folder, "base")
+    if option == "--save-adapter" and os.path.lexists(base) and not os.path.isdir(base):
+        return (f"{option} {folder} holds a file named base, where an adapter keeps its base "
+                f"folder: move it, or pass a new or empty folder")
+    foreign = [name for name in names
+               if name not in EXPORT_NAMES[option] and not WRITE_FOLDER_TEMPORARY.fullmatch(name)]
+    if option == "--save-adapter" and os.path.isdir(base):
+        foreign += [f"base/{name}" for name in sorted(os.listdir(base))
+                    if name not in BASE_NAMES and not WRITE_FOLDER_TEMPORARY.fullmatch(name)]
+    if foreign:
+        return (f"{option} {folder} holds {foreign[0]}, which no export writes (an export "
+                f"replaces its folder whole): move it, or pass a new or empty folder")
+    return None
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether another process of this id runs (this one's own leftovers are dead ones)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_whole(option: str, target: str, fill) -> str:
+    """Assemble an export in a sibling folder `.NAME.PID.export.tmp` with fill(folder), then put
+    it in place by renames: `target` holds the old export, the new one, or (after a kill between
+    the two renames) nothing, never a mix. Returns "wrote" or "replaced"."""
+    real = os.path.realpath(target)
+    parent, name = os.path.split(real)
+    os.makedirs(parent, exist_ok=True)
+    # the staging folders of killed exports into this target, whose process is gone
+    leftover = re.compile(rf"\.{re.escape(name)}\.(\d+)\.(export|old)\.tmp")
+    for entry in os.listdir(parent):
+        match = leftover.fullmatch(entry)
+        if match and not process_is_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, entry))
+    staging = os.path.join(parent, f".{name}.{os.getpid()}.export.tmp")
+    retired = os.path.join(parent, f".{name}.{os.getpid()}.old.tmp")
+    os.mkdir(staging)
+    replacing = False
+    try:
+        try:
+            fill(staging)
+        except OSError as error:
+            # name the target, not the staging folder
+            reason = one_line(error).replace(f"cannot write {staging}: ", "")
+            raise OSError(f"cannot write {target}: {reason}") from None
+        # checked again: the user may have put a file there during the run
+        problem = export_problem(option, target)
+        if problem:
+            raise ValueError(problem)
+        replacing = os.path.isdir(real) and bool(os.listdir(real))
+        if replacing:
+            os.rename(real, retired)
+        # over an empty folder, or where none is
+        os.rename(staging, real)
+    except BaseException:
+        # an interrupt between the renames puts the old export back
+        if replacing and os.path.isdir(retired) and not os.path.lexists(real):
+            os.rename(retired, real)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if replacing:
+        shutil.rmtree(retired)
+    return "replaced" if replacing else "wrote"
 
 
 def trainable_weights(model: nn.Module) -> dict:

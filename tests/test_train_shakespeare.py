@@ -129,8 +129,9 @@ def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text
 
 @needs_safetensors
 def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, monkeypatch):
-    """A scratch run's adapter folder holds its base (base/, named by a path relative to where the
-    run ran, which is where peft looks) and both exports the character vocabulary (chars.json)."""
+    """A scratch run's adapter folder holds its base (base/, named by its absolute path, so that
+    peft finds it from any working directory, not a folder of the same relative name there) and
+    both exports the character vocabulary (chars.json)."""
     out = copy_run(finished_run[1], tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5",
@@ -145,7 +146,7 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     adapted.load_weight(base.state_dict()).load_adapter(tmp_path / "peft")
     assert held_out(adapted, text_file) == pytest.approx(figures, rel=1e-5)
     config = json.load(open("peft/adapter_config.json"))
-    assert config["base_model_name_or_path"] == os.path.join("peft", "base")
+    assert config["base_model_name_or_path"] == os.path.realpath(tmp_path / "peft" / "base")
     exported = L.GPT2LMModel.from_pretrained("peft/base", lora_attn_dim=2, lora_attn_alpha=8)
     exported.load_adapter("peft")
     assert held_out(exported, text_file) == pytest.approx(figures, rel=1e-5)
@@ -158,6 +159,14 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     ids = torch.tensor([[chars.index(c) for c in "ROMEO:"]])
     with torch.no_grad():
         got = peft.AutoPeftModelForCausalLM.from_pretrained("peft")(ids).logits
+    assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
+    # from another working directory that has a peft/base of its own (here the merged model)
+    decoy = tmp_path / "elsewhere" / "peft"
+    decoy.mkdir(parents=True)
+    os.symlink(tmp_path / "hf", decoy / "base")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with torch.no_grad():
+        got = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft"))(ids).logits
     assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
 
 
@@ -327,14 +336,18 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--data", "{empty}"], "is empty"),
     (["--data", "{short}"], "too short"),
     (["--data", "{latin1}"], "not UTF-8"),
-    (["--rank", "-1"], "lora_attn_dim"),
+    (["--rank", "-1"], "--rank -1: must be 0"),
+    (["--rank", "100000000000"], "--rank 100000000000 exceeds the width 64 of the base"),
     (["--rank", "four"], "invalid"),
-    (["--alpha", "0"], "lora_attn_alpha"),
-    (["--alpha", "inf"], "lora_attn_alpha"),
+    (["--alpha", "0"], "--alpha 0, --lora-dropout 0.1: GPT2Config.lora_attn_alpha"),
+    (["--alpha", "inf"], "--alpha inf"),
     (["--alpha", "1e25"], "α/r"),
     (["--n-embd", "63"], "divisible"),
     (["--eval-interval", "0"], "must lie in [1, "),
     (["--lr", "nan"], "--lr: must lie in [0, "),
+    (["--lr", "1e300"], "--lr 1e+300 overflows the optimizer's float32 arithmetic"),
+    (["--base-lr", "1e38"], "--base-lr 1e+38 overflows"),
+    (["--lr", "1e36", "--weight-decay", "1e10"], "(with --weight-decay 1e+10)"),
     (["--weight-decay", "inf"], "--weight-decay: must lie in [0, "),
     (["--batch-size", "0"], "must lie in [1, "),
     (["--seed", "99999999999999999999999"], "--seed"),
@@ -348,9 +361,17 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "--n-embd 32: the run in"),
     (["--resume", "--out-dir", "{run}", "--alpha", "4"], "trained with 8.0, which --resume keeps"),
     (["--resume", "--out-dir", "{run}", "--block-size", "16"], "--block-size 16: the run in"),
+    (["--resume", "--overwrite", "--out-dir", "{run}"], "--overwrite starts a new one there"),
+    (["--resume", "--out-dir", "{run}", "--init-from", "gpt2"], "--init-from gpt2: --resume keeps"),
+    (["--resume", "--out-dir", "{run}", "--init-from", "scratch"], "drop --init-from"),
     (["--save-pretrained", "{tmp}/x", "--save-adapter", "{tmp}/x"], "need separate folders"),
     (["--save-pretrained", "{tmp}/x/hf", "--save-adapter", "{tmp}/x"], "need separate folders"),
-    (["--save-adapter", "{short}"], "short.txt (not a directory)"),
+    (["--save-adapter", "{short}"], "short.txt is a file, not a folder"),
+    (["--save-adapter", "{tmp}/merged"], "merged holds a Hugging Face model (config.json)"),
+    (["--save-pretrained", "{tmp}/adapter"], "adapter holds a PEFT adapter (adapter_config.json)"),
+    (["--save-adapter", "{tmp}/basefile"], "basefile holds a file named base"),
+    (["--save-pretrained", "{tmp}/mine"], "mine holds notes.txt, which no export writes"),
+    (["--save-adapter", "{tmp}/minebase"], "minebase holds base/notes.txt, which no export"),
     (["--save-pretrained", "{short}/hf"], "cannot write in"),
     (["--save-pretrained", "/proc/no/such/hf"], "cannot write in /proc"),
     (["--save-adapter", "{tmp}/out"], "is --out-dir (the checkpoints)"),
@@ -366,6 +387,12 @@ def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, f
     (tmp_path / "latin1.txt").write_bytes("Sé bien\n".encode("latin-1") * 100)
     (tmp_path / "other.txt").write_text(make_text(seed=1))
     (tmp_path / "empty.txt").write_text("")
+    # folders the exports must not replace
+    folders = {"merged": "config.json", "adapter": "adapter_config.json", "basefile": "base",
+               "mine": "notes.txt", "minebase": "base/notes.txt"}
+    for folder, name in folders.items():
+        (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / name).write_text("{}")
     if hasattr(os, "mkfifo"):
         os.mkfifo(tmp_path / "fifo")  # opening it for reading would block: it must not be opened
     subs = dict(tmp=tmp_path, run=finished_run[1], short=tmp_path / "short.txt",
