@@ -431,6 +431,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
     figures = dict(base_loss=base_loss, adapted_loss=loss, base_accuracy=base_accuracy,
                    adapted_accuracy=accuracy, history=history,
                    seconds=dict(base=base_seconds, adapt=now - t_adapt, total=now - t_start),
+                   trained=not adapting or int(resume["step"]) < settings.max_iters,
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    total=sum(p.numel() for p in model.parameters()))
     if runtime.rank == 0:
@@ -492,13 +493,19 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
             raise ValueError(f"{settings.out_dir}/ckpt.pt does not fit this run "
                              f"({one_line(error)})") from None
-        runtime.log(f"[{phase}] resuming from step {step} of {iters}")
+        if step >= iters:
+            runtime.log(f"[{phase}] the run has done its {iters} steps: nothing to train")
+        else:
+            runtime.log(f"[{phase}] resuming from step {step} of {iters}")
     runner = torch.compile(model) if settings.compile else model
     # frozen weights do not require grad, so DDP leaves them alone
     if runtime.world > 1:
         runner = nn.parallel.DistributedDataParallel(runner)
     losses = []
     t_interval = time.perf_counter()
+    # the time left comes from the phase so far, not from the last interval alone
+    t_phase = t_interval
+    first_step = step
     evaluation = None
     log_interval = min(settings.eval_interval, max(1, iters // 10))
     while step < iters:
@@ -558,7 +565,7 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
                                 val_accuracy=val_accuracy))
             save(phase, model, dict(step=step, history=history, optimizer=optimizer.state_dict(),
                                     scaler=scaler.state_dict()))
-        seconds_left = (iters - step) * seconds_per_step
+        seconds_left = (iters - step) * (time.perf_counter() - t_phase) / (step - first_step)
         runtime.log(f"{line}{1000 * seconds_per_step:5.0f} ms/step | {seconds_left:.0f}s left")
         losses = []
         t_interval = time.perf_counter()
@@ -566,10 +573,19 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
 
 
 # ---- Report and exports
+def time_line(figures: dict, settings) -> str:
+    """What the run's time went to; a resumed finished run trained nothing, and says so."""
+    seconds = figures["seconds"]
+    if not figures["trained"]:
+        return (f"nothing trained (the run had done its {settings.max_iters} steps); "
+                f"evaluation {seconds['total']:.0f}s")
+    return (f"base {seconds['base']:.0f}s, adaptation {seconds['adapt']:.0f}s, "
+            f"total {seconds['total']:.0f}s")
+
+
 def report(model: GPT2LMModel, tokenizer: dict, prompt: list, figures: dict, settings, runtime,
            base: dict) -> None:
     """Print what the adaptation did and a sample; write the exports."""
-    seconds = figures["seconds"]
     trainable = figures["trainable"]
     chars = tokenizer.get("chars")
     was = figures["base_loss"]
@@ -582,8 +598,7 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, figures: dict, set
         f"held-out loss          base {was:.4f} -> {verb} {now:.4f} ({now - was:+.4f})",
         f"accuracy               {100 * figures['base_accuracy']:.1f}% -> "
         f"{100 * figures['adapted_accuracy']:.1f}% (next token)",
-        f"time                   base {seconds['base']:.0f}s, adaptation {seconds['adapt']:.0f}s, "
-        f"total {seconds['total']:.0f}s",
+        f"time                   {time_line(figures, settings)}",
         "=" * 72]))
     # in eval mode since its last evaluation
     if settings.sample:

@@ -8,6 +8,7 @@ of the tiny settings in helpers.py takes about a second.
 import argparse
 import contextlib
 import glob
+import hashlib
 import http.server
 import json
 import multiprocessing
@@ -170,6 +171,78 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
 
 
+def _files(folder):
+    """{relative path: SHA-256 of its bytes} of every file under `folder`."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            found[os.path.relpath(path, folder)] = digest
+    return found
+
+
+@needs_safetensors
+def test_a_re_export_killed_at_any_step_leaves_the_old_export_whole(finished_run, text_file,
+                                                                    tmp_path, monkeypatch, capsys):
+    """The adapter export of a run on another base (another --seed) is killed as it writes the
+    base, the adapter, chars.json, or at either rename that puts the folder in place: each time
+    the folder holds the old export, byte for byte, and no temporary file or folder stays. The
+    staging folders a kill -9 left are removed by the next export, which replaces the old
+    exports whole and says so."""
+    old_run = copy_run(finished_run[1], tmp_path / "old", everything=True)
+    exports = ["--save-adapter", str(tmp_path / "peft"), "--save-pretrained", str(tmp_path / "hf")]
+    ts.main(["--resume", "--out-dir", old_run, "--sample", "0"] + exports)
+    old = {folder: _files(tmp_path / folder) for folder in ("peft", "hf")}
+    assert "base/model.safetensors" in old["peft"] and "chars.json" in old["hf"]
+    new_run = str(tmp_path / "new")
+    ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", new_run, "--seed", "8",
+                          "--max-iters", "5", "--sample", "0"])
+    argv = ["--resume", "--out-dir", new_run, "--sample", "0"] + exports
+    rename = os.rename
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def killed_at_rename(n):
+        calls = []
+
+        def rename_or_kill(source, target):
+            calls.append(target)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            rename(source, target)
+        return rename_or_kill
+    kills = [(L.GPT2LMModel, "save_pretrained", killed), (L.GPT2LMModel, "save_adapter", killed),
+             (json, "dump", killed), (os, "rename", killed_at_rename(1)),
+             (os, "rename", killed_at_rename(2))]
+    for owner, name, kill in kills:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, kill)
+            with pytest.raises(KeyboardInterrupt):
+                ts.main(argv[:-2])
+        assert _files(tmp_path / "peft") == old["peft"], name
+        assert sorted(os.listdir(tmp_path)) == ["hf", "new", "old", "peft"], name
+
+    # what kill -9 leaves: staging folders of a process that is gone
+    for leftover in (".peft.999999999.export.tmp", ".hf.999999999.old.tmp"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"partial")
+    capsys.readouterr()
+    ts.main(argv)
+    printed = capsys.readouterr().out
+    assert f"replaced {tmp_path / 'peft'}: a PEFT adapter" in printed
+    assert f"replaced {tmp_path / 'hf'}: a Hugging Face GPT-2 folder" in printed
+    assert sorted(os.listdir(tmp_path)) == ["hf", "new", "old", "peft"]
+    new = _files(tmp_path / "peft")
+    assert new.keys() == old["peft"].keys()
+    assert new["base/model.safetensors"] != old["peft"]["base/model.safetensors"]
+    # the new adapter goes onto the new base beside it
+    base = L.GPT2LMModel.from_pretrained(tmp_path / "peft" / "base", lora_attn_dim=2,
+                                         lora_attn_alpha=8)
+    base.load_adapter(tmp_path / "peft")
+
+
 def test_progress_lines_reach_a_pipe_as_the_run_goes_every_tenth_of_the_steps(text_file, tmp_path):
     """Redirected to a file or a pipe, stdout is block-buffered unless each line is flushed: the log
     of a long run must fill as it goes. A line comes every 10% of the steps even when evaluations
@@ -214,7 +287,10 @@ def test_resume_on_a_finished_run_samples_without_training(finished_run, tmp_pat
     before = (tmp_path / "ckpt.pt").read_bytes()
     report = ts.main(["--resume", "--out-dir", out, "--prompt", "ROMEO:", "--sample", "20"])
     assert report["sample"].startswith("ROMEO:") and len(report["sample"]) == 6 + 20
-    assert "] step " not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "] step " not in out
+    assert "[adapt] the run has done its 20 steps: nothing to train" in out
+    assert "nothing trained (the run had done its 20 steps)" in out
     assert report["history"] == finished_run[0]["history"]
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
@@ -277,6 +353,108 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(
             assert torch.equal(resumed_weights[key], weights[key]), (name, key)
 
 
+def test_resume_of_a_run_whose_base_file_is_missing_is_refused_at_once(finished_run, tmp_path,
+                                                                       capsys):
+    """Pretraining a new base would overwrite the trained adapters' ckpt.pt with a base-phase one:
+    the resume stops before anything is written, naming the missing file."""
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    [base] = glob.glob(os.path.join(out, "base-*.pt"))
+    os.remove(base)
+    err = one_line_error(["--resume", "--out-dir", out, "--sample", "0"], capsys)
+    assert f"{base} is missing, the base the adapters in" in err and "--overwrite" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt"]
+
+
+def test_a_base_in_pretraining_resumes_only_on_its_own_recipe_and_survives_kills(
+        finished_run, text_file, tmp_path, monkeypatch, capsys):
+    """A base-phase --resume with another base option, --dtype or --init-from is refused, naming
+    it, and ckpt.pt is left as it was; killed as it writes the finished base, the run resumes to
+    the figures of a run never stopped."""
+    out = str(tmp_path / "out")
+    real_lr = ts.learning_rate
+
+    def stop_at_step_13(step, *args):
+        if step == 12:
+            raise KeyboardInterrupt
+        return real_lr(step, *args)
+    monkeypatch.setattr(ts, "learning_rate", stop_at_step_13)
+    with pytest.raises(KeyboardInterrupt, match="step 10 of the base phase"):
+        ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out])
+    monkeypatch.setattr(ts, "learning_rate", real_lr)
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    _hf_folder(tmp_path / "hf", seed=0)
+    for extra, message in ((["--base-lr", "1e-3"], "--base-lr 0.001: the run in"),
+                           (["--seed", "8"], "--seed 8: the run in"),
+                           (["--base-iters", "40"], "is pretraining its base with 30"),
+                           (["--dtype", "bfloat16"], "in float32; resume with --dtype float32"),
+                           (["--init-from", str(tmp_path / "hf")], "--resume keeps the base")):
+        err = one_line_error(["--resume", "--out-dir", out, "--sample", "0"] + extra, capsys)
+        assert message in err, err
+        assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt"]
+
+    # killed as the finished base is renamed into place
+    replace = os.replace
+
+    def killed_at_the_base(source, target):
+        if os.path.basename(target).startswith("base-"):
+            raise KeyboardInterrupt
+        replace(source, target)
+    monkeypatch.setattr(os, "replace", killed_at_the_base)
+    with pytest.raises(KeyboardInterrupt, match="step 30 of the base phase"):
+        ts.main(["--resume", "--out-dir", out, "--device", "cpu"])
+    monkeypatch.setattr(os, "replace", replace)
+    resumed = ts.main(["--resume", "--out-dir", out, "--device", "cpu", "--sample", "16"])
+    for key in ("history", "base_loss", "adapted_loss", "sample"):
+        assert resumed[key] == finished_run[0][key], key
+
+
+def test_an_overwrite_killed_at_its_first_checkpoint_leaves_the_old_run(finished_run, text_file,
+                                                                         tmp_path, monkeypatch,
+                                                                         capsys):
+    """Killed as it writes, or as it renames, its first ckpt.pt, an --overwrite run leaves the
+    old run whole: --resume takes it as finished."""
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    argv = TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--overwrite", "--rank", "1"]
+    save = torch.save
+    replace = os.replace
+
+    def killed_in_write(obj, file):
+        file.write(b"partial")
+        raise KeyboardInterrupt
+
+    def killed_in_rename(source, target):
+        raise KeyboardInterrupt
+    for owner, name, kill in ((torch, "save", killed_in_write), (os, "replace", killed_in_rename)):
+        monkeypatch.setattr(owner, name, kill)
+        with pytest.raises(KeyboardInterrupt, match="interrupted before a checkpoint"):
+            ts.main(argv)
+        monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr(os, "replace", replace)
+        assert (tmp_path / "ckpt.pt").read_bytes() == before
+    report = ts.main(["--resume", "--out-dir", out, "--sample", "0"])
+    assert report["history"] == finished_run[0]["history"]
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_processes_that_read_different_texts_are_refused():
+    """Compared by a hash of the text, gathered from every process (here a stand-in gather)."""
+    runtime = argparse.Namespace(world=3, rank=0)
+    settings = argparse.Namespace(data="play.txt")
+
+    def gather(texts):
+        def all_gather(into, mine):
+            into[:] = texts
+        return all_gather
+    ts.check_same_text("a", settings, runtime, all_gather=gather(["a", "a", "a"]))
+    with pytest.raises(ValueError, match="--data play.txt: process 2 read another text than "
+                                         "process 0; give every process the same file"):
+        ts.check_same_text("a", settings, runtime, all_gather=gather(["a", "a", "b"]))
+
+
 def test_report_after_resume_measures_base_and_adapted_on_the_same_windows(finished_run, text_file,
                                                                            tmp_path):
     """--resume with another --eval-iters: both figures come from the new windows."""
@@ -310,12 +488,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         torch.load(path, weights_only=True)["x"], torch.zeros(3))
 
 
-def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(finished_run, tmp_path):
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(finished_run, text_file,
+                                                                      tmp_path):
+    """Only this script's own temporary names: a user's file ending in .tmp, here the text the
+    run reads from --out-dir itself, stays."""
     out = copy_run(finished_run[1], tmp_path, everything=True)
     for name in ("ckpt.pt.tmp", "base-0123456789ab.pt.tmp"):  # what kill -9 mid-save leaves
         (tmp_path / name).write_bytes(b"partial")
-    ts.main(["--resume", "--out-dir", out, "--sample", "0", "--device", "cpu"])
-    assert not glob.glob(os.path.join(out, "*.tmp"))
+    mine = tmp_path / "mytext.tmp"
+    mine.write_bytes(open(text_file, "rb").read())
+    (tmp_path / "notes.tmp").write_text("mine")
+    ts.main(["--resume", "--out-dir", out, "--data", str(mine), "--sample", "0", "--device", "cpu"])
+    assert sorted(glob.glob(os.path.join(out, "*.tmp"))) == [str(mine), str(tmp_path / "notes.tmp")]
 
 
 @pytest.mark.skipif(ts.fcntl is None, reason="no fcntl: runs go unlocked")
@@ -325,6 +509,16 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
         err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path)], capsys)
     assert "another run is using --out-dir" in err
     assert sorted(os.listdir(tmp_path)) == [".lock"]
+
+
+@pytest.mark.skipif(ts.fcntl is None, reason="no fcntl: runs go unlocked")
+def test_a_new_run_into_an_out_dir_whose_run_is_training_names_it_as_live(finished_run, text_file,
+                                                                        tmp_path, capsys):
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    with open(tmp_path / ".lock", "w") as lock:  # as the run in progress holds it
+        ts.fcntl.flock(lock, ts.fcntl.LOCK_EX | ts.fcntl.LOCK_NB)
+        err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", out], capsys)
+    assert "holds a run that is training now" in err and "--overwrite" not in err
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -501,7 +695,7 @@ def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, t
     assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
 
     err = one_line_error(args + ["--out-dir", out, "--block-size", "65", "--overwrite"], capsys)
-    assert "n_ctx = 64" in err
+    assert "--block-size 65 is longer than the n_ctx = 64 positions of --init-from" in err
     (folder / "pytorch_model.bin").write_bytes(os.urandom(2048))  # damaged: says so, not "network"
     err = one_line_error(args + ["--out-dir", str(tmp_path / "out2")], capsys)
     assert "pytorch_model.bin" in err and "network" not in err
