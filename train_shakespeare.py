@@ -353,11 +353,14 @@ def run(settings, resume, runtime, last: dict) -> dict:
             raise ValueError(f"--rank {settings.rank}, --alpha {settings.alpha:g}, --lora-dropout "
                              f"{settings.lora_dropout:g}: {error}") from None
     # The scratch base's file: the one the run records once it adapts, else the recipe's name.
+    base_name = None
+    base_path = None
     if scratch and adapting:
         base_name = resume["base"]["file"]
     elif scratch:
         base_name = base_file(settings, config, data_sha, runtime.dtype)
-    base_path = scratch and os.path.join(settings.out_dir, base_name)
+    if scratch:
+        base_path = os.path.join(settings.out_dir, base_name)
     # All that can be refused is refused before the first step.
     if scratch and resume:
         check_resumed_base(resume, base_name, base_path, settings)
@@ -828,12 +831,14 @@ def check_resumed_base(resume: dict, name: str, path: str, settings) -> None:
         raise ValueError(f"--resume: {path} is missing, the base the adapters in "
                          f"{settings.out_dir}/ckpt.pt were trained on; restore it, or start anew "
                          f"with --overwrite")
+    # the name holds the precision too: another --dtype gives another name
     recorded = resume["base"].get("file")
     if resume["phase"] == "base" and recorded not in (None, name):
-        precision = resume.get("dtype", "the precision it began in")
+        precision = resume.get("dtype")
+        began = f"in {precision}; resume with --dtype {precision}" if precision else (
+            "in another precision; resume with the --dtype it began with")
         raise ValueError(f"--dtype {settings.dtype}: the run in {settings.out_dir} is pretraining "
-                         f"its base ({recorded}) in {precision}; resume with --dtype "
-                         f"{str(precision).replace('torch.', '')}")
+                         f"its base ({recorded}) {began}")
 
 
 def load_model(path: str) -> tuple:
