@@ -265,6 +265,25 @@ def test_progress_lines_reach_a_pipe_as_the_run_goes_every_tenth_of_the_steps(te
     assert re.fullmatch(line, step), step
 
 
+def test_time_left_comes_from_the_phase_so_far(finished_run, text_file, tmp_path, monkeypatch,
+                                               capsys):
+    """On a clock where the first 5 steps take 10 s each and the rest 1 s: at step 10 of 20 the
+    last interval took 1 s a step, the phase 5.5 s a step, so 55 s are left (not 10)."""
+    clock = [0.0]
+    real_lr = ts.learning_rate
+
+    def timed(step, *args):
+        clock[0] += 10 if step < 5 else 1
+        return real_lr(step, *args)
+    monkeypatch.setattr(ts, "time", argparse.Namespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(ts, "learning_rate", timed)
+    ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", copy_run(finished_run[1], tmp_path),
+                          "--eval-interval", "10", "--sample", "0"])
+    [line] = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith("[adapt] step    10/20")]
+    assert line.endswith("|  1000 ms/step | 55s left"), line
+
+
 def test_a_run_into_an_out_dir_holding_one_is_refused_unless_overwrite(finished_run, text_file,
                                                                      tmp_path, capsys):
     """Running a command again, or another one into the same --out-dir, never replaces the run
