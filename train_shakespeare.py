@@ -710,7 +710,8 @@ def claim(out_dir: str):
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise ValueError(f"another run is using --out-dir {out_dir}") from None
+                    raise ValueError(f"another run is using --out-dir {out_dir} (it is training "
+                                     f"now): wait for it, or use another --out-dir") from None
                 # the leftovers of a killed save: this script's own names only (the lock
                 # says no other run is writing them)
                 for name in os.listdir(out_dir):
