@@ -216,8 +216,10 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
     """Write a Hugging Face GPT-2 folder (config.json, model.safetensors), ΔW merged in, the tied
     head stored once (as wte): transformers and from_pretrained give this model's logits from it.
     The model is left as it was."""
-    cfg, p = model.config, model.config.fix_dropout
+    cfg = model.config
+    p = cfg.fix_dropout
     tensors = {k: v for k, v in merged_state_dict(model).items() if k.startswith("transformer.")}
+    _check_finite(tensors, "save_pretrained")  # after merging, which can overflow too
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if in the vocabulary
     sizes = {k: v for k, v in cfg.to_dict().items() if not k.startswith(("lora_", "fix_"))}
     hf_config = dict(
@@ -229,78 +231,142 @@ def save_pretrained(model: GPT2LMModel, folder) -> None:
 
 
 # ---- 5. The base record: which base an adapter belongs to ----
+# An adapter is ΔW for one W0. On another base it loads without complaint and gives wrong
+# logits, and on its own merged export (W0 + ΔW) it would add ΔW a second time. So save_adapter
+# writes a record of its base into the adapter's metadata, and load_adapter compares the model
+# it is given with that record:
+#   dtype     the base's precision, so that a cast copy is named as such, not as "another base";
+#   frozen    a SHA-256 of every frozen tensor but the adapted W0s and the biases the adapter
+#             carries: those must match bit for bit;
+#   adapted   for each adapted W0 (c_attn's), its norm and 8 projections uᵀ W0 v in float64, with
+#             fixed cosine vectors u and v: W0 must match only within rounding, because merging
+#             and unmerging (W0 + ΔW - ΔW) moves it by a few units of the last place.
 
-def _frozen_hash(sd: Mapping[str, torch.Tensor], skip) -> str:
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        if not k.startswith("transformer.") or "lora_" in k or k in skip:
+def _frozen_hash(state_dict: Mapping[str, torch.Tensor], skip) -> str:
+    """SHA-256 of the trunk's tensors (names, shapes, float32 values), LoRA and `skip` left out."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        if not key.startswith("transformer.") or "lora_" in key or key in skip:
             continue
-        v = sd[k].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{k}:{tuple(v.shape)};".encode() + v.numpy().tobytes())
-    return h.hexdigest()
+        value = state_dict[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{tuple(value.shape)};".encode() + value.numpy().tobytes())
+    return digest.hexdigest()
 
 
-def _probes(w: torch.Tensor) -> List[float]:
-    """‖W‖ and 8 projections uᵀWv in float64, u and v fixed cosines (not an RNG's draws)."""
-    f = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()
-    U, V = (torch.cos(torch.arange(1, n + 1, dtype=torch.float64)[:, None] * f * c) * math.sqrt(2)
-            for n, c in zip(w.shape, (1, math.pi)))                           # (rows, 8), (cols, 8)
-    w = w.detach().to("cpu", torch.float64)
-    return [w.norm().item()] + (U.t() @ w @ V).diagonal().tolist()
+def _probes(weight: torch.Tensor) -> List[float]:
+    """‖W‖ and 8 projections uᵀWv in float64. u and v are fixed cosines, not an RNG's draws, so
+    that a new torch version can never change an old record."""
+    frequencies = torch.tensor([2.0, 3, 5, 7, 11, 13, 17, 19], dtype=torch.float64).sqrt()
+
+    def cosines(n: int, phase: float) -> torch.Tensor:                         # (n, 8)
+        steps = torch.arange(1, n + 1, dtype=torch.float64)[:, None]
+        return torch.cos(steps * frequencies * phase) * math.sqrt(2)
+
+    rows, columns = weight.shape
+    U = cosines(rows, 1.0)                                                     # (rows, 8)
+    V = cosines(columns, math.pi)                                              # (columns, 8)
+    weight = weight.detach().to("cpu", torch.float64)
+    projections = (U.t() @ weight @ V).diagonal()                              # (8,)
+    return [weight.norm().item()] + projections.tolist()
 
 
 def base_fingerprint(model: nn.Module, bias: str = "none") -> str:
-    """The record of the base an adapter keeps (JSON): the dtype, a SHA-256 of the trunk but LoRA,
-    the biases `bias` names and the W0 of LoRA layers (rank 0 too), and each such W0's _probes."""
-    sd = model.state_dict()
-    adapted = {f"{n}.weight" for n in _named_lora_layers(model, adapted_only=False)}
-    skip = adapted | {k for k in sd if _is_lora_name(model, k, bias)}
-    probes = {k: _probes(sd[k]) for k in sorted(adapted)}
-    dtype = str(model.transformer.wte.weight.dtype)[6:]
-    return json.dumps(dict(dtype=dtype, frozen=_frozen_hash(sd, skip), adapted=probes))
+    """The record of the base an adapter keeps, as JSON: the dtype, a SHA-256 of the trunk but
+    LoRA, the biases `bias` names and the W0 of LoRA layers (rank 0 too), and each W0's _probes."""
+    state_dict = model.state_dict()
+    adapted = {f"{name}.weight" for name in _named_lora_layers(model, adapted_only=False)}
+    skip = adapted | {key for key in state_dict if _is_lora_name(model, key, bias)}
+    record = dict(dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."),
+                  frozen=_frozen_hash(state_dict, skip),
+                  adapted={key: _probes(state_dict[key]) for key in sorted(adapted)})
+    return json.dumps(record)
 
 
-# W0 within tol·‖W0‖: k merge/unmerge cycles move W (and a probe) by about u·sqrt(2k)·‖W0 + ΔW‖
-# (u = 2^-24 in float32, 2^-8 in bfloat16). 1e-4 allows float32 ~10^5 cycles at ‖ΔW‖ = ‖W0‖ and
-# refuses merged exports from ‖ΔW‖ ≈ 1e-3·‖W0‖ up; 16 bits get 2^-5.
+def _tolerance(dtype: str) -> float:
+    """How far, relative to ‖W0‖, a recorded W0 may move and still be the same base.
+
+    k merge/unmerge cycles move W (and so each probe) by about u·sqrt(2k)·‖W0 + ΔW‖, u the unit
+    roundoff (2^-24 in float32, 2^-8 in bfloat16). 1e-4 lets float32 go through ~10^5 cycles at
+    ‖ΔW‖ = ‖W0‖, yet refuses a merged export from ‖ΔW‖ ≈ 1e-3·‖W0‖ up; 16 bits get 2^-5."""
+    return 2 ** -5 if dtype in ("float16", "bfloat16") else 1e-4
 
 
 def base_difference(model: nn.Module, record: str, bias: str = "none") -> Optional[str]:
-    """None if `model` is the base `record` describes (base_fingerprint's, or an older SHA-256 of
-    the frozen parts), else what differs."""
-    sd = model.state_dict()
-    if re.fullmatch("[0-9a-f]{64}", str(record)):
-        adapted = {f"{n}.weight" for n in _named_lora_layers(model)}
-        return None if _frozen_hash(sd, adapted) == record else "another base (its weights differ)"
+    """None if `model` is the base `record` describes (base_fingerprint's, or an older bare
+    SHA-256 of the frozen parts), else what differs, in words."""
+    state_dict = model.state_dict()
+    if re.fullmatch("[0-9a-f]{64}", str(record)):  # an older record: the frozen parts only
+        adapted = {f"{name}.weight" for name in _named_lora_layers(model)}
+        if _frozen_hash(state_dict, adapted) == record:
+            return None
+        return "another base (its weights differ)"
     try:
-        rec, mine = json.loads(record), json.loads(base_fingerprint(model, bias))
-        tol = 2 ** -5 if rec["dtype"] in ("float16", "bfloat16") else 1e-4
-        differs = rec["frozen"] != mine["frozen"] or set(rec["adapted"]) != set(mine["adapted"])
-        far = [k for k, p in rec["adapted"].items() if not differs and any(  # NaN is far too
-            not abs(a - b) <= tol * p[0] for a, b in zip(p, mine["adapted"][k], strict=True))]
+        recorded = json.loads(record)
+        mine = json.loads(base_fingerprint(model, bias))
+        tolerance = _tolerance(recorded["dtype"])
+        differs = (recorded["frozen"] != mine["frozen"]
+                   or set(recorded["adapted"]) != set(mine["adapted"]))
+        far = []  # adapted W0s beyond rounding; NaN is far too, as NaN <= x is False
+        for key, probes in recorded["adapted"].items():
+            if differs:
+                break
+            norm = probes[0]
+            pairs = zip(probes, mine["adapted"][key], strict=True)
+            if any(not abs(a - b) <= tolerance * norm for a, b in pairs):
+                far.append(key)
     except (ValueError, TypeError, LookupError, AttributeError):
         return "an unreadable base record"
-    if (differs or far) and rec["dtype"] != mine["dtype"]:
-        dtype = rec["dtype"]
+    if (differs or far) and recorded["dtype"] != mine["dtype"]:
+        dtype = recorded["dtype"]
         return (f"another precision ({mine['dtype']}, not {dtype}): load the base in {dtype}, as "
                 f"saved (a copy cast to {mine['dtype']} and back has lost bits)")
     if far:
         return f"another base: {far[0]} is not the W0 recorded, beyond rounding (a merged export?)"
-    return "another base (its weights differ)" if differs else None
+    if differs:
+        return "another base (its weights differ)"
+    return None
 
 
 # ---- 6. PEFT adapters: save_adapter, load_adapter ----
+# PEFT puts one LoRA on the fused c_attn (C → 3C); ours has two, on Q and on V. The same ΔW is a
+# PEFT LoRA of rank r' = 2r whose B' is block-diagonal, with the K rows zero:
+#
+#     A' = [A_q]   (2r, C)        B' = [B_q   0 ]   (3C, 2r)      ΔW = B' A' = [B_q A_q]
+#          [A_v]                       [ 0    0 ]                              [   0   ]
+#                                      [ 0   B_v]                              [B_v A_v]
+#
+# and α' = 2α keeps the scaling α'/r' = α/r. load_adapter reads back exactly this layout.
 
 _PEFT_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
 
+# adapter_config.json fields this model holds, each checked for a value it can represent.
+_PEFT_MODELED_FIELDS = {
+    "peft_type": lambda value: value == "LORA",
+    "bias": lambda value: value in _BIAS_MODES,
+    "target_modules": lambda value: value in ("c_attn", ["c_attn"]),
+    "init_lora_weights": lambda value: value in (True, False, "gaussian"),
+}
+# Defaults of the modeled fields when a config leaves them out.
+_PEFT_DEFAULTS = {"peft_type": None, "bias": "none", "target_modules": None,
+                  "init_lora_weights": True}
+# Fields that describe the adapter without changing its ΔW: any value is fine (r and α are
+# checked apart). Every other field, including those of newer peft versions (use_dora,
+# layers_to_transform, ...), must be neutral: null, false or empty.
+_PEFT_DESCRIPTIVE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version",
+                            "base_model_name_or_path", "revision", "inference_mode",
+                            "lora_dropout", "fan_in_fan_out", "megatron_core", "runtime_config",
+                            "qalora_group_size")
 
-def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:  # {our key: PEFT's}
+
+def _peft_biases(model: GPT2LMModel, bias: str) -> Dict[str, str]:
+    """{our key: PEFT's key} of the biases an adapter carries in bias mode `bias`."""
     keys = [k for k in model.state_dict() if _is_lora_name(model, k, bias) and "lora_" not in k]
     return {k: "base_model.model." + k.replace("c_attn.bias", "c_attn.base_layer.bias")
             for k in keys}
 
 
 def _trained_bias_mode(model: GPT2LMModel) -> str:
+    """Which of PEFT's bias modes the trainable parameters describe; anything else is refused."""
     if not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
         raise ValueError("no LoRA weight requires grad, so trained biases cannot be told: "
                          "mark_only_lora_as_trainable(model, bias=...) first")
@@ -314,38 +380,37 @@ def _trained_bias_mode(model: GPT2LMModel) -> str:
 
 def save_adapter(model: GPT2LMModel, folder, base_model_name_or_path: Optional[str] = None) -> None:
     """Write the LoRA weights as a PEFT adapter folder, which peft and load_adapter read back to
-    this model's logits. PEFT has one LoRA on the fused c_attn; ours on Q and V are the same ΔW
-    with A' = [A_q; A_v] (2r × C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C × 2r) and α' = 2α, so
-    α'/r' = α/r. Trained biases go too; other trainable weights are refused. The base record goes
-    in the safetensors metadata (PEFT warns of unknown config keys)."""
-    cfg = model.config
-    r, C = cfg.lora_attn_dim, cfg.n_embd
+    this model's logits, in the layout pictured above. Trained biases go too; other trainable
+    weights are refused. The base record goes in the safetensors metadata (PEFT warns of
+    unknown config keys)."""
+    config = model.config
+    r = config.lora_attn_dim
+    C = config.n_embd
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     if r == 0:
         raise ValueError("the model has no LoRA adapters (lora_attn_dim = 0); save_pretrained "
                          "saves it whole")
-    bias, sd = _trained_bias_mode(model), model.state_dict()
-    tensors = {peft: sd[k] for k, peft in _peft_biases(model, bias).items()}
+    # The base too: its record would not match the same base once loaded (inf - inf is NaN).
+    _check_finite(model.state_dict(), "save_adapter")
+    bias = _trained_bias_mode(model)
+    state_dict = model.state_dict()
+    tensors = {peft_key: state_dict[key] for key, peft_key in _peft_biases(model, bias).items()}
     for i, block in enumerate(model.transformer.h):
-        A, B = block.attn.c_attn.lora_A.detach(), block.attn.c_attn.lora_B.detach()  # (2r, C)
-        B2 = B.new_zeros(3 * C, 2 * r)                         # (3C, 2r) from (2C, r), K rows 0
-        B2[:C, :r], B2[2 * C:, r:] = B[:C], B[C:]              # B_q on A_q, B_v on A_v
-        tensors[_PEFT_KEY.format(i, "A")], tensors[_PEFT_KEY.format(i, "B")] = A, B2
+        A = block.attn.c_attn.lora_A.detach()                                  # (2r, C)
+        B = block.attn.c_attn.lora_B.detach()                                  # (2C, r)
+        B_peft = B.new_zeros(3 * C, 2 * r)                                     # (3C, 2r)
+        B_peft[:C, :r] = B[:C]                                                 # B_q on A_q
+        B_peft[2 * C:, r:] = B[C:]                                             # B_v on A_v
+        tensors[_PEFT_KEY.format(i, "A")] = A
+        tensors[_PEFT_KEY.format(i, "B")] = B_peft
     adapter_config = dict(
-        peft_type="LORA", task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * cfg.lora_attn_alpha,
-        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=cfg.lora_dropout, bias=bias,
-        use_rslora=False, use_dora=False,
+        peft_type="LORA", task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * config.lora_attn_alpha,
+        target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=config.lora_dropout,
+        bias=bias, use_rslora=False, use_dora=False,
         base_model_name_or_path=base and _path(base, "base_model_name_or_path"))
     metadata = {"format": "pt", "base_fingerprint": base_fingerprint(model, bias)}
     _write_folder(folder, "adapter_model.safetensors", tensors, metadata, "adapter_config.json",
                   adapter_config)
-
-
-# adapter_config.json fields that may hold anything (r and α are checked apart); any other
-# (use_dora, a newer field...) must be null, false or empty.
-_PEFT_FREE_FIELDS = ("r", "lora_alpha", "task_type", "auto_mapping", "peft_version",
-                     "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
-                     "fan_in_fan_out", "megatron_core", "runtime_config", "qalora_group_size")
 
 
 def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
@@ -353,45 +418,37 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
     (lora_attn_dim = r'/2, α/r = α'/r'). A ValueError refuses, changing nothing, what this model
     cannot hold (K rows in B', B' not block-diagonal, a field not neutral) or another base."""
     folder = _path(folder, "the adapter folder")
-    cfg_path = os.path.join(folder, "adapter_config.json")
+    config_path = os.path.join(folder, "adapter_config.json")
     weights_path = os.path.join(folder, "adapter_model.safetensors")
-    ac = _read_json(cfg_path)
-    sd, metadata = _read_safetensors(weights_path)
-    cfg, r2, alpha2, bias = model.config, ac.get("r"), ac.get("lora_alpha"), ac.get("bias", "none")
-    r, C, alpha = cfg.lora_attn_dim, cfg.n_embd, cfg.lora_attn_alpha
-    modeled = dict(peft_type=ac.get("peft_type") != "LORA", bias=bias not in _BIAS_MODES,
-                   target_modules=ac.get("target_modules") not in ("c_attn", ["c_attn"]),
-                   init_lora_weights=ac.get("init_lora_weights", True)
-                   not in (True, False, "gaussian"))
-    for key in {**modeled, **ac}:  # modeled ones, even absent
-        neutral = key in _PEFT_FREE_FIELDS or ac.get(key) in (None, False, {}, [], "")
-        if modeled.get(key, not neutral):
-            raise ValueError(f"{cfg_path}: {key} = {ac.get(key)!r} is not supported: this model "
-                             f"holds plain LoRA on c_attn (Q, V), one r and α")
-    if not (r > 0 and r2 == 2 * r and _is_real(alpha2) and math.isclose(alpha2 / r2, alpha / r)):
-        raise ValueError(f"{cfg_path}: r' = {r2!r}, α' = {alpha2!r} fit a model built with "
-                         f"lora_attn_dim = r'/2 (r' even) and lora_attn_alpha = α'/2; this one has "
-                         f"{r} and {alpha}")
+    adapter_config = _read_json(config_path)
+    state_dict, metadata = _read_safetensors(weights_path)
+    _check_adapter_config(adapter_config, model.config, config_path)
+    bias = adapter_config.get("bias", "none")
+    r = model.config.lora_attn_dim
+    C = model.config.n_embd
     biases = _peft_biases(model, bias)
-    expected = {_PEFT_KEY.format(i, ab) for i in range(cfg.n_layer) for ab in "AB"}
+    expected = {_PEFT_KEY.format(i, ab) for i in range(model.config.n_layer) for ab in "AB"}
     expected |= set(biases.values())
-    if set(sd) != expected:
+    if set(state_dict) != expected:
         raise ValueError(f"{weights_path}: weights this model cannot hold: "
-                         f"{_short(sorted(set(sd) - expected))}; missing: "
-                         f"{_short(sorted(expected - set(sd)))}")
-    new = {k.removeprefix("transformer."): sd[peft] for k, peft in biases.items()}
-    for i in range(cfg.n_layer):
-        A2, B2 = sd[_PEFT_KEY.format(i, "A")], sd[_PEFT_KEY.format(i, "B")]   # (2r, C), (3C, 2r)
-        if A2.shape != (2 * r, C) or B2.shape != (3 * C, 2 * r):
-            raise ValueError(f"layer {i}: A' {tuple(A2.shape)}, B' {tuple(B2.shape)} do not fit "
-                             f"this model's size")
-        if B2[C:2 * C].any():
+                         f"{_short(sorted(set(state_dict) - expected))}; missing: "
+                         f"{_short(sorted(expected - set(state_dict)))}")
+    new = {key.removeprefix("transformer."): state_dict[peft_key]
+           for key, peft_key in biases.items()}
+    for i in range(model.config.n_layer):
+        A_peft = state_dict[_PEFT_KEY.format(i, "A")]                          # (2r, C)
+        B_peft = state_dict[_PEFT_KEY.format(i, "B")]                          # (3C, 2r)
+        if A_peft.shape != (2 * r, C) or B_peft.shape != (3 * C, 2 * r):
+            raise ValueError(f"layer {i}: A' {tuple(A_peft.shape)}, B' {tuple(B_peft.shape)} do "
+                             f"not fit this model's size")
+        if B_peft[C:2 * C].any():
             raise ValueError(f"layer {i}: B' has non-zero K rows; this model keeps W_k frozen")
-        if B2[:C, r:].any() or B2[2 * C:, :r].any():
+        if B_peft[:C, r:].any() or B_peft[2 * C:, :r].any():
             raise ValueError(f"layer {i}: B' is not block-diagonal; here Q and V have separate A's")
-        new[f"h.{i}.attn.c_attn.lora_A"] = A2                                # [A_q; A_v] (2r, C)
-        # [B_q; B_v] (2C, r)
-        new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B2[:C, :r], B2[2 * C:, r:]))
+        new[f"h.{i}.attn.c_attn.lora_A"] = A_peft                              # [A_q; A_v]
+        B_q = B_peft[:C, :r]                                                   # (C, r)
+        B_v = B_peft[2 * C:, r:]                                               # (C, r)
+        new[f"h.{i}.attn.c_attn.lora_B"] = torch.cat((B_q, B_v))               # (2C, r)
     record = metadata.get("base_fingerprint")
     why = record and base_difference(model, record, bias)
     if why:
@@ -399,7 +456,39 @@ def load_adapter(model: GPT2LMModel, folder) -> GPT2LMModel:
     return _load_weight(model, new)  # copies in place, and keeps a merged model merged
 
 
+def _check_adapter_config(adapter_config: dict, config: GPT2Config, config_path: str) -> None:
+    """The adapter's fields: modeled ones hold values this model represents, descriptive ones
+    anything, every other one a neutral value; r' and α' fit this model's r and α."""
+    for key in {**_PEFT_MODELED_FIELDS, **adapter_config}:  # the modeled ones even when absent
+        value = adapter_config.get(key, _PEFT_DEFAULTS.get(key))
+        if key in _PEFT_MODELED_FIELDS:
+            fits = _PEFT_MODELED_FIELDS[key](value)
+        else:
+            fits = key in _PEFT_DESCRIPTIVE_FIELDS or value in (None, False, {}, [], "")
+        if not fits:
+            raise ValueError(f"{config_path}: {key} = {value!r} is not supported: this model "
+                             f"holds plain LoRA on c_attn (Q, V), one r and α")
+    r = config.lora_attn_dim
+    alpha = config.lora_attn_alpha
+    r_peft = adapter_config.get("r")
+    alpha_peft = adapter_config.get("lora_alpha")
+    fits = (r > 0 and r_peft == 2 * r and _is_real(alpha_peft)
+            and math.isclose(alpha_peft / r_peft, alpha / r))
+    if not fits:
+        raise ValueError(f"{config_path}: r' = {r_peft!r}, α' = {alpha_peft!r} fit a model built "
+                         f"with lora_attn_dim = r'/2 (r' even) and lora_attn_alpha = α'/2; this "
+                         f"one has {r} and {alpha}")
+
+
 def _path(value, what: str) -> str:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise ValueError(f"{what} must be a path, got {value!r}")
     return os.fspath(value)
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """No export holds NaN or infinity: they load without complaint and give NaN logits."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ValueError(f"{what}: {key} holds NaN or infinite values (an overflow in "
+                             f"training?); an export of it would give NaN logits")

@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, fields
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 _Path = Union[str, os.PathLike]
 
@@ -66,8 +67,12 @@ class GPT2Config:
     lora_dropout: float = 0.0
     lora_r_dropout: float = 0.0
     fix_dropout: float = 0.0
+    # microsoft's name for vocab_size, accepted as an alias (not a field, not saved).
+    vocab_size_or_config_json_file: InitVar[Optional[int]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, vocab_size_or_config_json_file):
+        if vocab_size_or_config_json_file is not None:
+            _set_vocab_size_alias(self, vocab_size_or_config_json_file)
         # Checked once, as a config never changes: sizes are positive integers, n_embd a multiple
         # of n_head, n_ctx ≤ n_positions, ε > 0, every dropout in [0, 1), α > 0 when r > 0.
         _check_config(self)
@@ -111,22 +116,37 @@ class LoRALayer(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear's: it would draw W0 once in the wrong layout
         # Sizes are positive integers, enable_lora one flag per equal slice of the output.
         _check_layer_arguments(in_features, out_features, enable_lora)
+        # r ≥ 0; α > 0 with α/r in a range AdamW can train; dropouts in [0, 1).
         _check_lora(r, lora_alpha, lora_dropout, lora_r_dropout)
-        new = dict(device=device, dtype=dtype)
-        self.enable_lora = [bool(e) for e in enable_lora]
-        self.group_size = d = out_features // len(enable_lora)
-        self.lora_groups = [g for g, on in enumerate(self.enable_lora) if on]   # plain ints
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        # ΔW is scaled by α/r (section 4.1 of the paper): with Adam, a new r needs no new
+        # learning rate, so α is set once and r varied.
+        self.scaling = lora_alpha / r if r > 0 else 0.0
+        self.fan_in_fan_out = fan_in_fan_out
+        self.merge_weights = merge_weights
+        self.merged = False
+        # The output is k groups of d rows each; the m groups flagged in enable_lora are adapted.
+        self.enable_lora = [bool(flag) for flag in enable_lora]
+        self.group_size = out_features // len(enable_lora)                      # d
+        self.lora_groups = [g for g, on in enumerate(self.enable_lora) if on]   # m plain ints
+        self.has_lora = r > 0 and len(self.lora_groups) > 0
+        d = self.group_size
         m = len(self.lora_groups)
-        self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r if r > 0 else 0.0
-        self.fan_in_fan_out, self.merge_weights, self.merged = fan_in_fan_out, merge_weights, False
-        self.has_lora = r > 0 and m > 0
-        w_shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(w_shape, **new), requires_grad=not self.has_lora)
-        self.bias = nn.Parameter(torch.empty(out_features, **new)) if bias else None
+        factory = dict(device=device, dtype=dtype)
+        # With an adapter, W0 is frozen: only A and B (and whatever the caller marks) train.
+        if fan_in_fan_out:
+            weight_shape = (in_features, out_features)
+        else:
+            weight_shape = (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(weight_shape, **factory),
+                                   requires_grad=not self.has_lora)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         if self.has_lora:
-            self.lora_A = nn.Parameter(torch.empty(r * m, in_features, **new))       # (r·m, in)
-            self.lora_B = nn.Parameter(torch.empty(d * m, r, **new))                 # (d·m, r)
+            self.lora_A = nn.Parameter(torch.empty(r * m, in_features, **factory))   # (r·m, in)
+            self.lora_B = nn.Parameter(torch.empty(d * m, r, **factory))             # (d·m, r)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_r_dropout = nn.Dropout(lora_r_dropout) if lora_r_dropout > 0 else nn.Identity()
         self.reset_parameters()
@@ -147,21 +167,27 @@ class LoRALayer(nn.Linear):
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · ΔW, laid out like `weight`; rows of disabled groups are zero."""
-        r, d = self.r, self.group_size
+        r = self.r
+        d = self.group_size
         delta = self.lora_A.new_zeros((self.out_features, self.in_features))  # (out, in)
         for j, g in enumerate(self.lora_groups):
-            B_g, A_g = self.lora_B[j * d:(j + 1) * d], self.lora_A[j * r:(j + 1) * r]
-            delta[g * d:(g + 1) * d] = B_g @ A_g
+            B_g = self.lora_B[j * d:(j + 1) * d]                              # (d, r)
+            A_g = self.lora_A[j * r:(j + 1) * r]                              # (r, in)
+            delta[g * d:(g + 1) * d] = B_g @ A_g                              # (d, in)
         return self._T(delta) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self._T(self.weight), self.bias)                  # (..., out)
-        if not self.has_lora or self.merged:
+        if not self.has_lora:
             return result
-        r, d = self.r, self.group_size
-        # x Aᵀ once for all groups, scaled on the thin side: r·m multiplications per token, not out
-        # (..., r·m)
-        h = self.lora_r_dropout(self.lora_dropout(x) @ self.lora_A.t()) * self.scaling
+        if self.merged:
+            _check_merged_forward(self)  # a merged layer would train W, never A and B
+            return result
+        r = self.r
+        d = self.group_size
+        # x Aᵀ once for all groups, scaled on the thin side: r·m numbers per token, not out.
+        h = self.lora_dropout(x) @ self.lora_A.t()                             # (..., r·m)
+        h = self.lora_r_dropout(h) * self.scaling
         parts = list(result.split(d, dim=-1))                                  # k × (..., d)
         for j, g in enumerate(self.lora_groups):
             # group g gets (x A_gᵀ) B_gᵀ: (..., r) @ (r, d) -> (..., d)
@@ -217,8 +243,19 @@ class Linear(LoRALayer):
 
 
 class MergedLinear(LoRALayer):
-    """k projections side by side in one layer (GPT-2's fused Q,K,V: k = 3), each enabled group g
-    receiving scaling · x A_gᵀ B_gᵀ (loralib instead rebuilds the whole ΔW on every call)."""
+    """k projections side by side in one layer, each enabled group g with its own rank-r update
+    scaling · B_g A_g. GPT-2's c_attn computes Q, K and V at once (k = 3, d = C, in = C):
+
+        output   [   Q    |   K    |   V    ]     enable_lora = [True, False, True], m = 2
+        ΔW       [B_q A_q |   0    | B_v A_v]     (out, in) = (3C, C), never formed in forward
+        lora_A   [A_q; A_v]                       (r·m, in)  = (2r, C)
+        lora_B   [B_q; B_v]                       (d·m, r)   = (2C, r)
+
+    loralib rebuilds the whole ΔW on every call (a grouped 1-D convolution of B over A, then
+    zero rows scattered in for K) and multiplies x by it: an (out × in) tensor and its gradient
+    each step. Here x Aᵀ is computed once for all groups, r·m numbers per token, and each group
+    adds (x A_gᵀ) B_gᵀ to its own slice of the output: two thin products. The parameters, their
+    names and shapes, and the outputs are loralib's."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
@@ -267,9 +304,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layer_past: Optional[torch.Tensor] = None,
                 len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
         B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        # (B, nh, T, hs) each
-        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        nh = self.n_head
+        hs = C // nh
+        # Q, K and V in one product; LoRA adds B_q A_q x to Q and B_v A_v x to V.
+        q, k, v = self.c_attn(x).split(C, dim=2)                               # (B, T, C) each
+        q = q.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)                               # (B, nh, T, hs)
         mask = None
         if len_past is not None:     # fixed-size cache: write row len_past[b], out of place
             row = len_past.view(B, 1, 1, 1).expand(B, nh, 1, hs)
@@ -327,7 +368,13 @@ class Block(nn.Module):
 # ---- 6. GPT2Model: embeddings, n_layer blocks, final LayerNorm ----
 class GPT2Model(nn.Module):
     """The GPT-2 trunk: token + position embeddings, the blocks, a final LayerNorm. forward returns
-    the hidden states (B, T, C) and one cache per layer (None when use_cache is False)."""
+    the hidden states (B, T, C) and one cache per layer (None when use_cache is False).
+
+    Its arguments are microsoft's: `position_ids` (B, T) or (T,) replace the default positions
+    past_length, past_length + 1, ...; `token_type_ids` (B, T) are embedded with wte too and added,
+    as microsoft's GPT-2 does. With `checkpoint_activations = True`, training keeps only each
+    block's input and recomputes the block in backward: the same results, less memory, about one
+    more forward pass of time."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -341,18 +388,36 @@ class GPT2Model(nn.Module):
         # Each block is built on its own (no deepcopy), so each layer draws its own LoRA A.
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.checkpoint_activations = False
 
-    def forward(self, input_ids: torch.Tensor, past: Optional[Sequence[torch.Tensor]] = None,
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None,
+                past: Optional[Sequence[torch.Tensor]] = None,
                 len_past: Optional[torch.Tensor] = None, use_cache: bool = True):
-        past_length = _check_model_inputs(self, input_ids, past, len_past)
+        past_length = _check_model_inputs(self, input_ids, position_ids, token_type_ids, past,
+                                          len_past)
         B, T = input_ids.shape
-        # (B, 1) or (T,)
-        pos = len_past.view(B, 1) if len_past is not None \
-            else torch.arange(past_length, past_length + T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))                     # (B, T, C)
+        if len_past is not None:
+            # One new token per row, at the row's own position (microsoft's beam search).
+            position_ids = len_past.view(B, 1)                                 # (B, 1)
+        elif position_ids is None:
+            position_ids = torch.arange(past_length, past_length + T,
+                                        device=input_ids.device)               # (T,)
+        x = self.wte(input_ids) + self.wpe(position_ids)                       # (B, T, C)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)                                   # (B, T, C)
+        x = self.drop(x)
+        # Recomputing a block in backward only pays when there is a backward pass.
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         presents = []
         for i, block in enumerate(self.h):
-            x, present = block(x, None if past is None else past[i], len_past, use_cache)
+            layer_past = None if past is None else past[i]
+            if recompute:
+                # Dropout draws the same masks again: torch saves and restores the RNG state.
+                x, present = checkpoint(block, x, layer_past, len_past, use_cache,
+                                        use_reentrant=False)
+            else:
+                x, present = block(x, layer_past, len_past, use_cache)
             presents.append(present)
         return self.ln_f(x), presents                                          # (B, T, C)
 
@@ -366,7 +431,10 @@ class GPT2LMHead(nn.Module):
         super().__init__()
         V, C = wte_weight.shape
         self.decoder = nn.Linear(C, V, bias=False, device="meta")  # allocate nothing ...
-        self.decoder.weight = wte_weight                           # ... then share wte's
+        self.set_embeddings_weights(wte_weight)                    # ... then share wte's
+
+    def set_embeddings_weights(self, wte_weight: nn.Parameter) -> None:
+        self.decoder.weight = wte_weight
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         return self.decoder(hidden_state)                                      # (B, T, V)
@@ -379,7 +447,13 @@ class GPT2LMModel(nn.Module):
     forward takes microsoft's arguments in its order and returns (logits (B, T, V), caches)
     without labels, for decoding with `past` / `len_past`; with labels (logits, loss), or (logits,
     loss, t1_acc, all_acc) with is_report_accuracy. As in microsoft/LoRA, lm_labels[b, t] is the
-    target of position t (the inputs shifted left by one); a negative label (-1, -100) is none."""
+    target of position t (the inputs shifted left by one); a negative label (-1, -100) is none.
+    lm_mask[b, t] weighs position t in the loss (0 drops it; fractions weigh it less).
+
+    With return_logits=False (labels needed) the model never holds the (B, T, V) logits: the
+    head and the loss run over chunks of positions, and forward returns (None, loss). The loss
+    and its gradients are the same; the memory of the logits, often most of a LoRA step's, is not
+    spent (docs/performance-memory.md)."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -387,6 +461,9 @@ class GPT2LMModel(nn.Module):
         self.transformer = GPT2Model(config)
         self.lm_head = GPT2LMHead(self.transformer.wte.weight)
         self.apply(self._init_weights)
+        # load_state_dict(..., assign=True) puts new tensors in the places of wte and the head:
+        # tie them again after every load, as set_tied() does.
+        self.register_load_state_dict_post_hook(_tie_after_load)
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2's init. Only `weight` and `bias` are touched: LoRA's A keeps its init, B stays zero.
@@ -401,47 +478,48 @@ class GPT2LMModel(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def set_tied(self) -> None:
+        """Make the head share the token embedding again (microsoft's name)."""
+        self.lm_head.set_embeddings_weights(self.transformer.wte.weight)
+
     def forward(self, input_ids: torch.Tensor, lm_labels: Optional[torch.Tensor] = None,
                 lm_mask: Optional[torch.Tensor] = None, past=None,
                 len_past: Optional[torch.Tensor] = None, label_smooth: float = 0.0,
-                is_report_accuracy: bool = False):
-        hidden, presents = self.transformer(input_ids, past, len_past, use_cache=lm_labels is None)
-        logits = self.lm_head(hidden)                                          # (B, T, V)
+                is_report_accuracy: bool = False, return_logits: bool = True):
+        # The cache is for decoding: a call with labels (training) keeps none.
+        hidden, presents = self.transformer(input_ids, past=past, len_past=len_past,
+                                            use_cache=lm_labels is None)      # (B, T, C)
         if lm_labels is None:
-            return logits, presents
-        mask = self._target_mask(input_ids, lm_labels, lm_mask, label_smooth)  # (B, T)
-        loss = self._loss(logits, lm_labels, mask, label_smooth)
+            return self.lm_head(hidden), presents                              # (B, T, V)
+        _check_loss_inputs(self.config, input_ids, lm_labels, lm_mask, label_smooth,
+                           return_logits)
+        mask_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        mask = (lm_labels >= 0).to(mask_dtype)                                 # (B, T)
+        if lm_mask is not None:
+            mask = mask * lm_mask.to(mask_dtype)
+        head = self.lm_head.decoder.weight                                     # (V, C)
+        if return_logits:
+            logits = self.lm_head(hidden)                                      # (B, T, V)
+            loss, predicted = lm_loss(logits, lm_labels, mask, label_smooth,
+                                      predict=is_report_accuracy)
+        else:
+            logits = None
+            loss, predicted = lm_loss_from_hidden(hidden, head, lm_labels, mask, label_smooth,
+                                                  predict=is_report_accuracy)
         if not is_report_accuracy:
             return logits, loss
-        return (logits, loss) + self._accuracy(logits, lm_labels, mask)
+        return (logits, loss) + _accuracy(predicted, lm_labels, mask)
 
-    def _target_mask(self, input_ids, lm_labels, lm_mask, label_smooth) -> torch.Tensor:
-        """lm_mask (ones when None) with the positions of negative labels set to 0, as float."""
-        _check_loss_inputs(self.config, input_ids, lm_labels, lm_mask, label_smooth)
-        has_target = (lm_labels >= 0).float()                                  # (B, T)
-        return has_target if lm_mask is None else lm_mask.float() * has_target
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), ... may give wte and the head new tensors each: tie them again.
+        super()._apply(fn, recurse)
+        self.set_tied()
+        return self
 
-    @staticmethod
-    def _loss(logits, lm_labels, mask, label_smooth) -> torch.Tensor:
-        """Σ loss·mask / (Σ mask + 1e-4), microsoft's masked mean (no targets: loss 0). With
-        label_smooth ε > 0 a position costs (1-ε)·NLL + ε·mean over the vocabulary of -log p."""
-        targets = lm_labels.reshape(-1).clamp(min=0).long()
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none",
-                               label_smoothing=label_smooth)                   # (B·T,)
-        mask = mask.reshape(-1)
-        return (loss * mask).sum() / (mask.sum() + 1e-4)
-
-    @staticmethod
-    @torch.no_grad()
-    def _accuracy(logits, lm_labels, mask) -> Tuple[torch.Tensor, torch.Tensor]:
-        """microsoft's two accuracies, float (B,): t1_acc[b] = 1 when the prediction is right at
-        row b's first position with mask 1; all_acc[b] = 1 when it is right at every one."""
-        counted = mask >= 1                                                    # (B, T)
-        hit = (logits.argmax(dim=-1) == lm_labels) & counted                   # (B, T)
-        first = counted.int().argmax(dim=1, keepdim=True)                      # (B, 1): first True
-        t1_acc = hit.gather(1, first).squeeze(1)
-        all_acc = (hit | ~counted).all(dim=1)
-        return t1_acc.float(), all_acc.float()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Before anything is loaded: a head that is not the embedding cannot be held here.
+        _check_tied_head(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- checkpoints: microsoft's load_weight here; file formats in checkpoint_formats.py
 
@@ -482,7 +560,9 @@ class GPT2LMModel(nn.Module):
         drawn from softmax(logits / temperature) among the `top_k` most likely. With the cache, a
         step feeds the newest token; past n_ctx the model re-reads the last n_ctx tokens."""
         _check_generate_arguments(input_ids, max_new_tokens, temperature, top_k)
-        idx, past, n_ctx = input_ids, None, self.config.n_ctx
+        idx = input_ids
+        past = None
+        n_ctx = self.config.n_ctx
         bad = torch.zeros((), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if use_cache and past is not None and past[0].shape[-2] < n_ctx:
@@ -509,7 +589,157 @@ class GPT2LMModel(nn.Module):
         return idx
 
 
-# ---- 9. Presets: the four published GPT-2 sizes ----
+# ---- 9. microsoft's loss, over chunks of positions ----
+# The loss is Σ_i m_i·ℓ_i / (Σ_i m_i + 1e-4) over positions i with mask m_i, where ℓ_i is the
+# cross-entropy of position i, (1-ε)·(-log p_i[y_i]) + ε·mean_v(-log p_i[v]) with label_smooth ε.
+# Computing it at once holds a float32 copy of all the logits, and their float32 gradient: at 8
+# windows of 1,024 tokens and GPT-2's 50,257 tokens, 1.5 GiB each. So the positions are taken a
+# chunk at a time, in float32 per chunk, and the gradient of each chunk is written straight
+# into the gradient of the logits (or, from the hidden states, of h and the head).
+
+# float32 numbers per chunk of logits: 128 MiB, 667 positions of GPT-2's vocabulary.
+LOSS_CHUNK_ELEMENTS = 2 ** 25
+
+
+def lm_loss(logits, lm_labels, mask, label_smooth=0.0, predict=False,
+            chunk_elements=LOSS_CHUNK_ELEMENTS):
+    """microsoft's masked mean of the cross-entropy from logits (B, T, V) in any dtype, with
+    weights `mask` (B, T) and no target where a label is negative. Returns (loss, the argmax of
+    each position (B, T) if `predict`, else None)."""
+    logits_2d = logits.flatten(0, 1)                                           # (B·T, V)
+    targets = lm_labels.reshape(-1).clamp(min=0).long()                        # (B·T,)
+    weights = _loss_weights(mask, lm_labels)                                   # (B·T,)
+    chunk = max(1, chunk_elements // logits.shape[-1])
+    loss = _CrossEntropyOverChunks.apply(logits_2d, targets, weights, label_smooth, chunk)
+    predicted = logits.argmax(dim=-1) if predict else None                     # (B, T)
+    return loss, predicted
+
+
+def lm_loss_from_hidden(hidden, head_weight, lm_labels, mask, label_smooth=0.0, predict=False,
+                        chunk_elements=LOSS_CHUNK_ELEMENTS):
+    """The same loss from the hidden states (B, T, C) and the head (V, C), the logits of one
+    chunk of positions at a time; none are kept. Returns (loss, argmax (B, T) or None)."""
+    B, T, C = hidden.shape
+    hidden_2d = hidden.reshape(B * T, C)                                       # (B·T, C)
+    targets = lm_labels.reshape(-1).clamp(min=0).long()                        # (B·T,)
+    weights = _loss_weights(mask, lm_labels)                                   # (B·T,)
+    chunk = max(1, chunk_elements // head_weight.shape[0])
+    predicted = torch.empty(B * T, dtype=torch.long, device=hidden.device) if predict else None
+    loss = _HeadAndCrossEntropyOverChunks.apply(hidden_2d, head_weight, targets, weights,
+                                                label_smooth, chunk, predicted)
+    return loss, None if predicted is None else predicted.view(B, T)
+
+
+def _loss_weights(mask: torch.Tensor, lm_labels: torch.Tensor) -> torch.Tensor:
+    """m_i / (Σ m + 1e-4), with m = 0 where the label is negative: the masked mean as a weighted
+    sum (no targets: loss 0)."""
+    mask = _at_least_float32(mask.reshape(-1)) * (lm_labels.reshape(-1) >= 0)  # (B·T,)
+    return mask / (mask.sum() + 1e-4)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """16-bit logits in float32 for the softmax; float32 and float64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _cross_entropy_gradient(logits: torch.Tensor, targets: torch.Tensor,
+                            label_smooth: float) -> torch.Tensor:
+    """d ℓ / d logits (n, V) in float32 or float64: softmax - (1-ε)·onehot(y) - ε/V."""
+    gradient = torch.softmax(logits, dim=-1)                                   # (n, V)
+    rows = torch.arange(len(targets), device=logits.device)
+    gradient[rows, targets] -= 1.0 - label_smooth
+    if label_smooth > 0:
+        gradient -= label_smooth / logits.shape[-1]
+    return gradient
+
+
+class _CrossEntropyOverChunks(torch.autograd.Function):
+    """Σ_i w_i·ℓ_i from logits (N, V). Forward and backward each hold one chunk's float32 copy;
+    backward recomputes the softmax of each chunk instead of keeping them all."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights, label_smooth, chunk):
+        loss = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+        for start in range(0, logits.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logits_float = _at_least_float32(logits[part])                     # (n, V)
+            losses = F.cross_entropy(logits_float, targets[part], reduction="none",
+                                     label_smoothing=label_smooth)             # (n,)
+            loss = loss + (losses * weights[part]).sum()
+        ctx.save_for_backward(logits, targets, weights)
+        ctx.label_smooth = label_smooth
+        ctx.chunk = chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, weights = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)                                 # (N, V)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            logits_float = _at_least_float32(logits[part])                     # (n, V)
+            gradient = _cross_entropy_gradient(logits_float, targets[part], ctx.label_smooth)
+            grad_logits[part] = gradient * (weights[part] * grad_loss)[:, None]
+        return grad_logits, None, None, None, None
+
+
+class _HeadAndCrossEntropyOverChunks(torch.autograd.Function):
+    """Σ_i w_i·ℓ_i with the logits of chunk c computed as h_c Wᵀ. The gradients of h and W are
+    computed in forward, chunk by chunk, and only scaled in backward: the logits are never kept,
+    and no matrix product is done twice. `predicted`, if given, receives each position's argmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, label_smooth, chunk, predicted):
+        # Inside forward autograd is off; whether a backward will come is read from the inputs.
+        wants_hidden = ctx.needs_input_grad[0]
+        wants_weight = ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None       # (N, C)
+        gradient_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=gradient_dtype) if wants_weight else None
+        loss = hidden.new_zeros((), dtype=torch.promote_types(weight.dtype, torch.float32))
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logits = F.linear(hidden[part], weight)                            # (n, V)
+            logits_float = _at_least_float32(logits)
+            losses = F.cross_entropy(logits_float, targets[part], reduction="none",
+                                     label_smoothing=label_smooth)             # (n,)
+            loss = loss + (losses * weights[part]).sum()
+            if predicted is not None:
+                predicted[part] = logits.argmax(dim=-1)
+            if wants_hidden or wants_weight:
+                gradient = _cross_entropy_gradient(logits_float, targets[part], label_smooth)
+                gradient = (gradient * weights[part][:, None]).to(logits.dtype)  # (n, V)
+                if wants_hidden:
+                    grad_hidden[part] = gradient @ weight.to(logits.dtype)     # (n, C)
+                if wants_weight:
+                    grad_weight += gradient.t() @ hidden[part].to(logits.dtype)  # (V, C)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+@torch.no_grad()
+def _accuracy(predicted, lm_labels, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+    """microsoft's two accuracies, float (B,): t1_acc[b] = 1 when the prediction is right at row
+    b's first position with mask 1; all_acc[b] = 1 when it is right at every such position."""
+    counted = mask >= 1                                                        # (B, T)
+    hit = (predicted == lm_labels) & counted                                   # (B, T)
+    first = counted.int().argmax(dim=1, keepdim=True)                          # (B, 1): first True
+    t1_acc = hit.gather(1, first).squeeze(1)                                   # (B,)
+    all_acc = (hit | ~counted).all(dim=1)                                      # (B,)
+    return t1_acc.float(), all_acc.float()
+
+
+# ---- 10. Presets: the four published GPT-2 sizes ----
 PRESETS: Dict[str, Dict[str, int]] = {
     "gpt2.sm": dict(n_embd=768, n_layer=12, n_head=12),    # 124M, "gpt2"
     "gpt2.md": dict(n_embd=1024, n_layer=24, n_head=16),   # 355M, "gpt2-medium"
@@ -522,7 +752,7 @@ HUB_MODELS: Dict[str, str] = {n: f"openai-community/{n}"
                               for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 
-# ---- 10. Helpers: what to train, what to save, merging ----
+# ---- 11. Helpers: what to train, what to save, merging ----
 _BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -547,7 +777,9 @@ def _is_lora_name(model: nn.Module, name: str, bias: str) -> bool:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Make lora_A / lora_B (and biases, as `bias` says) trainable and freeze everything else."""
+    """Make lora_A / lora_B (and biases, as `bias` says) trainable and freeze everything else.
+    A merged model is refused: its A and B would get no gradient (unmerge_lora first)."""
+    _check_not_merged(model)
     for name, p in model.named_parameters():
         p.requires_grad = _is_lora_name(model, name, bias)
 
@@ -586,7 +818,7 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return sd
 
 
-# ---- 11. microsoft's load_weight: state-dict keys of every GPT-2 checkpoint ----
+# ---- 12. microsoft's load_weight: state-dict keys of every GPT-2 checkpoint ----
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of HF / microsoft
 _HEAD_KEYS = ("lm_head.weight", "lm_head.decoder.weight")  # tied to wte
 
@@ -603,7 +835,8 @@ def _state_dict_of(source) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping):
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got "
                          f"{type(sd).__name__}")
-    out, head = {}, None
+    out = {}
+    head = None
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} -> {type(value).__name__}: not a state "
@@ -625,6 +858,11 @@ def _state_dict_of(source) -> Dict[str, torch.Tensor]:
         raise ValueError("the checkpoint's lm_head differs from its token embedding (an untied "
                          "head, tie_word_embeddings=false): GPT-2 ties them, this model too")
     return out
+
+
+def _tie_after_load(model: GPT2LMModel, incompatible_keys) -> None:
+    """load_state_dict's last step: the head is the embedding again, whatever was assigned."""
+    model.set_tied()
 
 
 def _load_weight(model: GPT2LMModel, sd: Dict[str, torch.Tensor]) -> GPT2LMModel:
@@ -653,7 +891,7 @@ def _load_weight(model: GPT2LMModel, sd: Dict[str, torch.Tensor]) -> GPT2LMModel
     return model
 
 
-# ---- 12. Argument checks ----
+# ---- 13. Argument checks ----
 # Each rule is one ValueError naming the argument, what it got and the fix. They sit here, after the
 # model, so that the sections above read as the math: each class calls one named check.
 
@@ -767,10 +1005,10 @@ def _check_id_range(ids: torch.Tensor, n: int, what: str, fix: str, negative_ok=
         raise ValueError(f"{what} must lie in [0, {bound}), got values in [{low}, {high}]; {fix}")
 
 
-def _check_model_inputs(model, input_ids, past, len_past) -> int:
-    """GPT2Model.forward's inputs: integer ids within the vocabulary, a cache of this model's
-    shape, dtype, device and batch, at most n_ctx positions in all, and len_past with one new
-    token per row. Returns the length of the cache."""
+def _check_model_inputs(model, input_ids, position_ids, token_type_ids, past, len_past) -> int:
+    """GPT2Model.forward's inputs: integer ids within the vocabulary, positions within
+    n_positions, a cache of this model's shape, dtype, device and batch, at most n_ctx positions
+    in all, and len_past with one new token per row. Returns the length of the cache."""
     config = model.config
     device = model.wte.weight.device
     dtype = model.wte.weight.dtype
@@ -782,6 +1020,24 @@ def _check_model_inputs(model, input_ids, past, len_past) -> int:
                     "check that the tokenizer matches the model")
     if past is None and len_past is not None:
         raise ValueError("len_past needs past: a first call without len_past gives the cache")
+    if position_ids is not None:
+        if len_past is not None:
+            raise ValueError("position_ids and len_past cannot go together: with len_past the "
+                             "new token of row b sits at position len_past[b]")
+        is_positions = (_is_tensor(position_ids, position_ids.dim(), (torch.long, torch.int32))
+                        if isinstance(position_ids, torch.Tensor) else False)
+        if not is_positions or tuple(position_ids.shape) not in ((T,), (1, T), (B, T)):
+            raise ValueError(f"position_ids must be an integer tensor of shape ({B}, {T}) or "
+                             f"({T},), got {_describe(position_ids)}")
+        _check_id_range(position_ids, config.n_positions, "position_ids",
+                        f"positions index the {config.n_positions} rows of wpe")
+    if token_type_ids is not None:
+        is_types = _is_tensor(token_type_ids, 2, (torch.long, torch.int32))
+        if not is_types or token_type_ids.shape != input_ids.shape:
+            raise ValueError(f"token_type_ids must be an integer tensor of input_ids' shape "
+                             f"({B}, {T}), got {_describe(token_type_ids)}")
+        _check_id_range(token_type_ids, config.vocab_size, "token_type_ids",
+                        "token types are embedded with wte, as in microsoft's GPT-2")
     nh = config.n_head
     hs = config.n_embd // config.n_head
     # Under autocast the cache comes back in the autocast dtype.
@@ -829,9 +1085,9 @@ def _check_generate_arguments(input_ids, max_new_tokens, temperature, top_k) -> 
                          "ids[None]")
 
 
-def _check_loss_inputs(config, input_ids, lm_labels, lm_mask, label_smooth) -> None:
-    """lm_labels integer ids of input_ids' shape (negative: no target), lm_mask of that shape too,
-    label_smooth in [0, 1)."""
+def _check_loss_inputs(config, input_ids, lm_labels, lm_mask, label_smooth, return_logits) -> None:
+    """lm_labels integer ids of input_ids' shape (negative: no target), lm_mask of that shape with
+    finite weights ≥ 0, label_smooth in [0, 1)."""
     shape = tuple(input_ids.shape)
     if not _is_tensor(lm_labels, 2, (torch.long, torch.int32)) or lm_labels.shape != shape:
         raise ValueError(f"lm_labels must be an integer tensor of the shape of input_ids "
@@ -840,5 +1096,56 @@ def _check_loss_inputs(config, input_ids, lm_labels, lm_mask, label_smooth) -> N
         raise ValueError(f"lm_mask must have input_ids' shape {shape}, got {_describe(lm_mask)}")
     if not (_is_real(label_smooth) and 0.0 <= label_smooth < 1.0):
         raise ValueError(f"label_smooth must lie in [0, 1), got {label_smooth!r}")
+    if not isinstance(return_logits, bool):
+        raise ValueError(f"return_logits must be True or False, got {return_logits!r}")
     _check_id_range(lm_labels, config.vocab_size, "lm_labels",
                     "a negative label marks a position without target", negative_ok=True)
+    # The mask weighs each position: a negative or non-finite weight makes the loss meaningless.
+    # On the CPU only, as for the ids (reading values from a GPU would stall every step).
+    if lm_mask is not None and lm_mask.device.type == "cpu" and lm_mask.numel() > 0 \
+            and not torch.compiler.is_compiling():
+        weights = lm_mask.float()
+        if not bool(weights.isfinite().all()) or float(weights.min()) < 0:
+            raise ValueError(f"lm_mask must hold finite weights >= 0 (1 counts a position, 0 "
+                             f"drops it), got values in [{float(weights.min())}, "
+                             f"{float(weights.max())}]")
+
+
+def _check_tied_head(state_dict, prefix) -> None:
+    """A state dict's head must be its token embedding: GPT-2 ties them, this model holds one."""
+    head = state_dict.get(prefix + "lm_head.decoder.weight")
+    wte = state_dict.get(prefix + "transformer.wte.weight")
+    if head is None or wte is None or head is wte:
+        return
+    if head.shape != wte.shape or not torch.equal(head.nan_to_num(), wte.nan_to_num()):
+        raise ValueError("the state dict's lm_head.decoder.weight differs from its "
+                         "transformer.wte.weight (an untied head): GPT-2 ties them, this model "
+                         "too; load a state dict whose head is its embedding")
+
+
+def _check_merged_forward(layer) -> None:
+    """A merged layer holds W0 + ΔW in one weight: training through it would move W, never A, B."""
+    if layer.training and torch.is_grad_enabled() and layer.lora_A.requires_grad:
+        raise ValueError("a merged LoRA layer cannot train its adapters (ΔW is inside the "
+                         "weight, A and B get no gradient): unmerge_lora(model) before training, "
+                         "or evaluate under torch.no_grad()")
+
+
+def _check_not_merged(model) -> None:
+    merged = [name for name, layer in _named_lora_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(f"{_short(merged)} hold merged weights, whose adapters cannot train: "
+                         f"unmerge_lora(model) first")
+
+
+def _set_vocab_size_alias(config, value) -> None:
+    """GPT2Config(vocab_size_or_config_json_file=V), microsoft's spelling of vocab_size=V."""
+    default = GPT2Config.__dataclass_fields__["vocab_size"].default
+    if config.vocab_size not in (default, value):
+        raise ValueError(f"vocab_size = {config.vocab_size} and vocab_size_or_config_json_file "
+                         f"= {value!r} disagree; give one of them")
+    if not _is_int(value):
+        raise ValueError(f"vocab_size_or_config_json_file is microsoft's name for vocab_size and "
+                         f"must be a positive integer here (a JSON file is not read), got "
+                         f"{value!r}")
+    object.__setattr__(config, "vocab_size", value)  # the dataclass is frozen

@@ -794,3 +794,19 @@ def test_an_unreadable_file_says_permission_denied_and_a_sharded_folder_says_sha
     (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     with pytest.raises(ValueError, match="hf: sharded checkpoints are not read"):
         L.GPT2LMModel.from_pretrained(tmp_path / "hf")
+
+
+@needs_safetensors
+def test_exports_refuse_weights_that_are_not_finite_naming_the_key(tmp_path):
+    """An infinite or NaN weight (in W0, in B, or made by merging) is refused when an adapter or
+    a Hugging Face folder is written, naming the tensor; nothing is written."""
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.lora_B"):
+        for value in (float("inf"), float("nan")):
+            model = tiny_lora_model()
+            with torch.no_grad():
+                model.state_dict()[key].view(-1)[0] = value
+            for export in (formats.save_adapter, formats.save_pretrained):
+                folder = tmp_path / f"{export.__name__}-{value}"
+                with pytest.raises(ValueError, match="NaN or infinite"):
+                    export(model, folder)
+                assert not folder.exists() or not any(folder.iterdir())

@@ -57,6 +57,7 @@ def test_merged_output_equals_unmerged_output(layer_x):
     (W0 + scaling·ΔW) x, for Linear and MergedLinear, every enable_lora pattern, both layouts,
     float32 and float64."""
     layer, x = layer_x
+    layer.eval()  # a merged layer in training mode refuses to run with gradients
     unmerged = layer(x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=0)
@@ -429,6 +430,101 @@ def test_lm_head_is_tied_to_the_token_embedding():
     assert model.lm_head.decoder.weight[3, 0] == 42.0
 
 
+def test_the_head_stays_the_embedding_through_every_way_of_loading_and_moving(tmp_path):
+    """After load_state_dict (assign=True, strict=False, with or without the head's key),
+    load_weight, to(), deepcopy and set_tied, the head is wte itself and the model holds the
+    same number of parameters; a state dict whose head differs from wte is refused unchanged."""
+    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)
+    source = tiny_model(config, seed=1)
+    full = {k: v.clone() for k, v in source.state_dict().items()}
+    without_head = {k: v for k, v in full.items() if not k.startswith("lm_head.")}
+    ids = token_batch(config, 0)
+    expected = source(ids)[0]
+
+    def check(model):
+        assert model.lm_head.decoder.weight is model.transformer.wte.weight
+        assert len(list(model.parameters())) == len(list(source.parameters()))
+        torch.testing.assert_close(model(ids)[0], expected)
+
+    for state_dict, strict in ((full, True), (without_head, False)):
+        for assign in (False, True):
+            model = tiny_model(config, seed=2)
+            model.load_state_dict({k: v.clone() for k, v in state_dict.items()}, strict=strict,
+                                  assign=assign)
+            check(model)
+    check(tiny_model(config, seed=2).load_weight(full))
+    check(copy.deepcopy(source))
+    check(tiny_model(config, seed=2).load_weight(full).to(torch.float64).to(torch.float32))
+    model = tiny_model(config, seed=2).load_weight(full)
+    model.lm_head.decoder.weight = torch.nn.Parameter(model.transformer.wte.weight.clone())
+    model.set_tied()
+    check(model)
+    untied = dict(full, **{"lm_head.decoder.weight": full["transformer.wte.weight"] + 1})
+    model = tiny_model(config, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="untied head"):
+        model.load_state_dict(untied, assign=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_merged_model_refuses_to_train_its_adapters_and_says_to_unmerge():
+    """Training through merged layers would move W and never A or B: a forward with gradients in
+    training mode and mark_only_lora_as_trainable are refused until unmerge_lora; evaluating a
+    merged model (eval mode, or without gradients) is allowed."""
+    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2,
+                          lora_attn_dim=2)
+    model = tiny_model(config)
+    randomize_lora(model, 0)
+    ids = token_batch(config, 0)
+    L.mark_only_lora_as_trainable(model)
+    L.merge_lora(model)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        model(ids, lm_labels=ids)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        L.mark_only_lora_as_trainable(model, bias="all")
+    with torch.no_grad():
+        model(ids, lm_labels=ids)
+    model.eval()(ids, lm_labels=ids)
+    L.unmerge_lora(model)
+    L.mark_only_lora_as_trainable(model, bias="all")
+    model.train()(ids, lm_labels=ids)[1].backward()
+    assert model.transformer.h[0].attn.c_attn.lora_B.grad.abs().sum() > 0
+
+
+@given(config=tiny_configs(), seed=seeds, shift=st.integers(0, 4))
+def test_position_and_token_type_ids_add_their_embeddings_as_in_microsofts_gpt2(config, seed,
+                                                                                shift):
+    """GPT2Model(input_ids, position_ids, token_type_ids): explicit default positions change
+    nothing; positions p give the embedding wpe[p]; token types t add wte[t] to the input, as
+    microsoft's model.py does (token_type_embeds = self.wte(token_type_ids))."""
+    model = tiny_model(config, seed).eval()
+    T = 4
+    ids = token_batch(config, seed, batch=2, length=T)
+    types = token_batch(config, seed + 1, batch=2, length=T)
+    hidden = model.transformer(ids)[0]
+    torch.testing.assert_close(model.transformer(ids, torch.arange(T))[0], hidden)
+    positions = (torch.arange(T) + shift).clamp(max=config.n_positions - 1).expand(2, T)
+    shifted = model.transformer(ids, position_ids=positions, token_type_ids=types)[0]
+    # The same trunk fed by hand: the first block sees wte[ids] + wpe[positions] + wte[types].
+    x = (model.transformer.wte(ids) + model.transformer.wpe(positions)
+         + model.transformer.wte(types))
+    for block in model.transformer.h:
+        x = block(x)[0]
+    torch.testing.assert_close(shifted, model.transformer.ln_f(x))
+    with pytest.raises(ValueError, match="position_ids"):
+        model.transformer(ids, position_ids=torch.full((T,), config.n_positions))
+
+
+def test_microsofts_name_for_the_vocabulary_size_is_accepted():
+    """GPT2Config(vocab_size_or_config_json_file=V) is GPT2Config(vocab_size=V), as in microsoft's
+    model.py, and is not saved as a field of its own."""
+    config = L.GPT2Config(vocab_size_or_config_json_file=321, n_embd=12, n_head=3)
+    assert config.vocab_size == 321 and config == L.GPT2Config(vocab_size=321, n_embd=12, n_head=3)
+    assert "vocab_size_or_config_json_file" not in config.to_dict()
+    with pytest.raises(ValueError, match="disagree"):
+        L.GPT2Config(vocab_size=5, vocab_size_or_config_json_file=7)
+
+
 def test_each_layer_draws_its_own_lora_a():
     """LoRA A is drawn independently per layer (microsoft/LoRA deep-copies one block, so every
     layer starts from the same A)."""
@@ -665,6 +761,102 @@ def test_fix_dropout_acts_in_training_only():
     assert not torch.allclose(model(ids)[0], model(ids)[0])
     model.eval()
     assert torch.equal(model(ids)[0], model(ids)[0])
+
+
+# ---- 4b. the loss over chunks, without logits, and activation checkpointing ----------------
+
+def plain_loss(logits, labels, mask, eps):
+    """microsoft's loss written out at once in float64: the reference for the chunked one."""
+    targets = labels.clamp(min=0)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    per_position = (1 - eps) * nll + eps * (-logp.mean(-1))
+    kept = mask.double() * (labels >= 0)
+    return (per_position * kept).sum() / (kept.sum() + 1e-4)
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds, eps=st.sampled_from([0.0, 0.1]),
+       chunk_positions=st.integers(1, 7), dtype=dtypes)
+def test_chunked_loss_and_its_gradients_equal_the_loss_computed_at_once(config, seed, eps,
+                                                                        chunk_positions, dtype):
+    """The loss over chunks of positions, from the logits or from the hidden states and the head,
+    equals microsoft's loss computed at once, and so do the gradients of the hidden states and of
+    the head, for any chunk size, fractional masks, negative labels and label smoothing."""
+    model = tiny_model(config, seed).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    ids = token_batch(config, seed, batch=2, length=5)
+    labels = token_batch(config, seed + 1, batch=2, length=5)
+    labels[torch.rand(ids.shape, generator=g) < 0.2] = -100
+    mask = torch.rand(ids.shape, generator=g, dtype=dtype)  # fractional weights in [0, 1)
+    hidden = model.transformer(ids)[0].detach().requires_grad_(True)
+    head = model.transformer.wte.weight.detach().clone().requires_grad_(True)
+    chunk_elements = chunk_positions * config.vocab_size
+    expected = plain_loss(hidden @ head.t(), labels, mask, eps)
+    expected_grads = torch.autograd.grad(expected, (hidden, head))
+    from_logits, _ = L.lm_loss(hidden @ head.t(), labels, mask, eps,
+                               chunk_elements=chunk_elements)
+    from_hidden, _ = L.lm_loss_from_hidden(hidden, head, labels, mask, eps,
+                                           chunk_elements=chunk_elements)
+    closeness = tolerance(dtype)
+    for loss in (from_logits, from_hidden):
+        torch.testing.assert_close(loss.double(), expected, **closeness)
+        grads = torch.autograd.grad(loss, (hidden, head))
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad.double(), expected_grad.double(), **closeness)
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds, use_mask=st.booleans())
+def test_a_forward_without_logits_gives_the_same_loss_accuracy_and_gradients(config, seed,
+                                                                             use_mask):
+    """forward(..., return_logits=False) returns (None, loss[, t1_acc, all_acc]) with the loss,
+    the accuracies and every parameter's gradient of the default call."""
+    model = tiny_model(config, seed)
+    randomize_lora(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = token_batch(config, seed, batch=2, length=6)
+    labels = token_batch(config, seed + 1, batch=2, length=6)
+    mask = (torch.rand(ids.shape, generator=g) < 0.7).float() if use_mask else None
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss, t1_acc, all_acc = model(ids, lm_labels=labels, lm_mask=mask,
+                                              is_report_accuracy=True,
+                                              return_logits=return_logits)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits, loss, t1_acc, all_acc, grads))
+    (logits, loss, t1_acc, all_acc, grads), (no_logits, loss2, t1_acc2, all_acc2, grads2) = results
+    assert logits.shape == (2, 6, config.vocab_size) and no_logits is None
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(t1_acc2, t1_acc) and torch.equal(all_acc2, all_acc)
+    assert grads2.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+@given(config=tiny_configs(min_rank=1), seed=seeds)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout(config, seed):
+    """Recomputing each block in backward changes nothing: the same loss and gradients, bit for
+    bit, with the model's and LoRA's dropout drawing the same masks in the recomputation."""
+    config = L.GPT2Config.from_dict({**config.to_dict(), "fix_dropout": 0.2, "lora_dropout": 0.2})
+    model = tiny_model(config, seed)
+    randomize_lora(model, seed)
+    L.mark_only_lora_as_trainable(model)
+    ids = token_batch(config, seed, batch=2, length=6)
+    results = []
+    for checkpointing in (False, True):
+        model.transformer.checkpoint_activations = checkpointing
+        model.zero_grad()
+        torch.manual_seed(seed)  # the same dropout masks in both runs
+        loss = model(ids, lm_labels=ids)[1]
+        loss.backward()
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss, grads), (loss_recomputed, grads_recomputed) = results
+    assert torch.equal(loss_recomputed, loss)
+    for grad, grad_recomputed in zip(grads, grads_recomputed):
+        assert torch.equal(grad_recomputed, grad)
+    with torch.no_grad():  # no backward to come: nothing is recomputed, the cache is kept
+        assert model(ids)[1][0] is not None
 
 
 # ---- 6. bad input ----------------------------------------------------------------------------
@@ -912,6 +1104,28 @@ def test_no_device_to_host_sync_in_a_cuda_training_step_or_decoding():
             model(ids[:, :1], past=past, len_past=len_past)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_lm_mask_must_hold_finite_weights_of_input_ids_shape_and_fractions_weigh_positions():
+    """A mask of ±1 (which gave a loss of -3101) or NaN is refused, naming lm_mask; a fractional
+    mask weighs each position's loss: the loss is Σ m·ℓ / (Σ m + 1e-4)."""
+    config = L.GPT2Config(vocab_size=11, n_positions=8, n_ctx=8, n_embd=8, n_layer=1, n_head=2)
+    model = tiny_model(config)
+    ids = token_batch(config, 0)
+    for bad in (torch.tensor([1.0, -1.0]).repeat(2, 4), torch.full(ids.shape, float("nan")),
+                torch.full(ids.shape, float("inf"))):
+        with pytest.raises(ValueError, match="lm_mask must hold finite weights >= 0"):
+            model(ids, lm_labels=ids, lm_mask=bad)
+    with pytest.raises(ValueError, match="lm_mask must have input_ids' shape"):
+        model(ids, lm_labels=ids, lm_mask=torch.ones(3))
+    with pytest.raises(ValueError, match="return_logits"):
+        model(ids, lm_labels=ids, return_logits="no")
+    weights = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    logits, loss = model(ids, lm_labels=ids, lm_mask=weights)
+    per_position = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")
+    expected = (per_position * weights.flatten()).sum() / (weights.sum() + 1e-4)
+    torch.testing.assert_close(loss, expected)
+
 
 
 # ---- 7. oracles: Hugging Face transformers and microsoft's loralib ---------------------------
