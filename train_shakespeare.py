@@ -793,11 +793,14 @@ def check_learning_rates(settings) -> None:
     """Refuse learning rates that overflow AdamW's float32 arithmetic (its first step moves a
     weight by 10·lr, and weight decay multiplies by 1 - lr·decay)."""
     largest = torch.finfo(torch.float32).max
+    limit = largest / 10
+    if settings.weight_decay > 0:
+        limit = min(limit, largest / settings.weight_decay)
     for option, value in (("--lr", settings.lr), ("--base-lr", settings.base_lr)):
-        if 10 * value > largest or value * settings.weight_decay > largest:
+        if value > limit:
             raise ValueError(f"{option} {value:g} overflows the optimizer's float32 arithmetic "
                              f"(with --weight-decay {settings.weight_decay:g}): pass at most "
-                             f"{largest / 10:.1e}")
+                             f"{limit:.1e}")
 
 
 def check_sizes(settings, config: GPT2Config) -> None:
@@ -818,8 +821,11 @@ def check_same_text(data_sha: str, settings, runtime, all_gather=None) -> None:
     """Refuse processes that read different texts: each would train on its own."""
     if runtime.world == 1:
         return
+    if all_gather is None:
+        all_gather = dist.all_gather_object
+    # every process's hash of the text it read, in the order of the ranks
     gathered = [None] * runtime.world
-    (all_gather or dist.all_gather_object)(gathered, data_sha)
+    all_gather(gathered, data_sha)
     others = [rank for rank, sha in enumerate(gathered) if sha != gathered[0]]
     if others:
         raise ValueError(f"--data {settings.data or 'Tiny Shakespeare'}: process {others[0]} read "
@@ -836,8 +842,10 @@ def check_resumed_base(resume: dict, name: str, path: str, settings) -> None:
     recorded = resume["base"].get("file")
     if resume["phase"] == "base" and recorded not in (None, name):
         precision = resume.get("dtype")
-        began = f"in {precision}; resume with --dtype {precision}" if precision else (
-            "in another precision; resume with the --dtype it began with")
+        if precision:
+            began = f"in {precision}; resume with --dtype {precision}"
+        else:
+            began = "in another precision; resume with the --dtype it began with"
         raise ValueError(f"--dtype {settings.dtype}: the run in {settings.out_dir} is pretraining "
                          f"its base ({recorded}) {began}")
 
