@@ -182,6 +182,7 @@ def read_text(settings, runtime) -> str:
     """--data, or Tiny Shakespeare: fetched by process 0 unless cached."""
     path = settings.data or os.path.join(CACHE_DIR, "tinyshakespeare.txt")
     cached = os.path.isfile(path) and os.path.getsize(path) == DATA_BYTES
+    # process 0 fetches the corpus; the others wait until it is there
     if not settings.data and runtime.rank == 0 and not cached:
         download_corpus(path, runtime)
     if runtime.world > 1:
@@ -190,6 +191,7 @@ def read_text(settings, runtime) -> str:
     if not os.path.isfile(path):
         why = "not a regular file" if os.path.exists(path) else "no such file"
         raise ValueError(f"--data {path}: {why}")
+    # the whole file, which must be non-empty UTF-8
     with open(path, "rb") as file:
         raw = file.read()
     if not raw:
@@ -390,6 +392,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
             weights = read_checkpoint(base_path, "base")["weights"]
             base = GPT2LMModel(config).load_weight(weights)
         else:
+            # a new base, the same init on every process, pretrained on the first half
             torch.manual_seed(settings.seed)
             base = GPT2LMModel(config).to(runtime.device)
             runtime.log(f"pretraining a char-level base on {len(base_ids):,} tokens for "
@@ -409,6 +412,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
     base = base.to(runtime.device)
     # the base's record: an adapting resume must find the very base it was trained on
     base_info["fingerprint"] = check_base(base, resume["base"] if adapting else None)
+    # the base's held-out figures, from its last evaluation if it was just pretrained
     base_loss, base_accuracy = base_evaluation or evaluate(base, val, windows, settings, runtime)
 
     # LoRA: the adapters on a copy of the base, the same init on every process.
@@ -419,6 +423,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
         mark_only_lora_as_trainable(model)
     # one copy of the weights in memory, not two
     base = None
+    # what is trained, on what, where
     how = f"LoRA rank {settings.rank} on Q and V" if settings.rank else "all weights"
     runtime.log(f"adapting {base_info['source']} with {how} on {len(adapt_ids):,} tokens; "
                 f"{runtime.device}, {str(runtime.dtype)[6:]}, {runtime.world} process(es)")
