@@ -389,8 +389,8 @@ def test_resume_of_a_run_whose_base_file_is_missing_is_refused_at_once(finished_
 def test_a_base_in_pretraining_resumes_only_on_its_own_recipe_and_survives_kills(
         finished_run, text_file, tmp_path, monkeypatch, capsys):
     """A base-phase --resume with another base option, --dtype or --init-from is refused, naming
-    it, and ckpt.pt is left as it was; killed as it writes the finished base, the run resumes to
-    the figures of a run never stopped."""
+    it, and ckpt.pt is left as it was; killed as it renames the finished base, then as it renames
+    the adaptation's first checkpoint, the run resumes to the figures of a run never stopped."""
     out = str(tmp_path / "out")
     real_lr = ts.learning_rate
 
@@ -424,10 +424,21 @@ def test_a_base_in_pretraining_resumes_only_on_its_own_recipe_and_survives_kills
     monkeypatch.setattr(os, "replace", killed_at_the_base)
     with pytest.raises(KeyboardInterrupt, match="step 30 of the base phase"):
         ts.main(["--resume", "--out-dir", out, "--device", "cpu"])
+
+    # then killed as the adaptation's first ckpt.pt is renamed into place
+    def killed_at_the_checkpoint(source, target):
+        if os.path.basename(target) == "ckpt.pt":
+            raise KeyboardInterrupt
+        replace(source, target)
+    monkeypatch.setattr(os, "replace", killed_at_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt, match="step 30 of the base phase"):
+        ts.main(["--resume", "--out-dir", out, "--device", "cpu"])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["phase"] == "base"
     monkeypatch.setattr(os, "replace", replace)
     resumed = ts.main(["--resume", "--out-dir", out, "--device", "cpu", "--sample", "16"])
     for key in ("history", "base_loss", "adapted_loss", "sample"):
         assert resumed[key] == finished_run[0][key], key
+    assert not glob.glob(os.path.join(out, "*.tmp"))
 
 
 def test_an_overwrite_killed_at_its_first_checkpoint_leaves_the_old_run(finished_run, text_file,
