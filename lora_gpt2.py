@@ -597,8 +597,9 @@ class GPT2LMModel(nn.Module):
 # chunk at a time, in float32 per chunk, and the gradient of each chunk is written straight
 # into the gradient of the logits (or, from the hidden states, of h and the head).
 
-# float32 numbers per chunk of logits: 128 MiB, 667 positions of GPT-2's vocabulary.
-LOSS_CHUNK_ELEMENTS = 2 ** 25
+# Numbers per chunk of logits: 64 MiB in float32, 333 positions of GPT-2's vocabulary. A chunk
+# holds two such tensors at a time (its logits and their log-softmax, which becomes the gradient).
+LOSS_CHUNK_ELEMENTS = 2 ** 24
 
 
 def lm_loss(logits, lm_labels, mask, label_smooth=0.0, predict=False,
@@ -642,30 +643,37 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _cross_entropy_gradient(logits: torch.Tensor, targets: torch.Tensor,
-                            label_smooth: float) -> torch.Tensor:
-    """d ℓ / d logits (n, V) in float32 or float64: softmax - (1-ε)·onehot(y) - ε/V."""
-    gradient = torch.softmax(logits, dim=-1)                                   # (n, V)
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                label_smooth: float, with_gradient: bool):
+    """Σ_i w_i·ℓ_i over one chunk of logits (n, V), and if asked its gradient w_i·dℓ_i/dlogits =
+    w_i·(softmax - (1-ε)·onehot(y) - ε/V), built in place: two (n, V) tensors at most."""
+    log_probs = torch.log_softmax(_at_least_float32(logits), dim=-1)           # (n, V)
     rows = torch.arange(len(targets), device=logits.device)
+    losses = -log_probs[rows, targets]                                         # (n,)
+    if label_smooth > 0:
+        losses = (1.0 - label_smooth) * losses - label_smooth * log_probs.mean(dim=-1)
+    loss = (losses * weights).sum()
+    if not with_gradient:
+        return loss, None
+    gradient = log_probs.exp_()                                                # softmax (n, V)
     gradient[rows, targets] -= 1.0 - label_smooth
     if label_smooth > 0:
         gradient -= label_smooth / logits.shape[-1]
-    return gradient
+    gradient *= weights[:, None]
+    return loss, gradient
 
 
 class _CrossEntropyOverChunks(torch.autograd.Function):
     """Σ_i w_i·ℓ_i from logits (N, V). Forward and backward each hold one chunk's float32 copy;
-    backward recomputes the softmax of each chunk instead of keeping them all."""
+    backward computes the softmax of each chunk again instead of keeping them all."""
 
     @staticmethod
     def forward(ctx, logits, targets, weights, label_smooth, chunk):
-        loss = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+        loss = logits.new_zeros((), dtype=weights.dtype)
         for start in range(0, logits.shape[0], chunk):
             part = slice(start, start + chunk)
-            logits_float = _at_least_float32(logits[part])                     # (n, V)
-            losses = F.cross_entropy(logits_float, targets[part], reduction="none",
-                                     label_smoothing=label_smooth)             # (n,)
-            loss = loss + (losses * weights[part]).sum()
+            loss += _chunk_loss(logits[part], targets[part], weights[part], label_smooth,
+                                with_gradient=False)[0]
         ctx.save_for_backward(logits, targets, weights)
         ctx.label_smooth = label_smooth
         ctx.chunk = chunk
@@ -677,9 +685,9 @@ class _CrossEntropyOverChunks(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)                                 # (N, V)
         for start in range(0, logits.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
-            logits_float = _at_least_float32(logits[part])                     # (n, V)
-            gradient = _cross_entropy_gradient(logits_float, targets[part], ctx.label_smooth)
-            grad_logits[part] = gradient * (weights[part] * grad_loss)[:, None]
+            gradient = _chunk_loss(logits[part], targets[part], weights[part] * grad_loss,
+                                   ctx.label_smooth, with_gradient=True)[1]    # (n, V)
+            grad_logits[part] = gradient
         return grad_logits, None, None, None, None
 
 
@@ -693,22 +701,21 @@ class _HeadAndCrossEntropyOverChunks(torch.autograd.Function):
         # Inside forward autograd is off; whether a backward will come is read from the inputs.
         wants_hidden = ctx.needs_input_grad[0]
         wants_weight = ctx.needs_input_grad[1]
+        with_gradient = wants_hidden or wants_weight
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None       # (N, C)
         gradient_dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=gradient_dtype) if wants_weight else None
-        loss = hidden.new_zeros((), dtype=torch.promote_types(weight.dtype, torch.float32))
+        loss = hidden.new_zeros((), dtype=weights.dtype)
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
             logits = F.linear(hidden[part], weight)                            # (n, V)
-            logits_float = _at_least_float32(logits)
-            losses = F.cross_entropy(logits_float, targets[part], reduction="none",
-                                     label_smoothing=label_smooth)             # (n,)
-            loss = loss + (losses * weights[part]).sum()
             if predicted is not None:
                 predicted[part] = logits.argmax(dim=-1)
-            if wants_hidden or wants_weight:
-                gradient = _cross_entropy_gradient(logits_float, targets[part], label_smooth)
-                gradient = (gradient * weights[part][:, None]).to(logits.dtype)  # (n, V)
+            chunk_loss, gradient = _chunk_loss(logits, targets[part], weights[part],
+                                               label_smooth, with_gradient)
+            loss += chunk_loss
+            if with_gradient:
+                gradient = gradient.to(logits.dtype)                           # (n, V)
                 if wants_hidden:
                     grad_hidden[part] = gradient @ weight.to(logits.dtype)     # (n, C)
                 if wants_weight:
