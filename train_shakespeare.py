@@ -50,8 +50,8 @@ DATA_BYTES = 1_115_394  # a cached file of another size is fetched again
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 FORMAT = "lora-gpt2-shakespeare/2"  # in every checkpoint this script writes
 # --resume takes these from the command line, the rest from ckpt.pt
-FRESH = ("resume", "overwrite", "out_dir", "device", "dtype", "compile", "sample", "prompt",
-         "save_pretrained", "save_adapter")
+FRESH = ("resume", "overwrite", "out_dir", "device", "dtype", "compile", "checkpoint_activations",
+         "sample", "prompt", "save_pretrained", "save_adapter")
 # --resume refuses a change of these: they shape the weights in ckpt.pt
 SHAPING = ("block_size", "n_layer", "n_head", "n_embd", "rank", "alpha")
 
@@ -136,6 +136,9 @@ def make_parser() -> argparse.ArgumentParser:
                         choices=("auto", "float32", "bfloat16", "float16"),
                         help="autocast precision")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--checkpoint-activations", action="store_true",
+                        help="recompute each block's activations in backward: less memory, "
+                             "about a third more time per step, the same results")
     # the end of the run
     parser.add_argument("--sample", type=_number(0), default=400,
                         help="tokens to generate at the end")
@@ -505,6 +508,8 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
             runtime.log(f"[{phase}] the run has done its {iters} steps: nothing to train")
         else:
             runtime.log(f"[{phase}] resuming from step {step} of {iters}")
+    # Activation checkpointing changes memory and time, never the numbers.
+    model.transformer.checkpoint_activations = settings.checkpoint_activations
     runner = torch.compile(model) if settings.compile else model
     # frozen weights do not require grad, so DDP leaves them alone
     if runtime.world > 1:
@@ -534,7 +539,10 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
             sync = runtime.world == 1 or i == settings.grad_accum - 1
             with contextlib.nullcontext() if sync else runner.no_sync():
                 with runtime.autocast:
-                    loss = runner(inputs, targets)[1] / settings.grad_accum
+                    # The loss alone: the head and loss run over chunks of positions, and the
+                    # (batch, time, vocabulary) logits are never held.
+                    loss = runner(inputs, lm_labels=targets, return_logits=False)[1]
+                    loss = loss / settings.grad_accum
                 scaler.scale(loss).backward()
             total += loss.detach()
         # clip the gradient's norm, then refuse a step that diverged

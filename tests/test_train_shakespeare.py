@@ -114,6 +114,20 @@ def test_full_fine_tuning_with_rank_0(text_file, tmp_path, finished_run, capsys)
     assert ckpt["config"]["lora_attn_dim"] == 0 and "transformer.wte.weight" in ckpt["weights"]
 
 
+def test_checkpointing_activations_trains_the_very_same_adapters(text_file, tmp_path,
+                                                                 finished_run):
+    """--checkpoint-activations recomputes each block in backward: the run's figures and its
+    trained adapters are bit for bit those of the run without it."""
+    out = copy_run(finished_run[1], tmp_path)
+    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--sample", "0",
+                                   "--checkpoint-activations"])
+    assert report["adapted_loss"] == finished_run[0]["adapted_loss"]
+    trained = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["weights"]
+    reference = torch.load(os.path.join(finished_run[1], "ckpt.pt"), weights_only=True)["weights"]
+    assert trained.keys() == reference.keys()
+    assert all(torch.equal(trained[key], reference[key]) for key in trained)
+
+
 def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text_file, tmp_path,
                                                               capsys, monkeypatch):
     """bfloat16 and float32 pretraining give different weights: a bfloat16 run pretrains its own
