@@ -97,6 +97,8 @@ def amplification(dW: torch.Tensor, W: torch.Tensor, r: int) -> float:
     """The amplification factor ||dW||_F / ||U^T W V^T||_F, U and V the top-r singular vectors
     of dW: how much larger dW is than W in the directions dW lies in. For dW = c W it is
     |c| ||W||_F / ||W_r||_F, W_r the best rank-r part of W; |c| when W has rank <= r."""
+    # A large factor: ΔW amplifies directions that W holds only weakly (the paper: about 21 at
+    # r = 4 on GPT-3), rather than repeating W's own top directions.
     return dW.double().norm().item() / projected_norm(W, *top_singular(dW, r))
 
 
@@ -257,6 +259,7 @@ def base_model(settings, runtime, tokenizer, base_ids, data, data_sha) -> GPT2LM
     """--init-from, or train_shakespeare.py's scratch base: its file name and format."""
     if settings.init_from != "scratch":
         return GPT2LMModel.from_pretrained(settings.init_from).to(runtime.device)
+    # A scratch base: characters as tokens, its context the block size.
     config = GPT2Config(vocab_size=len(tokenizer["chars"]), n_layer=settings.n_layer,
                         n_head=settings.n_head, n_embd=settings.n_embd,
                         n_positions=settings.block_size, n_ctx=settings.block_size)
@@ -266,6 +269,8 @@ def base_model(settings, runtime, tokenizer, base_ids, data, data_sha) -> GPT2LM
         runtime.log(f"using the cached base {path}")
         weights = ts.read_checkpoint(path, "base")["weights"]
         return GPT2LMModel(config).load_weight(weights).to(runtime.device)
+    # Not cached: pretrain it on the first half of the training text, going on from its .part
+    # file if an earlier run was stopped, then save it in train_shakespeare.py's base format.
     torch.manual_seed(settings.seed)
     base = GPT2LMModel(config).to(runtime.device)
     runtime.log(f"pretraining a char-level base on {len(base_ids):,} tokens for "
@@ -313,6 +318,7 @@ def adapt(base, rank: int, seed: int, adapt_ids, data, settings, runtime, lr,
     model.load_weight(base.state_dict())
     if rank:
         mark_only_lora_as_trainable(model)
+    # A run done before is read, checked against this run, and not trained again.
     done = load(path)
     if done is not None:
         check_run(done, path, rank, seed, model)
@@ -369,6 +375,7 @@ def adapters(base, run: dict, settings) -> dict:
 
 def phi_grids(A1: list, A2: list, layer: int) -> dict:
     """phi for 'q' and 'v': at `layer`, averaged over layers, and for Gaussian A of those shapes."""
+    # A1 and A2 hold, layer by layer, the pair (A of Q, A of V); index 0 is Q's, 1 is V's.
     generator = torch.Generator().manual_seed(0)
     grids_by_matrix = {}
     for index, matrix in enumerate("qv"):
@@ -573,8 +580,8 @@ def run(options, settings, runtime) -> dict:
                          random="random A")
 
     # The runs: (rank, seed offset), each its own file in --out-dir/runs, skipped when done
-    # before. Each rank once, full fine-tuning (rank 0), and the second
-    # phi rank again from the next seed.
+    # before. Each rank once, full fine-tuning (rank 0), and the second phi rank again from the
+    # next seed, for the paper's Figure 4.
     r1, r2 = options.phi_ranks
     every_rank = sorted(set(options.ranks + options.phi_ranks + options.amp_ranks))
     jobs = [(rank, 0) for rank in every_rank] + [(0, 0), (r2, 1)]
