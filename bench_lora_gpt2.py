@@ -237,6 +237,7 @@ def missing_rows(comparison, names, unit, status):
 
 def build(device, args, rank=0, **sizes):
     """Our model at LoRA rank `rank` (0: none), of the bench's sizes or `sizes`, seeded."""
+    # The same seed for every candidate: their weights, hence their work, are the same.
     torch.manual_seed(0)
     config = L.GPT2Config(**{**args.sizes, **sizes}, lora_attn_dim=rank,
                           lora_attn_alpha=args.alpha)
@@ -245,6 +246,7 @@ def build(device, args, rank=0, **sizes):
 
 def make_batch(batch_size, block_size, vocab_size, device, seed=1):
     """Inputs and next-token labels, each (batch_size, block_size), from one random sequence."""
+    # Random tokens: speed and memory do not depend on what the text says.
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, block_size + 1), generator=generator)
     inputs = ids[:, :-1].contiguous().to(device)  # (B, T)
@@ -273,6 +275,8 @@ def autocast(args, device):
 
 def train_step(model, loss_function, device, args, ours=True):
     """A step: forward (autocast as --dtype says), backward, AdamW (lr 1e-4), zero_grad.
+
+    AdamW gets only what requires grad, as a trainer would give it: for LoRA, A and B alone.
 
     Our uncompiled steps run under no_host_sync: a hidden device-to-host copy is an error.
     Compiled code and the references are not watched (compiling may sync)."""
@@ -523,11 +527,14 @@ def bench_layer(args, device, notes):
     for width in sorted({args.n_embd, 1024}):
         comparison = f"layer C={width}"
         functions = {}
+        # LoRA on Q and V of the fused projection, K left alone, as in microsoft's GPT-2; the
+        # weight stored (in, out) as GPT-2's Conv1D; unmerged, so that the adapters run.
         lora_options = dict(r=args.rank, lora_alpha=args.alpha, enable_lora=[True, False, True],
                             fan_in_fan_out=True, merge_weights=False)
         torch.manual_seed(0)
         ours = L.MergedLinear(width, 3 * width, **lora_options).to(device)
         randomize_lora_B(ours)
+        # The floor: the same layer without adapters, its W0 copied from ours.
         base = L.MergedLinear(width, 3 * width, r=0, fan_in_fan_out=True,
                               merge_weights=False).to(device)
         base.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" not in k})
@@ -545,6 +552,8 @@ def bench_layer(args, device, notes):
                 return torch.autograd.grad(layer(x), wrt, grad_output)
             return no_host_sync(device, check_syncs)(run)
 
+        # loralib, microsoft's own layer, when installed: checked to compute what ours computes,
+        # then timed beside it.
         if importlib.util.find_spec("loralib") is not None:
             import loralib
             reference = loralib.MergedLinear(width, 3 * width, **lora_options).to(device)
@@ -594,6 +603,8 @@ def peft_step(model, args, device):
     inputs, labels = make_batch(args.batch_size, args.block_size, args.vocab_size, device)
     runner = torch.compile(model) if args.compile else model
 
+    # Our labels are already shifted; passing them to transformers as `labels` would shift them
+    # again, so the loss is taken here, as a user of the logits would.
     def loss():
         logits = runner(input_ids=inputs, use_cache=False).logits  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
@@ -611,6 +622,7 @@ def bench_hf(args, device, notes):
     # Both adapt at the same rank and alpha; peft adapts K too, which transformers' fused c_attn
     # leaves it no way to skip: a little more work on its side.
     model, transformers, peft = build_peft_model(args, device)
+    # Ours is called microsoft's way here (logits returned); the memory comparison has the rest.
     candidates = [(peft_name, model, peft_step(model, args, device)),
                   (ours_name, *ours_train(args, device, args.rank))]
     rows = train_rows("hf", args, device, candidates, {ours_name: ("≤", 1.0)})

@@ -11,7 +11,17 @@ zero: before training ΔW = 0. Once trained, ΔW can be added into W0 ("merged")
 This module follows microsoft/LoRA: its `loralib` layers (`Linear`, `MergedLinear`, with the same
 parameter names and shapes) and its `examples/NLG` GPT-2 (the same state-dict keys and forward
 arguments), so that checkpoints and scripts move freely between the two. Its numbered sections
-read top to bottom, from the config to the checkpoint formats.
+read top to bottom like the paper:
+
+     1  the config                        7  the head, tied to the token embedding
+     2  the LoRA layers (start here)      8  GPT2LMModel: forward, accuracy, generation
+     3  Conv1D, GPT-2's linear layer      9  microsoft's loss, over chunks of positions
+     4  attention, LoRA on Q and V       10  presets
+     5  MLP and block                    11  loralib's helpers: what to train, merging
+     6  GPT2Model, the trunk             12  microsoft's load_weight
+
+and end with the argument checks (13), kept apart so that the model reads as math. File formats
+(Hugging Face folders, PEFT adapters, the hub) live in checkpoint_formats.py.
 
 Shapes in comments use B (batch), T (time), C (n_embd), nh (heads), hs (head size), V (vocab),
 r (LoRA rank), m (number of LoRA-enabled groups in a MergedLinear).
@@ -45,9 +55,13 @@ class GPT2Config:
     n_head              number of attention heads nh; head size hs = C / nh.
     layer_norm_epsilon  ε added to the variance inside every LayerNorm.
     initializer_range   standard deviation of the normal init of the weights.
-    lora_attn_dim       the LoRA rank r on Q and V; 0 means no adapters, plain GPT-2.
-    lora_attn_alpha     α; the update ΔW = BA is scaled by α / r.
-    lora_dropout        dropout on the adapter's input x, before A (as in loralib).
+    lora_attn_dim       the LoRA rank r on Q and V; 0 means no adapters, plain GPT-2. The paper
+                        adapts W_q and W_v (section 7.1) and finds r as small as 1 to 4 enough
+                        (section 7.2); microsoft's GPT-2 E2E runs use r = 4.
+    lora_attn_alpha     α; the update ΔW = BA is scaled by α / r (section 4.1), so that a new r
+                        needs no new learning rate. microsoft's E2E runs use α = 32.
+    lora_dropout        dropout on the adapter's input x, before A (as in loralib); 0.1 in the
+                        paper's GPT-2 runs (appendix D, Table 11).
 
     Two fields microsoft's GPT-2 stores but never uses; here they mean (0, off, by default):
     lora_r_dropout      dropout on A x, between A and B.
@@ -597,8 +611,9 @@ class GPT2LMModel(nn.Module):
 # chunk at a time, in float32 per chunk, and the gradient of each chunk is written straight
 # into the gradient of the logits (or, from the hidden states, of h and the head).
 
-# float32 numbers per chunk of logits: 128 MiB, 667 positions of GPT-2's vocabulary.
-LOSS_CHUNK_ELEMENTS = 2 ** 25
+# Numbers per chunk of logits: 64 MiB in float32, 333 positions of GPT-2's vocabulary. A chunk
+# holds two such tensors at a time (its logits and their log-softmax, which becomes the gradient).
+LOSS_CHUNK_ELEMENTS = 2 ** 24
 
 
 def lm_loss(logits, lm_labels, mask, label_smooth=0.0, predict=False,
@@ -642,30 +657,37 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _cross_entropy_gradient(logits: torch.Tensor, targets: torch.Tensor,
-                            label_smooth: float) -> torch.Tensor:
-    """d ℓ / d logits (n, V) in float32 or float64: softmax - (1-ε)·onehot(y) - ε/V."""
-    gradient = torch.softmax(logits, dim=-1)                                   # (n, V)
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                label_smooth: float, with_gradient: bool):
+    """Σ_i w_i·ℓ_i over one chunk of logits (n, V), and if asked its gradient w_i·dℓ_i/dlogits =
+    w_i·(softmax - (1-ε)·onehot(y) - ε/V), built in place: two (n, V) tensors at most."""
+    log_probs = torch.log_softmax(_at_least_float32(logits), dim=-1)           # (n, V)
     rows = torch.arange(len(targets), device=logits.device)
+    losses = -log_probs[rows, targets]                                         # (n,)
+    if label_smooth > 0:
+        losses = (1.0 - label_smooth) * losses - label_smooth * log_probs.mean(dim=-1)
+    loss = (losses * weights).sum()
+    if not with_gradient:
+        return loss, None
+    gradient = log_probs.exp_()                                                # softmax (n, V)
     gradient[rows, targets] -= 1.0 - label_smooth
     if label_smooth > 0:
         gradient -= label_smooth / logits.shape[-1]
-    return gradient
+    gradient *= weights[:, None]
+    return loss, gradient
 
 
 class _CrossEntropyOverChunks(torch.autograd.Function):
     """Σ_i w_i·ℓ_i from logits (N, V). Forward and backward each hold one chunk's float32 copy;
-    backward recomputes the softmax of each chunk instead of keeping them all."""
+    backward computes the softmax of each chunk again instead of keeping them all."""
 
     @staticmethod
     def forward(ctx, logits, targets, weights, label_smooth, chunk):
-        loss = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+        loss = logits.new_zeros((), dtype=weights.dtype)
         for start in range(0, logits.shape[0], chunk):
             part = slice(start, start + chunk)
-            logits_float = _at_least_float32(logits[part])                     # (n, V)
-            losses = F.cross_entropy(logits_float, targets[part], reduction="none",
-                                     label_smoothing=label_smooth)             # (n,)
-            loss = loss + (losses * weights[part]).sum()
+            loss += _chunk_loss(logits[part], targets[part], weights[part], label_smooth,
+                                with_gradient=False)[0]
         ctx.save_for_backward(logits, targets, weights)
         ctx.label_smooth = label_smooth
         ctx.chunk = chunk
@@ -677,9 +699,9 @@ class _CrossEntropyOverChunks(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)                                 # (N, V)
         for start in range(0, logits.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
-            logits_float = _at_least_float32(logits[part])                     # (n, V)
-            gradient = _cross_entropy_gradient(logits_float, targets[part], ctx.label_smooth)
-            grad_logits[part] = gradient * (weights[part] * grad_loss)[:, None]
+            gradient = _chunk_loss(logits[part], targets[part], weights[part] * grad_loss,
+                                   ctx.label_smooth, with_gradient=True)[1]    # (n, V)
+            grad_logits[part] = gradient
         return grad_logits, None, None, None, None
 
 
@@ -693,22 +715,21 @@ class _HeadAndCrossEntropyOverChunks(torch.autograd.Function):
         # Inside forward autograd is off; whether a backward will come is read from the inputs.
         wants_hidden = ctx.needs_input_grad[0]
         wants_weight = ctx.needs_input_grad[1]
+        with_gradient = wants_hidden or wants_weight
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None       # (N, C)
         gradient_dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=gradient_dtype) if wants_weight else None
-        loss = hidden.new_zeros((), dtype=torch.promote_types(weight.dtype, torch.float32))
+        loss = hidden.new_zeros((), dtype=weights.dtype)
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
             logits = F.linear(hidden[part], weight)                            # (n, V)
-            logits_float = _at_least_float32(logits)
-            losses = F.cross_entropy(logits_float, targets[part], reduction="none",
-                                     label_smoothing=label_smooth)             # (n,)
-            loss = loss + (losses * weights[part]).sum()
             if predicted is not None:
                 predicted[part] = logits.argmax(dim=-1)
-            if wants_hidden or wants_weight:
-                gradient = _cross_entropy_gradient(logits_float, targets[part], label_smooth)
-                gradient = (gradient * weights[part][:, None]).to(logits.dtype)  # (n, V)
+            chunk_loss, gradient = _chunk_loss(logits, targets[part], weights[part],
+                                               label_smooth, with_gradient)
+            loss += chunk_loss
+            if with_gradient:
+                gradient = gradient.to(logits.dtype)                           # (n, V)
                 if wants_hidden:
                     grad_hidden[part] = gradient @ weight.to(logits.dtype)     # (n, C)
                 if wants_weight:

@@ -52,7 +52,7 @@ DEFAULTS = ["--out-dir", "out-paper", "--n-layer", "2", "--block-size", "64", "-
             "2000", "--max-iters", "200", "--eval-interval", "100", "--sample", "0"]
 # A run's key is made of its other settings, the text and the base; these do not change what a
 # run computes.
-UNKEYED = ("out_dir", "data", "sample", "prompt")
+UNKEYED = ("out_dir", "data", "sample", "prompt", "checkpoint_activations")
 # The version of the files this script writes into --out-dir/runs: in every run file and in its
 # name's key, so that a file of another version is never read as a run of this one.
 RUN_FORMAT = "lora-paper-run/3"
@@ -143,6 +143,8 @@ def amplification(dW: torch.Tensor, W: torch.Tensor, r: int) -> float:
     """The amplification factor ||dW||_F / ||U^T W V^T||_F, U and V the top-r singular vectors
     of dW: how much larger dW is than W in the directions dW lies in. For dW = c W it is
     |c| ||W||_F / ||W_r||_F, W_r the best rank-r part of W; |c| when W has rank <= r."""
+    # A large factor: ΔW amplifies directions that W holds only weakly (the paper: 21.5 at
+    # r = 4 on GPT-3), rather than repeating W's own top directions.
     return dW.double().norm().item() / projected_norm(W, *top_singular(dW, r))
 
 
@@ -393,6 +395,7 @@ def base_model(settings, runtime, tokenizer, base_ids, data, data_sha) -> tuple:
     scratch base's held-out loss by step, [] where not recorded)."""
     if settings.init_from != "scratch":
         return GPT2LMModel.from_pretrained(settings.init_from).to(runtime.device), []
+    # A scratch base: characters as tokens, its context the block size.
     config = GPT2Config(vocab_size=len(tokenizer["chars"]), n_layer=settings.n_layer,
                         n_head=settings.n_head, n_embd=settings.n_embd,
                         n_positions=settings.block_size, n_ctx=settings.block_size)
@@ -405,6 +408,8 @@ def base_model(settings, runtime, tokenizer, base_ids, data, data_sha) -> tuple:
         history = cached.get("history", [])
         base = GPT2LMModel(config).load_weight(cached["weights"]).to(runtime.device)
         return base, history if isinstance(history, list) else []
+    # Not cached: pretrain it on the first half of the training text, going on from its .part
+    # file if an earlier run was stopped, then save it in train_shakespeare.py's base format.
     torch.manual_seed(settings.seed)
     base = GPT2LMModel(config).to(runtime.device)
     runtime.log(f"pretraining a char-level base on {len(base_ids):,} tokens for "
@@ -455,6 +460,7 @@ def adapt(base, task: str, rank: int, seed: int, lr: float, train_ids, data, eve
     model.load_weight(base.state_dict())
     if rank:
         mark_only_lora_as_trainable(model)
+    # A run done before is read, checked against this run, and not trained again.
     done = load(path)
     if done is not None:
         check_run(done, path, task, rank, seed, model)
@@ -564,6 +570,7 @@ def layer_inputs(base, ids: torch.Tensor, settings, runtime) -> list:
 def phi_of_pairs(pairs: list) -> dict:
     """phi for 'q' and 'v' over pairs of adapters' A (each a list by layer of (A_q, A_v)),
     averaged over layers: the grid (i <= 8) averaged over pairs, and each pair's summary."""
+    # Each A1, A2 holds, layer by layer, the pair (A of Q, A of V); index 0 is Q's, 1 is V's.
     by_matrix = {}
     for index, matrix in enumerate("qv"):
         grids = []

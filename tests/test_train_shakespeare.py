@@ -8,6 +8,7 @@ of the tiny settings in helpers.py takes about a second.
 import argparse
 import contextlib
 import glob
+import hashlib
 import http.server
 import json
 import multiprocessing
@@ -65,11 +66,11 @@ def test_held_out_windows_are_evaluated_once_per_logged_step_and_the_report_reus
     monkeypatch.setattr(L.GPT2LMModel, "forward", counting)
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", str(tmp_path),
                                    "--sample", "0"])
-    s = argparse.Namespace(block_size=32, batch_size=8, eval_iters=4)
+    settings = argparse.Namespace(block_size=32, batch_size=8, eval_iters=4)
     text = open(text_file, encoding="utf-8").read()
     windows = ts.split(torch.tensor(ts.encode({"type": "char",
                                                "chars": "".join(sorted(set(text)))}, text, "")),
-                       s, scratch=True)[3]
+                       settings, scratch=True)[3]
     assert sum(batches) == (30 // 5 + 20 // 5) * len(windows)
     assert (report["adapted_loss"], report["adapted_accuracy"]) == \
         (report["history"][-1]["val_loss"], report["history"][-1]["val_accuracy"])
@@ -113,11 +114,25 @@ def test_full_fine_tuning_with_rank_0(text_file, tmp_path, finished_run, capsys)
     assert ckpt["config"]["lora_attn_dim"] == 0 and "transformer.wte.weight" in ckpt["weights"]
 
 
+def test_checkpointing_activations_trains_the_very_same_adapters(text_file, tmp_path,
+                                                                 finished_run):
+    """--checkpoint-activations recomputes each block in backward: the run's figures and its
+    trained adapters are bit for bit those of the run without it."""
+    out = copy_run(finished_run[1], tmp_path)
+    report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--sample", "0",
+                                   "--checkpoint-activations"])
+    assert report["adapted_loss"] == finished_run[0]["adapted_loss"]
+    trained = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["weights"]
+    reference = torch.load(os.path.join(finished_run[1], "ckpt.pt"), weights_only=True)["weights"]
+    assert trained.keys() == reference.keys()
+    assert all(torch.equal(trained[key], reference[key]) for key in trained)
+
+
 def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text_file, tmp_path,
                                                               capsys, monkeypatch):
     """bfloat16 and float32 pretraining give different weights: a bfloat16 run pretrains its own
     base."""
-    def stop(*a):
+    def stop(*args):
         raise KeyboardInterrupt  # at its first step: enough to see which base the run took
     monkeypatch.setattr(ts, "learning_rate", stop)
     with pytest.raises(KeyboardInterrupt, match="interrupted before a checkpoint"):
@@ -129,8 +144,9 @@ def test_a_base_pretrained_in_another_precision_is_not_reused(finished_run, text
 
 @needs_safetensors
 def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, monkeypatch):
-    """A scratch run's adapter folder holds its base (base/, named by a path relative to where the
-    run ran, which is where peft looks) and both exports the character vocabulary (chars.json)."""
+    """A scratch run's adapter folder holds its base (base/, named by its absolute path, so that
+    peft finds it from any working directory, not a folder of the same relative name there) and
+    both exports the character vocabulary (chars.json)."""
     out = copy_run(finished_run[1], tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     report = ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--max-iters", "5",
@@ -145,7 +161,7 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     adapted.load_weight(base.state_dict()).load_adapter(tmp_path / "peft")
     assert held_out(adapted, text_file) == pytest.approx(figures, rel=1e-5)
     config = json.load(open("peft/adapter_config.json"))
-    assert config["base_model_name_or_path"] == os.path.join("peft", "base")
+    assert config["base_model_name_or_path"] == os.path.realpath(tmp_path / "peft" / "base")
     exported = L.GPT2LMModel.from_pretrained("peft/base", lora_attn_dim=2, lora_attn_alpha=8)
     exported.load_adapter("peft")
     assert held_out(exported, text_file) == pytest.approx(figures, rel=1e-5)
@@ -159,6 +175,86 @@ def test_exports_reproduce_the_adapted_model(text_file, tmp_path, finished_run, 
     with torch.no_grad():
         got = peft.AutoPeftModelForCausalLM.from_pretrained("peft")(ids).logits
     assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
+    # from another working directory that has a peft/base of its own (here the merged model)
+    decoy = tmp_path / "elsewhere" / "peft"
+    decoy.mkdir(parents=True)
+    os.symlink(tmp_path / "hf", decoy / "base")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with torch.no_grad():
+        got = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft"))(ids).logits
+    assert (got - adapted.eval()(ids)[0]).abs().max() < 1e-4
+
+
+def _files(folder):
+    """{relative path: SHA-256 of its bytes} of every file under `folder`."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            found[os.path.relpath(path, folder)] = digest
+    return found
+
+
+@needs_safetensors
+def test_a_re_export_killed_at_any_step_leaves_the_old_export_whole(finished_run, text_file,
+                                                                    tmp_path, monkeypatch, capsys):
+    """The adapter export of a run on another base (another --seed) is killed as it writes the
+    base, the adapter, chars.json, or at either rename that puts the folder in place: each time
+    the folder holds the old export, byte for byte, and no temporary file or folder stays. The
+    staging folders a kill -9 left are removed by the next export, which replaces the old
+    exports whole and says so."""
+    old_run = copy_run(finished_run[1], tmp_path / "old", everything=True)
+    exports = ["--save-adapter", str(tmp_path / "peft"), "--save-pretrained", str(tmp_path / "hf")]
+    ts.main(["--resume", "--out-dir", old_run, "--sample", "0"] + exports)
+    old = {folder: _files(tmp_path / folder) for folder in ("peft", "hf")}
+    assert "base/model.safetensors" in old["peft"] and "chars.json" in old["hf"]
+    new_run = str(tmp_path / "new")
+    ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", new_run, "--seed", "8",
+                          "--max-iters", "5", "--sample", "0"])
+    argv = ["--resume", "--out-dir", new_run, "--sample", "0"] + exports
+    rename = os.rename
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def killed_at_rename(n):
+        calls = []
+
+        def rename_or_kill(source, target):
+            calls.append(target)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            rename(source, target)
+        return rename_or_kill
+    kills = [(L.GPT2LMModel, "save_pretrained", killed), (L.GPT2LMModel, "save_adapter", killed),
+             (json, "dump", killed), (os, "rename", killed_at_rename(1)),
+             (os, "rename", killed_at_rename(2))]
+    for owner, name, kill in kills:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, kill)
+            with pytest.raises(KeyboardInterrupt):
+                ts.main(argv[:-2])
+        assert _files(tmp_path / "peft") == old["peft"], name
+        assert sorted(os.listdir(tmp_path)) == ["hf", "new", "old", "peft"], name
+
+    # what kill -9 leaves: staging folders of a process that is gone
+    for leftover in (".peft.999999999.export.tmp", ".hf.999999999.old.tmp"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"partial")
+    capsys.readouterr()
+    ts.main(argv)
+    printed = capsys.readouterr().out
+    assert f"replaced {tmp_path / 'peft'}: a PEFT adapter" in printed
+    assert f"replaced {tmp_path / 'hf'}: a Hugging Face GPT-2 folder" in printed
+    assert sorted(os.listdir(tmp_path)) == ["hf", "new", "old", "peft"]
+    new = _files(tmp_path / "peft")
+    assert new.keys() == old["peft"].keys()
+    assert new["base/model.safetensors"] != old["peft"]["base/model.safetensors"]
+    # the new adapter goes onto the new base beside it
+    base = L.GPT2LMModel.from_pretrained(tmp_path / "peft" / "base", lora_attn_dim=2,
+                                         lora_attn_alpha=8)
+    base.load_adapter(tmp_path / "peft")
 
 
 def test_progress_lines_reach_a_pipe_as_the_run_goes_every_tenth_of_the_steps(text_file, tmp_path):
@@ -183,6 +279,25 @@ def test_progress_lines_reach_a_pipe_as_the_run_goes_every_tenth_of_the_steps(te
     assert re.fullmatch(line, step), step
 
 
+def test_time_left_comes_from_the_phase_so_far(finished_run, text_file, tmp_path, monkeypatch,
+                                               capsys):
+    """On a clock where the first 5 steps take 10 s each and the rest 1 s: at step 10 of 20 the
+    last interval took 1 s a step, the phase 5.5 s a step, so 55 s are left (not 10)."""
+    clock = [0.0]
+    real_lr = ts.learning_rate
+
+    def timed(step, *args):
+        clock[0] += 10 if step < 5 else 1
+        return real_lr(step, *args)
+    monkeypatch.setattr(ts, "time", argparse.Namespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(ts, "learning_rate", timed)
+    ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", copy_run(finished_run[1], tmp_path),
+                          "--eval-interval", "10", "--sample", "0"])
+    [line] = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith("[adapt] step    10/20")]
+    assert line.endswith("|  1000 ms/step | 55s left"), line
+
+
 def test_a_run_into_an_out_dir_holding_one_is_refused_unless_overwrite(finished_run, text_file,
                                                                      tmp_path, capsys):
     """Running a command again, or another one into the same --out-dir, never replaces the run
@@ -205,7 +320,10 @@ def test_resume_on_a_finished_run_samples_without_training(finished_run, tmp_pat
     before = (tmp_path / "ckpt.pt").read_bytes()
     report = ts.main(["--resume", "--out-dir", out, "--prompt", "ROMEO:", "--sample", "20"])
     assert report["sample"].startswith("ROMEO:") and len(report["sample"]) == 6 + 20
-    assert "] step " not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "] step " not in out
+    assert "[adapt] the run has done its 20 steps: nothing to train" in out
+    assert "nothing trained (the run had done its 20 steps)" in out
     assert report["history"] == finished_run[0]["history"]
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
@@ -235,11 +353,11 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(
     def interrupt_at(n):  # Ctrl-C during the n-th step of the next run
         calls.clear()
 
-        def lr(*a):
+        def lr(*args):
             calls.append(1)
             if len(calls) == n:
                 raise KeyboardInterrupt
-            return real_lr(*a)
+            return real_lr(*args)
         monkeypatch.setattr(ts, "learning_rate", lr)
 
     interrupt_at(13)  # base step 13; the last checkpoint is base step 10
@@ -259,10 +377,126 @@ def test_resume_after_interrupts_in_pretraining_and_adaptation_is_bit_exact(
     assert resumed["history"] == uninterrupted["history"]
     for key in ("base_loss", "adapted_loss", "base_accuracy", "adapted_accuracy", "sample"):
         assert resumed[key] == uninterrupted[key], key
-    for name in ["ckpt.pt"] + [f for f in os.listdir(run_dir) if f.startswith("base-")]:
-        a = torch.load(os.path.join(out, name), weights_only=True)["weights"]
-        b = torch.load(os.path.join(run_dir, name), weights_only=True)["weights"]
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    bases = [name for name in os.listdir(run_dir) if name.startswith("base-")]
+    for name in ["ckpt.pt"] + bases:
+        resumed_weights = torch.load(os.path.join(out, name), weights_only=True)["weights"]
+        weights = torch.load(os.path.join(run_dir, name), weights_only=True)["weights"]
+        assert resumed_weights.keys() == weights.keys(), name
+        for key in weights:
+            assert torch.equal(resumed_weights[key], weights[key]), (name, key)
+
+
+def test_resume_of_a_run_whose_base_file_is_missing_is_refused_at_once(finished_run, tmp_path,
+                                                                       capsys):
+    """Pretraining a new base would overwrite the trained adapters' ckpt.pt with a base-phase one:
+    the resume stops before anything is written, naming the missing file."""
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    [base] = glob.glob(os.path.join(out, "base-*.pt"))
+    os.remove(base)
+    err = one_line_error(["--resume", "--out-dir", out, "--sample", "0"], capsys)
+    assert f"{base} is missing, the base the adapters in" in err and "--overwrite" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt"]
+
+
+def test_a_base_in_pretraining_resumes_only_on_its_own_recipe_and_survives_kills(
+        finished_run, text_file, tmp_path, monkeypatch, capsys):
+    """A base-phase --resume with another base option, --dtype or --init-from is refused, naming
+    it, and ckpt.pt is left as it was; killed as it renames the finished base, then as it renames
+    the adaptation's first checkpoint, the run resumes to the figures of a run never stopped."""
+    out = str(tmp_path / "out")
+    real_lr = ts.learning_rate
+
+    def stop_at_step_13(step, *args):
+        if step == 12:
+            raise KeyboardInterrupt
+        return real_lr(step, *args)
+    monkeypatch.setattr(ts, "learning_rate", stop_at_step_13)
+    with pytest.raises(KeyboardInterrupt, match="step 10 of the base phase"):
+        ts.main(TRAIN_TINY + ["--data", text_file, "--out-dir", out])
+    monkeypatch.setattr(ts, "learning_rate", real_lr)
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    _hf_folder(tmp_path / "hf", seed=0)
+    for extra, message in ((["--base-lr", "1e-3"], "--base-lr 0.001: the run in"),
+                           (["--seed", "8"], "--seed 8: the run in"),
+                           (["--base-iters", "40"], "is pretraining its base with 30"),
+                           (["--dtype", "bfloat16"], "in float32; resume with --dtype float32"),
+                           (["--init-from", str(tmp_path / "hf")], "--resume keeps the base")):
+        err = one_line_error(["--resume", "--out-dir", out, "--sample", "0"] + extra, capsys)
+        assert message in err, err
+        assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt"]
+
+    # killed as the finished base is renamed into place
+    replace = os.replace
+
+    def killed_at_the_base(source, target):
+        if os.path.basename(target).startswith("base-"):
+            raise KeyboardInterrupt
+        replace(source, target)
+    monkeypatch.setattr(os, "replace", killed_at_the_base)
+    with pytest.raises(KeyboardInterrupt, match="step 30 of the base phase"):
+        ts.main(["--resume", "--out-dir", out, "--device", "cpu"])
+
+    # then killed as the adaptation's first ckpt.pt is renamed into place
+    def killed_at_the_checkpoint(source, target):
+        if os.path.basename(target) == "ckpt.pt":
+            raise KeyboardInterrupt
+        replace(source, target)
+    monkeypatch.setattr(os, "replace", killed_at_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt, match="step 30 of the base phase"):
+        ts.main(["--resume", "--out-dir", out, "--device", "cpu"])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["phase"] == "base"
+    monkeypatch.setattr(os, "replace", replace)
+    resumed = ts.main(["--resume", "--out-dir", out, "--device", "cpu", "--sample", "16"])
+    for key in ("history", "base_loss", "adapted_loss", "sample"):
+        assert resumed[key] == finished_run[0][key], key
+    assert not glob.glob(os.path.join(out, "*.tmp"))
+
+
+def test_an_overwrite_killed_at_its_first_checkpoint_leaves_the_old_run(finished_run, text_file,
+                                                                         tmp_path, monkeypatch,
+                                                                         capsys):
+    """Killed as it writes, or as it renames, its first ckpt.pt, an --overwrite run leaves the
+    old run whole: --resume takes it as finished."""
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    argv = TRAIN_TINY + ["--data", text_file, "--out-dir", out, "--overwrite", "--rank", "1"]
+    save = torch.save
+    replace = os.replace
+
+    def killed_in_write(obj, file):
+        file.write(b"partial")
+        raise KeyboardInterrupt
+
+    def killed_in_rename(source, target):
+        raise KeyboardInterrupt
+    for owner, name, kill in ((torch, "save", killed_in_write), (os, "replace", killed_in_rename)):
+        monkeypatch.setattr(owner, name, kill)
+        with pytest.raises(KeyboardInterrupt, match="interrupted before a checkpoint"):
+            ts.main(argv)
+        monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr(os, "replace", replace)
+        assert (tmp_path / "ckpt.pt").read_bytes() == before
+    report = ts.main(["--resume", "--out-dir", out, "--sample", "0"])
+    assert report["history"] == finished_run[0]["history"]
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_processes_that_read_different_texts_are_refused():
+    """Compared by a hash of the text, gathered from every process (here a stand-in gather)."""
+    runtime = argparse.Namespace(world=3, rank=0)
+    settings = argparse.Namespace(data="play.txt")
+
+    def gather(texts):
+        def all_gather(into, mine):
+            into[:] = texts
+        return all_gather
+    ts.check_same_text("a", settings, runtime, all_gather=gather(["a", "a", "a"]))
+    with pytest.raises(ValueError, match="--data play.txt: process 2 read another text than "
+                                         "process 0; give every process the same file"):
+        ts.check_same_text("a", settings, runtime, all_gather=gather(["a", "a", "b"]))
 
 
 def test_report_after_resume_measures_base_and_adapted_on_the_same_windows(finished_run, text_file,
@@ -298,12 +532,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         torch.load(path, weights_only=True)["x"], torch.zeros(3))
 
 
-def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(finished_run, tmp_path):
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(finished_run, text_file,
+                                                                      tmp_path):
+    """Only this script's own temporary names: a user's file ending in .tmp, here the text the
+    run reads from --out-dir itself, stays."""
     out = copy_run(finished_run[1], tmp_path, everything=True)
     for name in ("ckpt.pt.tmp", "base-0123456789ab.pt.tmp"):  # what kill -9 mid-save leaves
         (tmp_path / name).write_bytes(b"partial")
-    ts.main(["--resume", "--out-dir", out, "--sample", "0", "--device", "cpu"])
-    assert not glob.glob(os.path.join(out, "*.tmp"))
+    mine = tmp_path / "mytext.tmp"
+    mine.write_bytes(open(text_file, "rb").read())
+    (tmp_path / "notes.tmp").write_text("mine")
+    ts.main(["--resume", "--out-dir", out, "--data", str(mine), "--sample", "0", "--device", "cpu"])
+    assert sorted(glob.glob(os.path.join(out, "*.tmp"))) == [str(mine), str(tmp_path / "notes.tmp")]
 
 
 @pytest.mark.skipif(ts.fcntl is None, reason="no fcntl: runs go unlocked")
@@ -315,6 +555,16 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == [".lock"]
 
 
+@pytest.mark.skipif(ts.fcntl is None, reason="no fcntl: runs go unlocked")
+def test_a_new_run_into_an_out_dir_whose_run_is_training_names_it_as_live(finished_run, text_file,
+                                                                        tmp_path, capsys):
+    out = copy_run(finished_run[1], tmp_path, everything=True)
+    with open(tmp_path / ".lock", "w") as lock:  # as the run in progress holds it
+        ts.fcntl.flock(lock, ts.fcntl.LOCK_EX | ts.fcntl.LOCK_NB)
+        err = one_line_error(TRAIN_TINY + ["--data", text_file, "--out-dir", out], capsys)
+    assert "holds a run that is training now" in err and "--overwrite" not in err
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, message", [
@@ -324,14 +574,18 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--data", "{empty}"], "is empty"),
     (["--data", "{short}"], "too short"),
     (["--data", "{latin1}"], "not UTF-8"),
-    (["--rank", "-1"], "lora_attn_dim"),
+    (["--rank", "-1"], "--rank -1: must be 0"),
+    (["--rank", "100000000000"], "--rank 100000000000 exceeds the width 64 of the base"),
     (["--rank", "four"], "invalid"),
-    (["--alpha", "0"], "lora_attn_alpha"),
-    (["--alpha", "inf"], "lora_attn_alpha"),
+    (["--alpha", "0"], "--alpha 0, --lora-dropout 0.1: GPT2Config.lora_attn_alpha"),
+    (["--alpha", "inf"], "--alpha inf"),
     (["--alpha", "1e25"], "α/r"),
     (["--n-embd", "63"], "divisible"),
     (["--eval-interval", "0"], "must lie in [1, "),
     (["--lr", "nan"], "--lr: must lie in [0, "),
+    (["--lr", "1e300"], "--lr 1e+300 overflows the optimizer's float32 arithmetic"),
+    (["--base-lr", "1e38"], "--base-lr 1e+38 overflows"),
+    (["--lr", "1e36", "--weight-decay", "1e10"], "(with --weight-decay 1e+10)"),
     (["--weight-decay", "inf"], "--weight-decay: must lie in [0, "),
     (["--batch-size", "0"], "must lie in [1, "),
     (["--seed", "99999999999999999999999"], "--seed"),
@@ -345,9 +599,17 @@ def test_a_second_run_into_the_same_out_dir_is_refused(text_file, tmp_path, caps
     (["--resume", "--out-dir", "{run}", "--n-embd", "32"], "--n-embd 32: the run in"),
     (["--resume", "--out-dir", "{run}", "--alpha", "4"], "trained with 8.0, which --resume keeps"),
     (["--resume", "--out-dir", "{run}", "--block-size", "16"], "--block-size 16: the run in"),
+    (["--resume", "--overwrite", "--out-dir", "{run}"], "--overwrite starts a new one there"),
+    (["--resume", "--out-dir", "{run}", "--init-from", "gpt2"], "--init-from gpt2: --resume keeps"),
+    (["--resume", "--out-dir", "{run}", "--init-from", "scratch"], "drop --init-from"),
     (["--save-pretrained", "{tmp}/x", "--save-adapter", "{tmp}/x"], "need separate folders"),
     (["--save-pretrained", "{tmp}/x/hf", "--save-adapter", "{tmp}/x"], "need separate folders"),
-    (["--save-adapter", "{short}"], "short.txt (not a directory)"),
+    (["--save-adapter", "{short}"], "short.txt is a file, not a folder"),
+    (["--save-adapter", "{tmp}/merged"], "merged holds a Hugging Face model (config.json)"),
+    (["--save-pretrained", "{tmp}/adapter"], "adapter holds a PEFT adapter (adapter_config.json)"),
+    (["--save-adapter", "{tmp}/basefile"], "basefile holds a file named base"),
+    (["--save-pretrained", "{tmp}/mine"], "mine holds notes.txt, which no export writes"),
+    (["--save-adapter", "{tmp}/minebase"], "minebase holds base/notes.txt, which no export"),
     (["--save-pretrained", "{short}/hf"], "cannot write in"),
     (["--save-pretrained", "/proc/no/such/hf"], "cannot write in /proc"),
     (["--save-adapter", "{tmp}/out"], "is --out-dir (the checkpoints)"),
@@ -363,6 +625,12 @@ def test_bad_input_is_one_line_and_nonzero_before_any_training(extra, message, f
     (tmp_path / "latin1.txt").write_bytes("Sé bien\n".encode("latin-1") * 100)
     (tmp_path / "other.txt").write_text(make_text(seed=1))
     (tmp_path / "empty.txt").write_text("")
+    # folders the exports must not replace
+    folders = {"merged": "config.json", "adapter": "adapter_config.json", "basefile": "base",
+               "mine": "notes.txt", "minebase": "base/notes.txt"}
+    for folder, name in folders.items():
+        (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / name).write_text("{}")
     if hasattr(os, "mkfifo"):
         os.mkfifo(tmp_path / "fifo")  # opening it for reading would block: it must not be opened
     subs = dict(tmp=tmp_path, run=finished_run[1], short=tmp_path / "short.txt",
@@ -412,8 +680,8 @@ def test_damaged_checkpoints_are_one_line_errors(finished_run, text_file, tmp_pa
         torch.save(crafted, path)
         assert message in one_line_error(["--resume", "--out-dir", out, "--sample", "0"],
                                          capsys), message
-    with open(path, "wb") as f:
-        f.write(os.urandom(4096))
+    with open(path, "wb") as file:
+        file.write(os.urandom(4096))
     assert "cannot read the checkpoint" in one_line_error(["--resume", "--out-dir", out], capsys)
 
     # a cached base of another size under the name this run's base would have
@@ -471,7 +739,7 @@ def test_init_from_a_hugging_face_folder_and_refusing_a_changed_one(text_file, t
     assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
 
     err = one_line_error(args + ["--out-dir", out, "--block-size", "65", "--overwrite"], capsys)
-    assert "n_ctx = 64" in err
+    assert "--block-size 65 is longer than the n_ctx = 64 positions of --init-from" in err
     (folder / "pytorch_model.bin").write_bytes(os.urandom(2048))  # damaged: says so, not "network"
     err = one_line_error(args + ["--out-dir", str(tmp_path / "out2")], capsys)
     assert "pytorch_model.bin" in err and "network" not in err
@@ -543,11 +811,11 @@ def test_offline_tiktoken_says_where_it_keeps_its_files(monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", argparse.Namespace(get_encoding=offline))
     ts.gpt2_bpe.cache_clear()
     try:
-        with pytest.raises(OSError, match="TIKTOKEN_CACHE_DIR") as e:
+        with pytest.raises(OSError, match="TIKTOKEN_CACHE_DIR") as error:
             ts.gpt2_bpe()
     finally:
         ts.gpt2_bpe.cache_clear()
-    assert "openaipublic" in str(e.value) and "\n" not in str(e.value)
+    assert "openaipublic" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_weights_of_an_unknown_width_point_at_a_folder_with_a_config(text_file, tmp_path, capsys):
@@ -575,14 +843,14 @@ def loopback_server(tmp_path):
     requests = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, directory=str(site), **k)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(site), **kwargs)
 
         def do_GET(self):
             requests.append(self.path)
             super().do_GET()
 
-        def log_message(self, *a):
+        def log_message(self, *args):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -611,7 +879,7 @@ def test_download_on_first_use_then_cached(loopback_server, tmp_path, monkeypatc
     assert report["history"][-1]["step"] == 2
 
     default_data = (argparse.Namespace(data=None),
-                    argparse.Namespace(rank=0, world=1, log=lambda *a: None))
+                    argparse.Namespace(rank=0, world=1, log=lambda *args: None))
     assert ts.read_text(*default_data) == body.decode()
     assert requests == ["/input.txt"]  # the right size is already there: no second download
     cached.write_bytes(body[:100])  # a truncated file is fetched again
@@ -637,7 +905,7 @@ def _process_of_two(rank, port, argv, log):
     """One of two processes, with the environment torchrun gives its workers."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    with open(log, "w") as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
         code = ts.cli(argv)
     os._exit(code)
 
@@ -653,26 +921,26 @@ def test_two_processes_match_one_and_share_its_cached_base(finished_run, text_fi
                          "--out-dir", copy_run(finished_run[1], tmp_path / "out")]
     single = ts.main(argv)
     one = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     fork = multiprocessing.get_context("fork")
     argv += ["--overwrite"]
     procs = [fork.Process(target=_process_of_two, args=(r, port, argv, tmp_path / f"log{r}"))
              for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        p.kill()
+    for process in procs:
+        process.start()
+    for process in procs:
+        process.join(timeout=120)
+        process.kill()
     logs = [(tmp_path / f"log{r}").read_text() for r in range(2)]
-    assert [p.exitcode for p in procs] == [0, 0], logs
+    assert [process.exitcode for process in procs] == [0, 0], logs
     assert "using the cached base" in logs[0] and "2 process(es)" in logs[0]
     assert logs[0].count("trainable parameters") == 1 and logs[1] == ""  # process 0 alone prints
     two = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert two["weights"].keys() == one["weights"].keys()
-    for k in one["weights"]:
-        torch.testing.assert_close(two["weights"][k], one["weights"][k], rtol=1e-3, atol=1e-4)
+    for key in one["weights"]:
+        torch.testing.assert_close(two["weights"][key], one["weights"][key], rtol=1e-3, atol=1e-4)
     assert two["history"][-1]["val_loss"] == pytest.approx(single["adapted_loss"], abs=1e-4)
     # the logged train loss is the mean over both processes' sequences, as one process's over all
     for a, b in zip(two["history"], single["history"]):
