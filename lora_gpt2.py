@@ -511,13 +511,13 @@ class GPT2LMModel(nn.Module):
         mask = (lm_labels >= 0).to(mask_dtype)                                 # (B, T)
         if lm_mask is not None:
             mask = mask * lm_mask.to(mask_dtype)
-        head = self.lm_head.decoder.weight                                     # (V, C)
         if return_logits:
             logits = self.lm_head(hidden)                                      # (B, T, V)
             loss, predicted = lm_loss(logits, lm_labels, mask, label_smooth,
                                       predict=is_report_accuracy)
         else:
             logits = None
+            head = self.lm_head.decoder.weight                                 # (V, C)
             loss, predicted = lm_loss_from_hidden(hidden, head, lm_labels, mask, label_smooth,
                                                   predict=is_report_accuracy)
         if not is_report_accuracy:
@@ -1045,8 +1045,8 @@ def _check_model_inputs(model, input_ids, position_ids, token_type_ids, past, le
         if len_past is not None:
             raise ValueError("position_ids and len_past cannot go together: with len_past the "
                              "new token of row b sits at position len_past[b]")
-        is_positions = (_is_tensor(position_ids, position_ids.dim(), (torch.long, torch.int32))
-                        if isinstance(position_ids, torch.Tensor) else False)
+        is_positions = (isinstance(position_ids, torch.Tensor)
+                        and position_ids.dtype in (torch.long, torch.int32))
         if not is_positions or tuple(position_ids.shape) not in ((T,), (1, T), (B, T)):
             raise ValueError(f"position_ids must be an integer tensor of shape ({B}, {T}) or "
                              f"({T},), got {_describe(position_ids)}")

@@ -202,6 +202,19 @@ TINY_RUNS = ({("lowercase", r, s, 5e-3) for r in (1, 2, 4) for s in SEEDS}
              | {("other-half", 4, s, 5e-3) for s in SEEDS})
 
 
+def stop_at_the_first_part_file(monkeypatch):
+    """Make the script stop (as if interrupted) right after it writes its first .part file;
+    returns the real save, to put back."""
+    save = ts.save_atomic
+
+    def stop(obj, path):
+        save(obj, path)
+        if path.endswith(".part"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ts, "save_atomic", stop)
+    return save
+
+
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("paper")
@@ -271,13 +284,7 @@ def test_paper_script_goes_on_from_an_interrupted_run(paper_run, text_file, tmp_
     copy_run(str(out), tmp_path)  # the cached base
     argv = PAPER_TINY + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
                          "--data", text_file, "--out-dir", str(tmp_path)]
-    save = ts.save_atomic
-
-    def stop(obj, path):
-        save(obj, path)
-        if path.endswith(".part"):
-            raise KeyboardInterrupt
-    monkeypatch.setattr(ts, "save_atomic", stop)
+    save = stop_at_the_first_part_file(monkeypatch)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the figures are tested above
     assert paper.cli(argv) == 130
     assert "interrupted: run the same command again" in capsys.readouterr().err
@@ -422,13 +429,7 @@ def test_paper_script_names_a_part_file_that_does_not_fit_and_the_fix(
     copy_run(str(paper_run[1]), tmp_path)  # the cached base
     argv = PAPER_TINY + ["--ranks", "1", "--phi-ranks", "1,2", "--amp-ranks", "1",
                          "--data", text_file, "--out-dir", str(tmp_path)]
-    save = ts.save_atomic
-
-    def stop(obj, path):
-        save(obj, path)
-        if path.endswith(".part"):
-            raise KeyboardInterrupt
-    monkeypatch.setattr(ts, "save_atomic", stop)
+    save = stop_at_the_first_part_file(monkeypatch)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert paper.cli(argv) == 130
     [part] = glob.glob(str(tmp_path / "runs" / "*.part"))
