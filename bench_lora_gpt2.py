@@ -139,6 +139,8 @@ OPTIONS = dict(
     gen_model=("4,256,8,8192", "the generation model's n_layer,n_embd,n_head,vocab, or bench"),
     memory_runs=(",".join(MEMORY_RUNS), "runs of the memory comparison"),
     memory_steps=(2, "training steps of each memory run (1: LoRA's peak less AdamW's state)"),
+    malloc_mmap_threshold=(0, "CPU memory runs: glibc's MALLOC_MMAP_THRESHOLD_ in bytes for "
+                              "their processes (0: glibc's default)"),
 )
 # The sizes of the bench's model when no --preset is given: 4 layers of GPT-2 small.
 DEFAULT_SIZES = dict(n_layer=4, n_embd=768, n_head=12)
@@ -389,20 +391,34 @@ def child_argv(args, name):
     return [sys.executable, os.path.abspath(__file__), *args.argv, "--_child", name]
 
 
+def child_environment(args):
+    """The environment of a memory measurement's process: this one's, and with
+    --malloc-mmap-threshold glibc's MALLOC_MMAP_THRESHOLD_. By default glibc keeps freed blocks
+    below a threshold it raises as it goes (up to 32 MiB) for later allocations, and they count in
+    the resident memory; a fixed threshold returns every larger block to the system when freed,
+    so that the peak follows the tensors alive."""
+    environment = dict(os.environ)
+    environment.pop("MALLOC_MMAP_THRESHOLD_", None)  # 0 means glibc's default, whatever is set
+    if args.malloc_mmap_threshold:
+        environment["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    return environment
+
+
 def start_memory_children(args):
     """A fresh process per training candidate (full fine-tuning and LoRA), both at once, each
     measuring its own peak; bench_train collects them."""
     children = {}
     for name in ("full", "lora"):
         children[name] = subprocess.Popen(child_argv(args, name), stdout=subprocess.PIPE,
-                                          text=True)
+                                          text=True, env=child_environment(args))
     return children
 
 
 def measure_in_child(args, name):
     """The figures of the memory run `name` from a fresh process; a failure (an allocator's
     error, a process killed for memory) becomes {"failed": its last line}."""
-    process = subprocess.run(child_argv(args, name), capture_output=True, text=True)
+    process = subprocess.run(child_argv(args, name), capture_output=True, text=True,
+                             env=child_environment(args))
     # The child's last line of output is its JSON; anything before it is the library's.
     if process.returncode == 0:
         return json.loads(process.stdout.splitlines()[-1])
@@ -761,6 +777,14 @@ def memory_notes(args, device):
              f"{states_lora:.2f} MiB; each run: a fresh process, {args.memory_steps} steps, one "
              f"after another"]
     if device.type != "cuda":
+        if args.malloc_mmap_threshold:
+            allocator = (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}: blocks of that "
+                         f"size and more returned to the system when freed")
+        else:
+            allocator = ("glibc's default: freed blocks of up to 32 MiB may stay in the "
+                         "process (--malloc-mmap-threshold 131072 returns them)")
+        notes.append(f"memory: the C library's allocator with {allocator}")
+    if device.type != "cuda":
         notes.append("memory on a GPU (bf16, compiled; issue 24's GPU targets): not run here "
                      "(--device cpu)")
     return notes
@@ -944,6 +968,8 @@ def parse_args(argv):
     ranges = [("--threads", args.threads, 1, cpus),
               ("--repeats", args.repeats, 1, 1000),
               ("--memory-steps", args.memory_steps, 1, 100),
+              # glibc takes no threshold above 32 MiB on a 64-bit machine (0: its default).
+              ("--malloc-mmap-threshold", args.malloc_mmap_threshold, 0, 2**25),
               ("--n-layer", args.n_layer, 1, 1000),
               ("--n-embd", args.n_embd, 1, 2**16),
               ("--n-head", args.n_head, 1, args.n_embd),

@@ -611,9 +611,10 @@ class GPT2LMModel(nn.Module):
 # chunk at a time, in float32 per chunk, and the gradient of each chunk is written straight
 # into the gradient of the logits (or, from the hidden states, of h and the head).
 
-# Numbers per chunk of logits: 64 MiB in float32, 333 positions of GPT-2's vocabulary. A chunk
-# holds two such tensors at a time (its logits and their log-softmax, which becomes the gradient).
-LOSS_CHUNK_ELEMENTS = 2 ** 24
+# Numbers per chunk of logits: 32 MiB in float32, 166 positions of GPT-2's vocabulary. A chunk
+# holds two such tensors at a time (its logits and their log-softmax, which becomes the gradient),
+# and frees them before the next chunk: 64 MiB of working memory, whatever the batch.
+LOSS_CHUNK_ELEMENTS = 2 ** 23
 
 
 def lm_loss(logits, lm_labels, mask, label_smooth=0.0, predict=False,
@@ -702,6 +703,7 @@ class _CrossEntropyOverChunks(torch.autograd.Function):
             gradient = _chunk_loss(logits[part], targets[part], weights[part] * grad_loss,
                                    ctx.label_smooth, with_gradient=True)[1]    # (n, V)
             grad_logits[part] = gradient
+            del gradient  # freed before the next chunk makes its own
         return grad_logits, None, None, None, None
 
 
@@ -733,7 +735,14 @@ class _HeadAndCrossEntropyOverChunks(torch.autograd.Function):
                 if wants_hidden:
                     grad_hidden[part] = gradient @ weight.to(logits.dtype)     # (n, C)
                 if wants_weight:
-                    grad_weight += gradient.t() @ hidden[part].to(logits.dtype)  # (V, C)
+                    # W's gradient += gradientᵀ h, in place where the dtypes allow: no (V, C) copy.
+                    h = hidden[part].to(logits.dtype)                          # (n, C)
+                    if grad_weight.dtype == logits.dtype:
+                        grad_weight.addmm_(gradient.t(), h)                    # (V, C)
+                    else:  # 16-bit logits: the product in 16 bits, the sum in float32
+                        grad_weight += gradient.t() @ h                        # (V, C)
+            # This chunk's two (n, V) tensors go before the next chunk makes its own.
+            del logits, gradient
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss

@@ -266,6 +266,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_offers_the_dry_run():
     ("--peak-tflops", "inf", "--peak-tflops must lie in [0, "),
     ("--repeats", "1000000", "--repeats must lie in [1, 1,000]"),
     ("--memory-steps", "0", "--memory-steps must lie in [1, 100]"),
+    ("--malloc-mmap-threshold", "-1", "--malloc-mmap-threshold must lie in [0, 33,554,432]"),
     ("--n-layer", "0", "--n-layer must lie in [1, "),
     ("--rank", "100000000000", "--rank must lie in [1, 32]"),
     ("--alpha", "nan", "--alpha must lie in"),
@@ -390,3 +391,25 @@ def test_bench_memory_run_that_fails_becomes_a_row_saying_how(monkeypatch, retur
     monkeypatch.setattr(bench.subprocess, "run", finished)
     args = bench.parse_args(BENCH_TINY)
     assert bench.measure_in_child(args, "full") == {"failed": status}
+
+
+@pytest.mark.parametrize("option, variable", [([], None),
+                                              (["--malloc-mmap-threshold", "131072"], "131072")])
+def test_bench_memory_process_runs_with_the_allocator_setting_it_reports(monkeypatch, option,
+                                                                         variable):
+    """--malloc-mmap-threshold N reaches each memory measurement's process as glibc's
+    MALLOC_MMAP_THRESHOLD_; without it the process has glibc's default, as the table's note says,
+    even where the bench's own environment sets the variable."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    environments = []
+
+    def finished(argv, env=None, **keywords):
+        environments.append(env)
+        return subprocess.CompletedProcess(argv, 0, stdout='{"above_model": 1.0}', stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", finished)
+    args = bench.parse_args(BENCH_TINY + option)
+    assert bench.measure_in_child(args, "lora") == {"above_model": 1.0}
+    assert environments[0].get("MALLOC_MMAP_THRESHOLD_") == variable
+    notes = bench.memory_notes(args, torch.device("cpu"))
+    assert any(("MALLOC_MMAP_THRESHOLD_=131072" if variable else "glibc's default") in note
+               for note in notes)

@@ -23,6 +23,7 @@ and dtypes; conftest.py picks a derandomized profile when CI is set.
 import copy
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -803,6 +804,50 @@ def test_chunked_loss_and_its_gradients_equal_the_loss_computed_at_once(config, 
         grads = torch.autograd.grad(loss, (hidden, head))
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad.double(), expected_grad.double(), **closeness)
+
+
+class WidestTensorsAlive(TorchDispatchMode):
+    """Counts the tensors `width` columns wide that operations create (views aside), and the most
+    of them alive at any one time."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+        self.alive = {}  # id → a weak reference that removes its entry when the tensor dies
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                wide = isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == self.width
+                # An in-place operation returns a tensor already counted.
+                if wide and id(t) not in self.alive:
+                    key = id(t)
+                    self.alive[key] = weakref.ref(t, lambda _, key=key: self.alive.pop(key))
+                    self.most = max(self.most, len(self.alive))
+        return out
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 3, 5])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_loss_from_hidden_states_holds_two_chunks_of_logits_at_most(chunk_positions,
+                                                                        head_trains):
+    """The training path's memory law: computing the loss (and its gradients) from the hidden
+    states, no more than two (n, V) tensors exist at once, a chunk's logits and their
+    log-softmax, whatever the number of chunks; a chunk's are freed before the next one's."""
+    vocab, width, positions = 37, 8, 24  # V, C and B·T differ, so only logits are V wide
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, positions // 2, width, generator=g, requires_grad=True)
+    head = torch.randn(vocab, width, generator=g, requires_grad=head_trains)
+    labels = torch.randint(0, vocab, (2, positions // 2), generator=g)
+    mask = torch.ones(2, positions // 2)
+    counter = WidestTensorsAlive(vocab)
+    with counter:
+        loss, _ = L.lm_loss_from_hidden(hidden, head, labels, mask, 0.1,
+                                        chunk_elements=chunk_positions * vocab)
+        loss.backward()
+    assert counter.most == 2
 
 
 @given(config=tiny_configs(min_rank=1), seed=seeds, use_mask=st.booleans())
