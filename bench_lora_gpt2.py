@@ -19,6 +19,8 @@ PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two to three 
            transformers+peft's LoRA without and with its gradient checkpointing
            (--memory-runs picks some). On a CPU: the peak resident memory above the built
            model; on CUDA: the peak allocated.
+  savings  what each of the library's savings costs in time: the training steps of LoRA and of
+           full fine-tuning, each without and with them, timed interleaved in one process.
 
 Timing: a warm-up, then the candidates interleaved (A B, B A, ...) so that a drift of the
 machine hits all alike; a row's ratio is the median of candidate / baseline within a repeat. On
@@ -35,7 +37,10 @@ and memory one model freed stays in the allocator's pools for the next. Each pro
 model, resets its high-water mark to the present level (VmHWM := VmRSS through
 /proc/self/clear_refs; on CUDA, reset_peak_memory_stats), trains, and reports the mark above
 that level: what training adds to the built model. The weights themselves are below the line;
-gradients, AdamW's state, activations and the logits are above it.
+gradients, AdamW's state, activations and the logits are above it. On a CPU the C library's
+allocator counts too: glibc keeps freed blocks of up to 32 MiB for later allocations, and they
+stay resident. --malloc-mmap-threshold 131072 starts the processes with glibc returning every
+block of 128 KiB or more when it is freed, so that the peak follows the tensors alive.
 
 Where a training step's memory goes (docs/performance-memory.md has the measured figures): full
 fine-tuning keeps a gradient and two AdamW moments per weight, 12 bytes in fp32; LoRA keeps them
@@ -71,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora_gpt2 as L  # noqa: E402
 
 # The comparisons in the order they run; --only picks among them.
-COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen", "memory")
+COMPARISONS = ("train", "infer", "layer", "hf", "nanogpt", "gen", "memory", "savings")
 TABLE_HEADER = ("comparison", "candidate", "median", "unit", "ratio vs baseline", "ratio range",
                 "target", "met?")
 # nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides (batch 12), and
@@ -845,6 +850,30 @@ def bench_memory(args, device, notes):
                 status = f"not measured (needs --memory-runs with {name})"
             rows.append(unmeasured_row(comparison, memory_label(name, args), "MiB", status))
     notes += memory_notes(args, device)
+    return rows
+
+
+def bench_savings(args, device, notes):
+    """The step time of LoRA and of full fine-tuning, each without and with the library's savings
+    (the chunked loss, checkpointing, both), timed interleaved: a step-time ratio to the same
+    training without savings, measured side by side (the memory runs' single steps, each in its
+    own process, cannot give one)."""
+    rows = []
+    for lora, who in ((True, "LoRA"), (False, "full fine-tuning")):
+        names = [name for name, run in MEMORY_RUNS.items()
+                 if run["model"] == "ours" and run["lora"] == lora]
+        steps = {}
+        for name in names:
+            try:
+                steps[memory_label(name, args)] = memory_candidate(args, device, name)[1]
+            except Unavailable as e:
+                rows.append(unmeasured_row(f"savings: {who} step time", memory_label(name, args),
+                                           "ms", f"not available ({e})"))
+        samples = time_interleaved(steps, args.repeats, device)
+        rows += make_rows(f"savings: {who} step time", samples, next(iter(steps)), "ms")
+        del steps, samples  # one group's models at a time
+    notes.append("savings: a group's models built together, their steps timed in turn; the "
+                 "memory of each is the memory comparison's")
     return rows
 
 

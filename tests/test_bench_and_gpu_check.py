@@ -358,6 +358,25 @@ def test_bench_memory_targets_name_the_runs_they_lack(monkeypatch):
             == "not measured (needs --memory-runs with full-chunked)")
 
 
+def test_bench_savings_time_each_way_of_training_beside_the_one_without(tiny_run):
+    """The savings comparison times LoRA's and full fine-tuning's steps with each of the library's
+    savings against the same training without them, one group each."""
+    _, payload, _ = tiny_run
+    groups = {}
+    for row in payload["rows"]:
+        if row["comparison"].startswith("savings:"):
+            groups.setdefault(row["comparison"], []).append(row)
+    args = bench.parse_args(BENCH_TINY)
+    for comparison, lora in (("savings: LoRA step time", True),
+                             ("savings: full fine-tuning step time", False)):
+        names = [name for name, run in bench.MEMORY_RUNS.items()
+                 if run["model"] == "ours" and run["lora"] == lora]
+        assert [row["candidate"] for row in groups[comparison]] == [
+            bench.memory_label(name, args) for name in names]
+        assert groups[comparison][0]["target"] == "baseline"
+        assert all(row["median"] > 0 and row["ratio"] > 0 for row in groups[comparison])
+
+
 def test_bench_savings_leave_the_loss_as_it_was():
     """Each of the library's savings changes where memory goes, not the loss: the four ways of
     calling our model give one loss (within float rounding). A saving the library lacks is
