@@ -104,7 +104,7 @@ MEMORY_RUNS = {
     "peft": dict(model="peft", lora=True, chunked=False, checkpointing=False),
     "peft-ckpt": dict(model="peft", lora=True, chunked=False, checkpointing=True),
 }
-# The memory targets of issue 24, as (title, baseline run, candidate run, target on a CPU, on
+# The memory targets, as (title, baseline run, candidate run, target on a CPU, on
 # CUDA). LoRA is held to half of full fine-tuning called the same way (the training script's:
 # the chunked loss), to half of peft's LoRA (0.6 on a GPU), and checkpointing must lower it.
 MEMORY_TARGETS = (
@@ -790,14 +790,14 @@ def memory_notes(args, device):
                          "process (--malloc-mmap-threshold 131072 returns them)")
         notes.append(f"memory: the C library's allocator with {allocator}")
     if device.type != "cuda":
-        notes.append("memory on a GPU (bf16, compiled; issue 24's GPU targets): not run here "
+        notes.append("memory on a GPU (bf16, compiled; the GPU targets): not run here "
                      "(--device cpu)")
     return notes
 
 
 def bench_memory(args, device, notes):
     """The peak memory and step time of each run of --memory-runs, each in a fresh process,
-    one after another; then issue 24's targets, where both of their runs were measured."""
+    one after another; then the memory targets, where both of their runs were measured."""
     # One after another: two at once would share the cores and blur each other's step time.
     results = {}
     for name in args.memory_runs:
@@ -832,7 +832,7 @@ def bench_memory(args, device, notes):
             else:
                 rows.append(unmeasured_row(comparison, label, unit, results[name]["failed"]))
 
-    # Issue 24's targets: each a pair of runs, side by side in this one bench.
+    # The memory targets: each a pair of runs, side by side in this one bench.
     for title, base_name, candidate_name, cpu_target, cuda_target in MEMORY_TARGETS:
         comparison = f"memory target: {title}"
         target = cuda_target if device.type == "cuda" else cpu_target

@@ -275,7 +275,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_offers_the_dry_run():
     ("--n-embd", "65536", "the model's fp32 weights alone take")])
 def test_bench_refuses_names_paths_and_numbers_out_of_range_before_measuring(
         tmp_path, monkeypatch, option, value, message):
-    """Issue 22: an empty or unknown --only ran nothing and passed, --json DIR failed after the
+    """Once, an empty or unknown --only ran nothing and passed, --json DIR failed after the
     whole bench, and numbers were checked only for >= 1 or not at all (--n-layer 0 took the
     preset's, a rank or width too large failed to allocate mid-run)."""
     monkeypatch.setattr(bench, "run", lambda a: pytest.fail("measured despite a bad option"))
@@ -318,7 +318,7 @@ def _fabricated_memory(args, name):
     return dict(peak=peaks[name] + 500, above_model=peaks[name], step_ms=peaks[name] / 10)
 
 
-def test_bench_memory_rows_compare_each_run_and_check_issue_24s_targets(monkeypatch):
+def test_bench_memory_rows_compare_each_run_and_check_the_memory_targets(monkeypatch):
     """The memory comparison: a row per run (full fine-tuning as baseline), a run the library
     cannot do or that failed says so, and the targets pair the runs they name."""
     monkeypatch.setattr(bench, "measure_in_child", _fabricated_memory)
