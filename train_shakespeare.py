@@ -57,11 +57,14 @@ SHAPING = ("block_size", "n_layer", "n_head", "n_embd", "rank", "alpha")
 
 
 # ---- Settings: ranges are left to argparse, GPT2Config and torch
+# argparse's errors are raised, not printed with an exit, so that cli() reports them
+# on one line like every other refusal
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ValueError(f"{message} (see --help)")
 
 
+# help that shows each option's default and keeps the description's line breaks
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         # no "(default: None)" or "(default: False)"
@@ -82,7 +85,9 @@ def _number(low, high=2 ** 62, kind=int):
 def make_parser() -> argparse.ArgumentParser:
     """The command line's options, with their defaults and help."""
     parser = _Parser(description=__doc__, formatter_class=_Help)
+    # learning rates, weight decay and clipping: finite, and not negative
     real = _number(0, 1e300, float)
+    # the base, the text and the run's folder
     parser.add_argument("--init-from", default="scratch",
                         help="scratch, gpt2[-medium|-large|-xl] or a PATH")
     parser.add_argument("--data", help="UTF-8 text (default: Tiny Shakespeare, fetched into data/)")
@@ -154,6 +159,7 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_settings(argv=None) -> tuple:
     """(settings, checkpoint to resume or None)."""
     parser = make_parser()
+    # the command line alone first: it says whether to resume, and where the run is
     argv = sys.argv[1:] if argv is None else list(argv)
     settings = parser.parse_args(argv)
     resume = None
@@ -162,6 +168,7 @@ def parse_settings(argv=None) -> tuple:
     # checked by every process
     if os.path.isfile(settings.out_dir):
         raise ValueError(f"--out-dir {settings.out_dir} is a file; pass a folder")
+    # options that contradict each other are refused before the checkpoint is read
     check_flags(settings, given_options(argv))
     if settings.resume:
         # the run's own settings first, then the command line's over them
@@ -171,11 +178,13 @@ def parse_settings(argv=None) -> tuple:
                       if key not in FRESH and value is not None]
         settings = parser.parse_args(saved_argv + argv)
         check_resumed_settings(settings, resume)
+    # a new run never writes over one in --out-dir unless --overwrite says so
     elif not settings.overwrite and os.path.isfile(path):
         refuse_a_second_run(settings.out_dir)
     # adapters take a larger step than full fine-tuning
     if settings.lr is None:
         settings.lr = 5e-3 if settings.rank > 0 else 5e-4
+    # a rate that would overflow the optimizer is refused now, not at the first step
     check_learning_rates(settings)
     return settings, resume
 
@@ -183,6 +192,7 @@ def parse_settings(argv=None) -> tuple:
 # ---- Data
 def read_text(settings, runtime) -> str:
     """--data, or Tiny Shakespeare: fetched by process 0 unless cached."""
+    # --data as given, or the cached corpus, which counts only if it is whole
     path = settings.data or os.path.join(CACHE_DIR, "tinyshakespeare.txt")
     cached = os.path.isfile(path) and os.path.getsize(path) == DATA_BYTES
     # process 0 fetches the corpus; the others wait until it is there
@@ -209,10 +219,12 @@ def read_text(settings, runtime) -> str:
 def gpt2_bpe() -> tuple:
     """(encode, decode) of GPT-2's BPE, from tiktoken."""
     try:
+        # imported here: only GPT-2 bases need tiktoken
         import tiktoken
     except ImportError:
         raise ValueError("GPT-2's tokenizer needs a package: pip install tiktoken") from None
     try:
+        # its vocabulary files are downloaded once, then read from tiktoken's cache
         bpe = tiktoken.get_encoding("gpt2")
     except Exception as error:  # e.g. offline
         raise OSError(f"tiktoken cannot load GPT-2's tokenizer ({one_line(error)}): go online "
@@ -222,8 +234,10 @@ def gpt2_bpe() -> tuple:
 
 def encode(tokenizer: dict, text: str, what: str) -> list:
     """Token ids: one per character of the corpus's alphabet, or GPT-2's BPE."""
+    # GPT-2's BPE takes any text
     if tokenizer["type"] != "char":
         return gpt2_bpe()[0](text)
+    # a character's id is its place in the sorted alphabet; one the corpus lacks has none
     ids = {character: i for i, character in enumerate(tokenizer["chars"])}
     unknown = "".join(set(text) - set(ids))
     if unknown:
@@ -233,10 +247,13 @@ def encode(tokenizer: dict, text: str, what: str) -> list:
 
 def split(ids: torch.Tensor, settings, scratch: bool) -> tuple:
     """(base, adapt, val, windows): all evaluations see the same held-out windows."""
+    # the last tenth of the tokens is held out for evaluation
     n_train = len(ids) - len(ids) // 10
     # a scratch base pretrains on the first half of the training part
     cut = n_train // 2 if scratch else 0
     parts = {"base": ids[:cut], "adapt": ids[cut:n_train], "val": ids[n_train:]}
+    # a window is block_size inputs and one more token, the last target; every part in use
+    # must hold one (a GPT-2 base pretrains nothing here, so its base part is empty)
     needed = settings.block_size + 1
     for name, part in parts.items():
         if (scratch or name != "base") and len(part) < needed:
@@ -251,6 +268,7 @@ def split(ids: torch.Tensor, settings, scratch: bool) -> tuple:
 
 def batch(ids: torch.Tensor, starts: torch.Tensor, settings, runtime) -> tuple:
     """Inputs and targets (B, T) from the windows at `starts`."""
+    # each row is a window of T + 1 tokens: the targets are the inputs shifted by one
     offsets = torch.arange(settings.block_size + 1)
     windows = ids[starts[:, None] + offsets].to(runtime.device, non_blocking=True)  # (B, T + 1)
     return windows[:, :-1], windows[:, 1:]
@@ -259,11 +277,14 @@ def batch(ids: torch.Tensor, starts: torch.Tensor, settings, runtime) -> tuple:
 # ---- Device, precision, processes: process 0 alone prints and writes
 def setup_runtime(settings) -> argparse.Namespace:
     """(device, dtype, rank, world, autocast, log) of this process."""
+    # torchrun sets WORLD_SIZE and RANK; a plain run is process 0 of 1
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    # every process takes an equal share of each batch
     if settings.batch_size % world:
         raise ValueError(f"--batch-size {settings.batch_size} does not split over {world} "
                          f"processes")
+    # the device asked for, or the best one present; an absent or unknown type is refused
     cuda = torch.cuda.is_available()
     mps = torch.backends.mps.is_available()
     if settings.device != "auto":
@@ -286,7 +307,9 @@ def setup_runtime(settings) -> argparse.Namespace:
         automatic = torch.bfloat16
     else:
         automatic = torch.float16
+    # --dtype overrides the automatic choice
     dtype = automatic if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    # process 0 alone prints; autocast is off in float32
     log = functools.partial(print, flush=True) if rank == 0 else lambda *args: None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     return argparse.Namespace(device=device, dtype=dtype, rank=rank, world=world,
@@ -296,6 +319,7 @@ def setup_runtime(settings) -> argparse.Namespace:
 # ---- The run
 def main(argv=None) -> dict:
     """Run the script; returns its report's figures."""
+    # the settings are checked before any device or process group is set up
     settings, resume = parse_settings(argv)
     runtime = setup_runtime(settings)
     # the last checkpoint written, for the message of an interrupt
@@ -303,14 +327,17 @@ def main(argv=None) -> dict:
     if resume:
         last = {"phase": resume.get("phase"), "step": resume.get("step")}
     try:
+        # process 0 locks --out-dir for the whole run, so that a second run there is refused
         with claim(settings.out_dir) if runtime.rank == 0 else contextlib.nullcontext():
             return run(settings, resume, runtime, last)
     except KeyboardInterrupt:
+        # Ctrl-C (or kill, see cli): the message names the checkpoint to go on from
         if not last:
             raise KeyboardInterrupt("interrupted before a checkpoint") from None
         raise KeyboardInterrupt(f"interrupted; {settings.out_dir}/ckpt.pt has step {last['step']} "
                                 f"of the {last['phase']} phase: go on with --resume") from None
     finally:
+        # the process group is closed however the run ends
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -321,12 +348,16 @@ def run(settings, resume, runtime, last: dict) -> dict:
 
     # The data: the text, its tokenizer and its parts.
     text = read_text(settings, runtime)
+    # the text's hash ties the run to its data: every process must read the same text, and
+    # a resume the text it began with
     data_sha = hashlib.sha256(text.encode()).hexdigest()
     check_same_text(data_sha, settings, runtime)
     if resume and resume["data_sha"] != data_sha:
         raise ValueError(f"--data is not the text the run in {settings.out_dir} trained on")
     scratch = settings.init_from == "scratch"
+    # a resumed run is either still pretraining its base, or already adapting
     adapting = resume and resume["phase"] == "adapt"
+    # a scratch base reads characters of the text's alphabet; GPT-2 reads its own BPE
     chars = "".join(sorted(set(text)))
     tokenizer = {"type": "char", "chars": chars} if scratch else {"type": "gpt2-bpe"}
 
@@ -339,13 +370,16 @@ def run(settings, resume, runtime, last: dict) -> dict:
         config = GPT2Config(vocab_size=len(chars), n_layer=settings.n_layer,
                             n_head=settings.n_head, n_embd=settings.n_embd,
                             n_positions=settings.block_size, n_ctx=settings.block_size)
+    # the rank and block size must fit the base
     check_sizes(settings, config)
+    # the whole text as token ids; an empty prompt starts from token 0
     ids = torch.tensor(encode(tokenizer, text, "--data"))
     prompt = encode(tokenizer, settings.prompt, "--prompt") or [0]
     # checked once here, not on every batch
     if int(ids.max()) >= config.vocab_size:
         raise ValueError(f"token id {int(ids.max())} is beyond the vocabulary of "
                          f"{settings.init_from}")
+    # the base's, the adaptation's and the held-out tokens, and the evaluation windows
     base_ids, adapt_ids, val, windows = split(ids, settings, scratch)
     # the adapted model's shape: the base's, with LoRA of --rank on Q and V
     lora = {"lora_attn_dim": settings.rank, "lora_attn_alpha": settings.alpha,
@@ -390,6 +424,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
     base_evaluation = None
     if scratch:
         base_info = {"source": "scratch", "file": base_name}
+        # a base of this recipe, pretrained before in --out-dir, is loaded rather than trained again
         if os.path.isfile(base_path):
             runtime.log(f"using the cached base {base_path}")
             weights = read_checkpoint(base_path, "base")["weights"]
@@ -403,6 +438,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
             base_evaluation = train(base, base_ids, val, windows, settings, runtime,
                                     phase="base", iters=settings.base_iters, lr=settings.base_lr,
                                     resume=resume, save=save)[1]
+            # cached under its recipe's name for later runs
             write(base_path, "base", base)
     else:
         # a path made absolute; a hub name as it is
@@ -411,6 +447,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
         else:
             source = settings.init_from
         base_info = {"source": source}
+    # the time until the base is ready, reading the data included, for the report
     base_seconds = time.perf_counter() - t_start
     base = base.to(runtime.device)
     # the base's record: an adapting resume must find the very base it was trained on
@@ -420,6 +457,7 @@ def run(settings, resume, runtime, last: dict) -> dict:
 
     # LoRA: the adapters on a copy of the base, the same init on every process.
     torch.manual_seed(settings.seed)
+    # at --rank 0 the base itself is fine-tuned
     model = base
     if settings.rank:
         model = GPT2LMModel(lora_config).to(runtime.device).load_weight(base.state_dict())
@@ -439,12 +477,15 @@ def run(settings, resume, runtime, last: dict) -> dict:
     now = time.perf_counter()
 
     # Report, sample and export.
+    # the report's figures, also returned to the caller; a resumed run that had finished
+    # trained nothing, and the report says so
     figures = dict(base_loss=base_loss, adapted_loss=loss, base_accuracy=base_accuracy,
                    adapted_accuracy=accuracy, history=history,
                    seconds=dict(base=base_seconds, adapt=now - t_adapt, total=now - t_start),
                    trained=not adapting or int(resume["step"]) < settings.max_iters,
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    total=sum(p.numel() for p in model.parameters()))
+    # process 0 alone prints the report and the sample, and writes the exports
     if runtime.rank == 0:
         report(model, tokenizer, prompt, figures, settings, runtime, base_info)
     return figures
@@ -453,8 +494,11 @@ def run(settings, resume, runtime, last: dict) -> dict:
 # ---- Training
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
     """Linear warmup to `peak`, then a cosine down to peak/10 at step `total`."""
+    # warmup: from peak/warmup at step 0 up to peak at step warmup - 1
     if step < warmup:
         return peak * (step + 1) / warmup
+    # after warmup, progress goes from 0 to 1 at step `total`, and stays at 1 past it; the
+    # cosine term falls from 0.9·peak to 0, on top of a floor of peak/10
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak / 10 + 0.45 * peak * (1 + math.cos(math.pi * progress))
 
@@ -462,16 +506,20 @@ def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
 @torch.no_grad()
 def evaluate(model: GPT2LMModel, val, windows, settings, runtime) -> tuple:
     """(loss, accuracy) of next-token prediction on the held-out windows."""
+    # dropout off; the training loop turns it back on at its next step
     model.eval()
     # loss times windows, and right guesses; each process takes every world-th window
     sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     mine = windows[runtime.rank::runtime.world]
+    # batches of up to --batch-size windows: a batch's mean loss counts once per window in it,
+    # right guesses once per token
     for starts in mine.split(settings.batch_size):
         inputs, targets = batch(val, starts, settings, runtime)
         with runtime.autocast:
             logits, loss = model(inputs, targets)[:2]
         right = (logits.argmax(-1) == targets).sum()
         sums += torch.stack([loss * len(starts), right])
+    # the sums of all processes, then the means over all windows and all tokens
     if runtime.world > 1:
         dist.all_reduce(sums)
     loss = sums[0].item() / len(windows)
@@ -510,15 +558,19 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
             runtime.log(f"[{phase}] resuming from step {step} of {iters}")
     # Activation checkpointing changes memory and time, never the numbers.
     model.transformer.checkpoint_activations = settings.checkpoint_activations
+    # the compiled or DDP-wrapped model runs the steps; `model` is what is evaluated and saved
     runner = torch.compile(model) if settings.compile else model
     # frozen weights do not require grad, so DDP leaves them alone
     if runtime.world > 1:
         runner = nn.parallel.DistributedDataParallel(runner)
+    # the training losses and the time since the last log line
     losses = []
     t_interval = time.perf_counter()
     # the time left comes from the phase so far, not from the last interval alone
     t_phase = t_interval
     first_step = step
+    # the last evaluation, returned at the end so that it is not run twice; a log line about
+    # ten times a phase, and at least at every evaluation
     evaluation = None
     log_interval = min(settings.eval_interval, max(1, iters // 10))
     while step < iters:
@@ -532,8 +584,10 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
         starts = torch.randint(len(ids) - settings.block_size,
                                (settings.grad_accum, settings.batch_size), generator=generator)
         torch.manual_seed(settings.seed + step + 1_000_003 * (runtime.rank + 1))
+        # the loss of the step, summed over its micro-batches
         total = torch.zeros((), device=runtime.device)
         for i in range(settings.grad_accum):
+            # this process's share of the micro-batch's sequences
             inputs, targets = batch(ids, starts[i, runtime.rank::runtime.world], settings, runtime)
             # DDP averages gradients on the last micro-batch's backward only
             sync = runtime.world == 1 or i == settings.grad_accum - 1
@@ -542,6 +596,7 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
                     # The loss alone: the head and loss run over chunks of positions, and the
                     # (batch, time, vocabulary) logits are never held.
                     loss = runner(inputs, lm_labels=targets, return_logits=False)[1]
+                    # divided, so that the gradients summed over the micro-batches make their mean
                     loss = loss / settings.grad_accum
                 scaler.scale(loss).backward()
             total += loss.detach()
@@ -557,6 +612,8 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
             raise RuntimeError(f"the loss ({loss}) or gradient ({norm}) is not finite at step "
                                f"{step + 1} of the {phase} phase, at lr {step_lr:.1e}, weight "
                                f"decay {settings.weight_decay:g}: lower what is too large")
+        # the optimizer's step (which fp16's scaler skips after an overflow), then the gradients
+        # are dropped for the next step
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -565,6 +622,7 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
         # a line every log interval, an evaluation and a checkpoint every --eval-interval
         if step % log_interval and step % settings.eval_interval and step < iters:
             continue
+        # the time per step and the mean training loss since the last line
         seconds_per_step = (time.perf_counter() - t_interval) / len(losses)
         train_loss = sum(losses) / len(losses)
         # the mean over the processes
@@ -573,6 +631,7 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
             dist.all_reduce(mean)
             train_loss = mean.item() / runtime.world
         line = f"[{phase}] step {step:>5}/{iters} | train {train_loss:.4f} | "
+        # an evaluation, recorded in the history and saved in ckpt.pt: a resume goes on from here
         if step % settings.eval_interval == 0 or step == iters:
             evaluation = evaluate(model, val, windows, settings, runtime)
             val_loss, val_accuracy = evaluation
@@ -585,6 +644,7 @@ def train(model, ids, val, windows, settings, runtime, *, phase, iters, lr, save
         runtime.log(f"{line}{1000 * seconds_per_step:5.0f} ms/step | {seconds_left:.0f}s left")
         losses = []
         t_interval = time.perf_counter()
+    # the last evaluation, or one now if the phase ran no step
     return history, evaluation or evaluate(model, val, windows, settings, runtime)
 
 
@@ -607,6 +667,8 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, figures: dict, set
     was = figures["base_loss"]
     now = figures["adapted_loss"]
     verb = "adapted" if settings.rank else "fine-tuned"
+    # the summary: the share of weights trained, held-out loss and accuracy before and after,
+    # and the time
     runtime.log("\n".join([
         "", "=" * 72,
         f"trainable parameters   {trainable:,} of {figures['total']:,} "
@@ -618,15 +680,19 @@ def report(model: GPT2LMModel, tokenizer: dict, prompt: list, figures: dict, set
         "=" * 72]))
     # in eval mode since its last evaluation
     if settings.sample:
+        # the prompt's last n_ctx tokens, and a generator of its own seeded with --seed, so that
+        # the sample does not depend on what ran before
         context = torch.tensor([prompt[-model.config.n_ctx:]], device=runtime.device)
         generator = torch.Generator(device=runtime.device).manual_seed(settings.seed)
         out = model.generate(context, settings.sample, temperature=0.8, top_k=200,
                              generator=generator)[0].tolist()
+        # ids back to text: characters, or GPT-2's BPE
         if chars:
             figures["sample"] = "".join(chars[i] for i in out)
         else:
             figures["sample"] = gpt2_bpe()[1](out)
         runtime.log(f"sample ({settings.sample} tokens):\n{figures['sample']}")
+    # then the folders asked for
     export(model, settings, runtime, base, chars)
 
 
@@ -639,6 +705,7 @@ def export(model: GPT2LMModel, settings, runtime, base: dict, chars: str | None)
                 json.dump({"chars": chars}, file)
     with_chars = ", chars.json" if chars else ""
     if settings.save_pretrained:
+        # the merged weights, and the alphabet of a char-level base
         def fill_merged(folder):
             model.save_pretrained(folder)
             add_chars(folder)
@@ -651,6 +718,7 @@ def export(model: GPT2LMModel, settings, runtime, base: dict, chars: str | None)
         scratch = base["source"] == "scratch"
         base_name = os.path.join(target, "base") if scratch else base["source"]
 
+        # the scratch base's weights as a Hugging Face folder, then the adapters and the alphabet
         def fill_adapter(folder):
             if scratch:
                 base_path = os.path.join(settings.out_dir, base["file"])
@@ -673,6 +741,8 @@ REQUIRED = {"base": ("config", "tokenizer", "weights"),
 def save_atomic(obj: dict, path: str) -> None:
     """Write path.tmp, then rename it: readers see the old or the new file, never half."""
     try:
+        # synced to disk before the rename, so that a crash cannot leave half a file under the
+        # real name
         with open(path + ".tmp", "wb") as file:
             torch.save(obj, file)
             file.flush()
@@ -685,9 +755,11 @@ def save_atomic(obj: dict, path: str) -> None:
 def read_checkpoint(path: str, *kinds: str) -> dict:
     """A checkpoint of one of `kinds` that this script wrote, or a ValueError naming the file."""
     try:
+        # weights_only: tensors and plain data, so that loading a file runs no code from it
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a missing file, unpickling and zip errors
         raise ValueError(f"cannot read the checkpoint {path} ({one_line(error)})") from None
+    # this script's format, one of the kinds asked for, with every entry that kind needs
     ours = isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT
     if not ours or checkpoint.get("kind") not in kinds:
         raise ValueError(f"{path} is not a {' or '.join(kinds)} checkpoint of this script")
@@ -713,6 +785,7 @@ SAVE_TEMPORARY = re.compile(r"(ckpt|base-[0-9a-f]{12})\.pt\.tmp")
 @contextlib.contextmanager
 def claim(out_dir: str):
     """Hold --out-dir against a second run (the kernel drops a flock with its process)."""
+    # whether this run made the folder, so that a refused run can remove it again
     created = not os.path.isdir(out_dir)
     lock_path = os.path.join(out_dir, ".lock")
     os.makedirs(out_dir, exist_ok=True)
@@ -730,6 +803,7 @@ def claim(out_dir: str):
                 for name in os.listdir(out_dir):
                     if SAVE_TEMPORARY.fullmatch(name):
                         os.remove(os.path.join(out_dir, name))
+            # the run happens here, with the lock held
             yield
     finally:
         # a refused run leaves nothing
@@ -743,6 +817,7 @@ def out_dir_is_live(out_dir: str) -> bool:
     lock_path = os.path.join(out_dir, ".lock")
     if fcntl is None or not os.path.isfile(lock_path):
         return False
+    # a lock this process can take is held by no run; it is let go at once
     with open(lock_path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -770,6 +845,7 @@ BASE_RECIPE = ("base_iters", "base_lr", "warmup", "batch_size", "grad_accum", "w
 def given_options(argv: list) -> set:
     """The settings the command line names (not those left at their default)."""
     parser = make_parser()
+    # with every default suppressed, parse_args returns only the options given
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
@@ -791,6 +867,7 @@ def check_resumed_settings(settings, resume: dict) -> None:
     pretraining (finishing it with another would cache a base of two recipes)."""
     saved = resume["settings"]
     changeless = SHAPING + (BASE_RECIPE if resume["phase"] == "base" else ())
+    # a setting the checkpoint does not record is not compared
     for key in changeless:
         if key in saved and getattr(settings, key) != saved[key]:
             option = f"--{key.replace('_', '-')} {getattr(settings, key)}"
@@ -876,6 +953,7 @@ def load_model(path: str) -> tuple:
             base = load_model(os.path.join(os.path.dirname(path), info["file"]))[0]
         check_base(base, info)
         model.load_weight(base.state_dict())
+    # then the checkpoint's own weights on top: the adapters, or every weight
     return model.load_weight(checkpoint["weights"]).eval(), checkpoint["tokenizer"]
 
 
@@ -885,6 +963,8 @@ def pretrained(source: str) -> GPT2LMModel:
         return GPT2LMModel.from_pretrained(source)
     except ValueError as error:
         try:
+            # not GPT-2 weights: if it is a checkpoint of this script, say how to use it; if not,
+            # the loader's own error
             read_checkpoint(source, "ckpt", "base")
         except ValueError:
             raise error from None
@@ -894,6 +974,7 @@ def pretrained(source: str) -> GPT2LMModel:
 
 def check_base(base: GPT2LMModel, info: dict | None) -> str:
     """The fingerprint of `base`, refused if `info` records another base."""
+    # with no record there is nothing to compare; with one, what differs, in words, if anything
     why = info is not None and base_difference(base, info["fingerprint"])
     if why:
         raise ValueError(f"{info.get('file') or info['source']} is not the base the checkpoint "
@@ -912,6 +993,7 @@ def check_exports(settings, log=print) -> None:
     paths = {option: os.path.realpath(path) for option, path in given.items() if path}
     if len(paths) == 2 and os.path.commonpath(list(paths.values())) in paths.values():
         raise ValueError("--save-pretrained and --save-adapter need separate folders")
+    # the --init-from base, a folder or a file, which no export may write into
     base = os.path.realpath(settings.init_from) if settings.init_from != "scratch" else ""
     for option, path in paths.items():
         # an export inside a base folder, or beside a base file
@@ -935,6 +1017,7 @@ def check_exports(settings, log=print) -> None:
         except OSError as error:
             why = (error.strerror or str(error)).lower()
             raise OSError(f"{option}: cannot write in {parent} ({why})") from None
+        # a folder export_problem let through that is not empty holds an earlier export
         if os.path.isdir(path) and os.listdir(path):
             log(f"{option} {given[option]} holds an export: the run replaces it whole at the end")
 
@@ -960,6 +1043,8 @@ def export_problem(option: str, folder: str) -> str | None:
         return None
     if not os.path.isdir(folder):
         return f"{option} {folder} is a file, not a folder: pass a new or empty folder"
+    # refused by name: the other kind's config, or a file where an adapter keeps its base;
+    # then anything no export of this kind writes
     names = sorted(os.listdir(folder))
     other_config, other_kind = OTHER_KIND[option]
     if other_config in names:
@@ -985,6 +1070,8 @@ def process_is_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False
     try:
+        # signal 0 only asks whether the process exists; PermissionError says it does, under
+        # another user
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):
         return False
@@ -1006,12 +1093,14 @@ def write_whole(option: str, target: str, fill) -> str:
         match = leftover.fullmatch(entry)
         if match and not process_is_alive(int(match.group(1))):
             shutil.rmtree(os.path.join(parent, entry))
+    # this process's staging folder, and where the old export waits while they swap
     staging = os.path.join(parent, f".{name}.{os.getpid()}.export.tmp")
     retired = os.path.join(parent, f".{name}.{os.getpid()}.old.tmp")
     os.mkdir(staging)
     replacing = False
     try:
         try:
+            # an error here leaves the target as it was
             fill(staging)
         except OSError as error:
             # name the target, not the staging folder
@@ -1021,6 +1110,7 @@ def write_whole(option: str, target: str, fill) -> str:
         problem = export_problem(option, target)
         if problem:
             raise ValueError(problem)
+        # a non-empty target moves aside first, then the new folder takes its name
         replacing = os.path.isdir(real) and bool(os.listdir(real))
         if replacing:
             os.rename(real, retired)
@@ -1032,6 +1122,7 @@ def write_whole(option: str, target: str, fill) -> str:
             os.rename(retired, real)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # the old export goes only once the new one is in place
     if replacing:
         shutil.rmtree(retired)
     return "replaced" if replacing else "wrote"
@@ -1051,6 +1142,7 @@ def trainable_weights(model: nn.Module) -> dict:
 def download_corpus(path: str, runtime) -> None:
     """Fetch Tiny Shakespeare to `path`: under its real name, the corpus is whole or absent."""
     runtime.log(f"downloading Tiny Shakespeare from {DATA_URL} to {path}")
+    # fetched under a .part name, and renamed only once its size is right
     part = path + ".part"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1082,11 +1174,14 @@ def cli(argv=None, main=main) -> int:
         return 0
     except KeyboardInterrupt as error:
         print(f"\n{error}", file=sys.stderr)
+        # 128 + SIGINT, the shell's status of a run ended by Ctrl-C
         return 130
     except (ValueError, OSError, RuntimeError) as error:
+        # expected failures (bad settings or files, a diverged loss): one line, no traceback
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     finally:
+        # the previous handler back, for a program that calls cli() and goes on
         signal.signal(signal.SIGTERM, previous)
 
 
