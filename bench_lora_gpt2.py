@@ -1,6 +1,6 @@
 """Speed and memory of lora_gpt2 beside its references: `python bench_lora_gpt2.py [--nanogpt
-PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (two to three minutes on a
-2-core CPU). The comparisons (--only picks some):
+PATH] [--device cuda] [--preset gpt2.sm]` prints a markdown table (about eight minutes on a
+2-core CPU, half of them the memory and savings comparisons). The comparisons (--only picks some):
 
   train    a training step (forward, backward, AdamW, zero_grad), the peak memory of two and
            the checkpoint's bytes: LoRA r on Q,V versus full fine-tuning; on CUDA also the
