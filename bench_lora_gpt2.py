@@ -409,6 +409,17 @@ def child_environment(args):
     return environment
 
 
+def allocator_note(args, comparison):
+    """The note saying which allocator setting the memory processes of `comparison` ran with."""
+    if args.malloc_mmap_threshold:
+        allocator = (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}: blocks of that size "
+                     f"and more returned to the system when freed")
+    else:
+        allocator = ("glibc's default: freed blocks of up to 32 MiB may stay in the process "
+                     "(--malloc-mmap-threshold 131072 returns them)")
+    return f"{comparison}: the C library's allocator with {allocator}"
+
+
 def start_memory_children(args):
     """A fresh process per training candidate (full fine-tuning and LoRA), both at once, each
     measuring its own peak; bench_train collects them."""
@@ -484,6 +495,8 @@ def bench_train(args, device, notes, children):
     peak = "max_memory_allocated" if device.type == "cuda" else "VmHWM"
     notes.append(f"memory: {peak} of a fresh process over {args.memory_steps} steps; gradients + "
                  f"AdamW states: full {states[0]} MiB, LoRA {states[1]} MiB")
+    if device.type != "cuda":
+        notes.append(allocator_note(args, "train"))
     return rows
 
 
@@ -782,14 +795,7 @@ def memory_notes(args, device):
              f"{states_lora:.2f} MiB; each run: a fresh process, {args.memory_steps} steps, one "
              f"after another"]
     if device.type != "cuda":
-        if args.malloc_mmap_threshold:
-            allocator = (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}: blocks of that "
-                         f"size and more returned to the system when freed")
-        else:
-            allocator = ("glibc's default: freed blocks of up to 32 MiB may stay in the "
-                         "process (--malloc-mmap-threshold 131072 returns them)")
-        notes.append(f"memory: the C library's allocator with {allocator}")
-    if device.type != "cuda":
+        notes.append(allocator_note(args, "memory"))
         notes.append("memory on a GPU (bf16, compiled; the GPU targets): not run here "
                      "(--device cpu)")
     return notes

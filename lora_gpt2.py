@@ -613,7 +613,8 @@ class GPT2LMModel(nn.Module):
 
 # Numbers per chunk of logits: 32 MiB in float32, 166 positions of GPT-2's vocabulary. A chunk
 # holds two such tensors at a time (its logits and their log-softmax, which becomes the gradient),
-# and frees them before the next chunk: 64 MiB of working memory, whatever the batch.
+# and frees them before the next chunk: 64 MiB of working memory in float32, whatever the batch
+# (16-bit logits add their 16-bit copies).
 LOSS_CHUNK_ELEMENTS = 2 ** 23
 
 

@@ -428,7 +428,11 @@ def test_bench_memory_process_runs_with_the_allocator_setting_it_reports(monkeyp
     monkeypatch.setattr(bench.subprocess, "run", finished)
     args = bench.parse_args(BENCH_TINY + option)
     assert bench.measure_in_child(args, "lora") == {"above_model": 1.0}
-    assert environments[0].get("MALLOC_MMAP_THRESHOLD_") == variable
+    # The train comparison's two processes, started at once, run with it too.
+    monkeypatch.setattr(bench.subprocess, "Popen",
+                        lambda argv, env=None, **keywords: environments.append(env))
+    bench.start_memory_children(args)
+    assert [env.get("MALLOC_MMAP_THRESHOLD_") for env in environments] == [variable] * 3
     notes = bench.memory_notes(args, torch.device("cpu"))
     assert any(("MALLOC_MMAP_THRESHOLD_=131072" if variable else "glibc's default") in note
                for note in notes)

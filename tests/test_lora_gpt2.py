@@ -807,8 +807,8 @@ def test_chunked_loss_and_its_gradients_equal_the_loss_computed_at_once(config, 
 
 
 class WidestTensorsAlive(TorchDispatchMode):
-    """Counts the tensors `width` columns wide that operations create (views aside), and the most
-    of them alive at any one time."""
+    """Counts the tensors `width` columns wide that operations create (views, and what an
+    in-place operation on a view returns, aside), and the most of them alive at any one time."""
 
     def __init__(self, width):
         super().__init__()
@@ -821,8 +821,8 @@ class WidestTensorsAlive(TorchDispatchMode):
         if not func.is_view:
             for t in out if isinstance(out, (tuple, list)) else [out]:
                 wide = isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == self.width
-                # An in-place operation returns a tensor already counted.
-                if wide and id(t) not in self.alive:
+                # An in-place operation returns a tensor already counted, or a view of one.
+                if wide and t._base is None and id(t) not in self.alive:
                     key = id(t)
                     self.alive[key] = weakref.ref(t, lambda _, key=key: self.alive.pop(key))
                     self.most = max(self.most, len(self.alive))
@@ -830,22 +830,28 @@ class WidestTensorsAlive(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("chunk_positions", [1, 3, 5])
-@pytest.mark.parametrize("head_trains", [False, True])
-def test_the_loss_from_hidden_states_holds_two_chunks_of_logits_at_most(chunk_positions,
-                                                                        head_trains):
-    """The training path's memory law: computing the loss (and its gradients) from the hidden
-    states, no more than two (n, V) tensors exist at once, a chunk's logits and their
-    log-softmax, whatever the number of chunks; a chunk's are freed before the next one's."""
+@pytest.mark.parametrize("source", ["hidden states, head frozen", "hidden states, head trains",
+                                    "logits"])
+def test_the_chunked_loss_holds_two_vocabulary_wide_tensors_at_most(chunk_positions, source):
+    """The chunked loss's memory law: computing the loss and its gradients, from the hidden states
+    and the head or from the logits, no more than two (n, V) or (N, V) tensors are created and
+    alive at once, whatever the number of chunks: a chunk's logits and their log-softmax, or the
+    logits' gradient and one chunk's; a chunk's are freed before the next one's."""
     vocab, width, positions = 37, 8, 24  # V, C and B·T differ, so only logits are V wide
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, positions // 2, width, generator=g, requires_grad=True)
-    head = torch.randn(vocab, width, generator=g, requires_grad=head_trains)
+    head = torch.randn(vocab, width, generator=g, requires_grad=source.endswith("trains"))
     labels = torch.randint(0, vocab, (2, positions // 2), generator=g)
     mask = torch.ones(2, positions // 2)
+    chunk_elements = chunk_positions * vocab
+    logits = hidden @ head.t()  # made before counting: the caller's, not the loss's
     counter = WidestTensorsAlive(vocab)
     with counter:
-        loss, _ = L.lm_loss_from_hidden(hidden, head, labels, mask, 0.1,
-                                        chunk_elements=chunk_positions * vocab)
+        if source == "logits":
+            loss, _ = L.lm_loss(logits, labels, mask, 0.1, chunk_elements=chunk_elements)
+        else:
+            loss, _ = L.lm_loss_from_hidden(hidden, head, labels, mask, 0.1,
+                                            chunk_elements=chunk_elements)
         loss.backward()
     assert counter.most == 2
 
