@@ -397,11 +397,8 @@ def child_argv(args, name):
 
 
 def child_environment(args):
-    """The environment of a memory measurement's process: this one's, and with
-    --malloc-mmap-threshold glibc's MALLOC_MMAP_THRESHOLD_. By default glibc keeps freed blocks
-    below a threshold it raises as it goes (up to 32 MiB) for later allocations, and they count in
-    the resident memory; a fixed threshold returns every larger block to the system when freed,
-    so that the peak follows the tensors alive."""
+    """The environment of a memory measurement's process: this one's, with glibc's
+    MALLOC_MMAP_THRESHOLD_ as --malloc-mmap-threshold says (why: the module's docstring)."""
     environment = dict(os.environ)
     environment.pop("MALLOC_MMAP_THRESHOLD_", None)  # 0 means glibc's default, whatever is set
     if args.malloc_mmap_threshold:

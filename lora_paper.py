@@ -192,13 +192,6 @@ def phi_summary(grid: torch.Tensor) -> dict:
 
 
 # ---- The options
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are ValueErrors: cli() prints them in one line."""
-
-    def error(self, message):
-        raise ValueError(f"{message} (see --help)")
-
-
 def _at_least(low):
     """An argparse type: an integer >= low, or an error naming the range."""
     def number(text):
@@ -219,10 +212,6 @@ def _listed(kind, what):
                                              f" -> 1,4") from None
         return parsed
     return values
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each option's default, and the description and epilog as written."""
 
 
 def help_text() -> tuple:
@@ -250,8 +239,9 @@ def help_text() -> tuple:
 def parse_options(argv) -> tuple:
     """(this script's options, train_shakespeare.py's settings)."""
     description, epilog = help_text()
-    parser = _Parser(description=description, epilog=epilog, allow_abbrev=False,
-                     formatter_class=_Help)
+    # train_shakespeare.py's parser: errors as ValueErrors, --help with the defaults
+    parser = ts._Parser(description=description, epilog=epilog, allow_abbrev=False,
+                        formatter_class=ts._Help)
     ranks = _listed(int, "ranks")
     parser.add_argument("--ranks", type=ranks, default="1,4,16,64",
                         help="LoRA ranks of the rank sweep")
@@ -529,14 +519,18 @@ def lowercase_ids(tokenizer: dict, text: str, ids: torch.Tensor) -> torch.Tensor
 
 
 # ---- The analyses
-def adapters(base, run: dict, settings) -> dict:
-    """A LoRA run's A and ΔW (each (q, v)) by layer, from its weights set on its base."""
+def lora_model(base, run: dict, settings) -> GPT2LMModel:
+    """The base with a LoRA run's trained adapters set on it."""
     config = with_lora(base.config, run["rank"], settings)
     model = GPT2LMModel(config).load_weight(base.state_dict())
-    model.load_weight(run["weights"])
-    attention = [block.attn.c_attn for block in model.transformer.h]
+    return model.load_weight(run["weights"])
+
+
+def adapters(base, run: dict, settings) -> dict:
+    """A LoRA run's A and ΔW (each (q, v)) by layer, from its weights set on its base."""
+    attention = [block.attn.c_attn for block in lora_model(base, run, settings).transformer.h]
     # lora_A stacks the adapters of Q and V: rank rows each.
-    return dict(A=[c.lora_A.detach().cpu().split(run["rank"]) for c in attention], model=model,
+    return dict(A=[c.lora_A.detach().cpu().split(run["rank"]) for c in attention],
                 dW=[qv(c.delta_weight()) for c in attention], rank=run["rank"])
 
 
@@ -1008,8 +1002,8 @@ def run(options, settings, runtime) -> dict:
         for rank in options.amp_ranks}
     runtime.log("timing forward passes")
     # Latency is measured on the first phi rank's model: a small rank, as the paper's Table 1.
-    results["latency"] = latency(base, lora[("lowercase", r1, seeds[0], options.lr)]["model"],
-                                 settings, runtime, options.latency_repeats)
+    timed = lora_model(base, runs[("lowercase", r1, seeds[0], options.lr)], settings)
+    results["latency"] = latency(base, timed, settings, runtime, options.latency_repeats)
 
     # The figures, then the report, written whole under a temporary name and renamed.
     results["files"] = plots(options, results, settings.out_dir, runtime.log)

@@ -195,7 +195,7 @@ def read_text(settings, runtime) -> str:
     # --data as given, or the cached corpus, which counts only if it is whole
     path = settings.data or os.path.join(CACHE_DIR, "tinyshakespeare.txt")
     cached = os.path.isfile(path) and os.path.getsize(path) == DATA_BYTES
-    # process 0 fetches the corpus; the others wait until it is there
+    # process 0 fetches the corpus unless it is whole; the others wait until it is there
     if not settings.data and runtime.rank == 0 and not cached:
         download_corpus(path, runtime)
     if runtime.world > 1:
@@ -392,17 +392,17 @@ def run(settings, resume, runtime, last: dict) -> dict:
             raise ValueError(f"--rank {settings.rank}, --alpha {settings.alpha:g}, --lora-dropout "
                              f"{settings.lora_dropout:g}: {error}") from None
     # The scratch base's file: the one the run records once it adapts, else the recipe's name.
+    # All that can be refused is refused before the first step.
     base_name = None
     base_path = None
-    if scratch and adapting:
-        base_name = resume["base"]["file"]
-    elif scratch:
-        base_name = base_file(settings, config, data_sha, runtime.dtype)
     if scratch:
+        if adapting:
+            base_name = resume["base"]["file"]
+        else:
+            base_name = base_file(settings, config, data_sha, runtime.dtype)
         base_path = os.path.join(settings.out_dir, base_name)
-    # All that can be refused is refused before the first step.
-    if scratch and resume:
-        check_resumed_base(resume, base_name, base_path, settings)
+        if resume:
+            check_resumed_base(resume, base_name, base_path, settings)
     check_exports(settings, runtime.log)
 
     def write(path, kind, model, **more):
@@ -769,17 +769,30 @@ def read_checkpoint(path: str, *kinds: str) -> dict:
     return checkpoint
 
 
+# The settings that make a scratch base's weights (not the process count): its file's name
+# digests them in this order, and --resume in the base phase refuses a change of them.
+BASE_RECIPE = ("base_iters", "base_lr", "warmup", "block_size", "batch_size", "grad_accum",
+               "weight_decay", "grad_clip", "seed")
+
+
 def base_file(settings, config: GPT2Config, data_sha: str, dtype: torch.dtype) -> str:
-    """The scratch base's name: a digest of what makes its weights (not the process count)."""
-    recipe_keys = ("base_iters", "base_lr", "warmup", "block_size", "batch_size", "grad_accum",
-                   "weight_decay", "grad_clip", "seed")
+    """The scratch base's name: a digest of what makes its weights."""
     recipe = [config.to_dict(), data_sha, str(dtype)]
-    recipe += [getattr(settings, key) for key in recipe_keys]
+    recipe += [getattr(settings, key) for key in BASE_RECIPE]
     return f"base-{hashlib.sha1(repr(recipe).encode()).hexdigest()[:12]}.pt"
 
 
 # what save_atomic writes ckpt.pt and a cached base through
 SAVE_TEMPORARY = re.compile(r"(ckpt|base-[0-9a-f]{12})\.pt\.tmp")
+
+
+def take_lock(lock) -> bool:
+    """Lock the open file `lock` for this process alone, or say False if a run holds it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -793,11 +806,9 @@ def claim(out_dir: str):
         # an exclusive lock, or a refusal naming the run that holds it
         with open(lock_path, "w") as lock:
             if fcntl is not None:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not take_lock(lock):
                     raise ValueError(f"another run is using --out-dir {out_dir} (it is training "
-                                     f"now): wait for it, or use another --out-dir") from None
+                                     f"now): wait for it, or use another --out-dir")
                 # the leftovers of a killed save: this script's own names only (the lock
                 # says no other run is writing them)
                 for name in os.listdir(out_dir):
@@ -819,9 +830,7 @@ def out_dir_is_live(out_dir: str) -> bool:
         return False
     # a lock this process can take is held by no run; it is let go at once
     with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not take_lock(lock):
             return True
         fcntl.flock(lock, fcntl.LOCK_UN)
     return False
@@ -837,11 +846,6 @@ def refuse_a_second_run(out_dir: str) -> None:
 
 
 # ---- Settings a run cannot take
-# --resume in the base phase refuses a change of these: they make the base's weights
-BASE_RECIPE = ("base_iters", "base_lr", "warmup", "batch_size", "grad_accum", "weight_decay",
-               "grad_clip", "seed")
-
-
 def given_options(argv: list) -> set:
     """The settings the command line names (not those left at their default)."""
     parser = make_parser()
@@ -1076,7 +1080,7 @@ def process_is_alive(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True
+        pass  # it exists, under another user
     return True
 
 
